@@ -1,0 +1,25 @@
+"""Errors a user can cause. The CLI prints them in one line, without a traceback."""
+
+
+class AphroError(Exception):
+    """Base class: the message says what is wrong and what to do."""
+
+
+class ConfigError(AphroError):
+    """A bad engine option or model config value."""
+
+
+class CheckpointError(AphroError):
+    """A checkpoint folder that cannot be loaded: missing, unexpected, misshaped or truncated."""
+
+
+class SpecError(AphroError):
+    """A model spec that is wrong: names the file, the key and what was expected."""
+
+
+class ModelNotSupportedError(AphroError):
+    """No registered model for an HF architecture name."""
+
+
+class RequestError(AphroError, ValueError):
+    """An invalid request: bad sampling values, a prompt longer than the context."""
