@@ -1,0 +1,29 @@
+"""Shared fixtures: tiny random-weight checkpoints, built once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from engine.tiny import make_tiny_checkpoint, tiny_llama_config
+
+
+@pytest.fixture(scope="session")
+def make_checkpoint(tmp_path_factory):
+    """make_checkpoint(hf_config, name="ckpt", **make_tiny_checkpoint kwargs) -> Path."""
+
+    def make(hf_config, name: str = "ckpt", **kwargs) -> Path:
+        return make_tiny_checkpoint(hf_config, tmp_path_factory.mktemp(name), **kwargs)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(make_checkpoint) -> Path:
+    return make_checkpoint(tiny_llama_config(), "tiny_llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_tied_dir(make_checkpoint) -> Path:
+    return make_checkpoint(tiny_llama_config(tie_word_embeddings=True), "tiny_llama_tied")
