@@ -23,3 +23,12 @@ class ModelNotSupportedError(AphroError):
 
 class RequestError(AphroError, ValueError):
     """An invalid request: bad sampling values, a prompt longer than the context."""
+
+
+class ShapeMismatchError(CheckpointError):
+    """A checkpoint tensor whose shape differs from what the parameter (shard) needs."""
+
+    def __init__(self, expected: tuple[int, ...], got: tuple[int, ...], detail: str = "") -> None:
+        self.expected, self.got = tuple(expected), tuple(got)
+        super().__init__(f"expected shape {self.expected}, got {self.got}"
+                         + (f" ({detail})" if detail else ""))

@@ -1,0 +1,58 @@
+"""PagedAttention: writes this step's K/V into the paged cache, then attends from the cache."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from engine.attention_metadata import AttentionMetadata
+from kernels import ops
+
+
+def alibi_slopes(total_num_heads: int) -> torch.Tensor:
+    """The ALiBi paper's head slopes (geometric; extra heads interleaved for non-powers of 2)."""
+    closest = 2 ** math.floor(math.log2(total_num_heads))
+    base = 2.0 ** (-(2.0 ** -(math.log2(closest) - 3)))
+    slopes = [base ** (i + 1) for i in range(closest)]
+    if closest != total_num_heads:
+        extra_base = 2.0 ** (-(2.0 ** -(math.log2(2 * closest) - 3)))
+        extra = min(closest, total_num_heads - closest)
+        slopes += [extra_base ** (2 * i + 1) for i in range(extra)]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+class PagedAttention(nn.Module):
+    """q [T, H * D], k/v [T, KVH * D] -> [T, H * D]. H and KVH are this rank's heads."""
+
+    def __init__(self, num_heads: int, head_dim: int, scale: float,
+                 num_kv_heads: int | None = None, alibi_slopes: torch.Tensor | None = None,
+                 sliding_window: int | None = None, logits_soft_cap: float | None = None) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim, self.scale = num_heads, head_dim, scale
+        self.num_kv_heads = num_kv_heads or num_heads
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={num_heads} is not a multiple of "
+                             f"num_kv_heads={self.num_kv_heads}")
+        self.sliding_window = sliding_window or None
+        self.logits_soft_cap = logits_soft_cap or None
+        if alibi_slopes is not None:
+            self.register_buffer("alibi_slopes", alibi_slopes.float(), persistent=False)
+        else:
+            self.alibi_slopes = None
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                kv_cache: torch.Tensor, attn_metadata: AttentionMetadata) -> torch.Tensor:
+        num_tokens = q.shape[0]
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        key_cache, value_cache = kv_cache[0], kv_cache[1]  # [num_blocks, block, KVH, D]
+        m = attn_metadata
+        ops.reshape_and_cache(k, v, key_cache, value_cache, m.slot_mapping)
+        out = ops.paged_attention(q, key_cache, value_cache, m.block_tables, m.context_lens,
+                                  m.query_start_loc, m.max_query_len, m.max_context_len,
+                                  m.num_prefills, m.num_prefill_tokens, self.scale,
+                                  self.alibi_slopes, self.sliding_window, self.logits_soft_cap)
+        return out.view(num_tokens, self.num_heads * self.head_dim)

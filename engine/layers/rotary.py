@@ -1,0 +1,118 @@
+"""Rotary position embedding with the HF scaling schemes, as a cos/sin table indexed by position.
+
+`rope_params` is HF's `config.rope_parameters` (transformers >= 5) or the older `rope_theta` +
+`rope_scaling` pair folded into one dict: {"rope_type": ..., "rope_theta": ..., scaling keys}.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from engine.errors import ConfigError
+from kernels import ops
+
+
+def _default_inv_freq(base: float, rotary_dim: int) -> torch.Tensor:
+    return 1.0 / base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim)
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, p: dict) -> torch.Tensor:
+    factor, low, high = p["factor"], p["low_freq_factor"], p["high_freq_factor"]
+    old_len = p["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    out = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(medium, smoothed, out)
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _yarn_inv_freq(base: float, rotary_dim: int, p: dict) -> tuple[torch.Tensor, float]:
+    factor = p["factor"]
+    old_len = p.get("original_max_position_embeddings")
+    beta_fast, beta_slow = p.get("beta_fast") or 32, p.get("beta_slow") or 1
+    attn_factor = p.get("attention_factor")
+    if attn_factor is None:
+        if p.get("mscale") and p.get("mscale_all_dim"):
+            attn_factor = _yarn_mscale(factor, p["mscale"]) / _yarn_mscale(factor,
+                                                                            p["mscale_all_dim"])
+        else:
+            attn_factor = _yarn_mscale(factor)
+
+    def correction_dim(num_rotations: float) -> float:
+        return rotary_dim * math.log(old_len / (num_rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if p.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, rotary_dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(rotary_dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+    extrapolation = _default_inv_freq(base, rotary_dim)
+    keep = 1 - ramp  # 1 = keep the original frequency, 0 = interpolate
+    return extrapolation / factor * (1 - keep) + extrapolation * keep, attn_factor
+
+
+def rope_params_from_config(config) -> dict:
+    """HF config -> one rope dict, whichever transformers version wrote the config."""
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    legacy = getattr(config, "rope_scaling", None) or {}
+    params = {**legacy, **params}
+    params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
+    params["rope_type"] = params.get("rope_type") or params.get("type") or "default"
+    return params
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, head_size: int, rotary_dim: int, max_position: int, rope_params: dict,
+                 is_neox_style: bool = True) -> None:
+        super().__init__()
+        self.head_size, self.rotary_dim, self.is_neox_style = head_size, rotary_dim, is_neox_style
+        base = float(rope_params.get("rope_theta", 10000.0))
+        kind = rope_params.get("rope_type", "default")
+        inv_freq = _default_inv_freq(base, rotary_dim)
+        t_scale, mscale = 1.0, 1.0
+        if kind == "default":
+            pass
+        elif kind == "linear":
+            t_scale = 1.0 / rope_params["factor"]
+        elif kind == "llama3":
+            inv_freq = _llama3_inv_freq(inv_freq, rope_params)
+        elif kind == "yarn":
+            inv_freq, mscale = _yarn_inv_freq(base, rotary_dim, rope_params)
+        elif kind == "dynamic":
+            # vLLM's choice: the NTK-scaled base for the longest supported context, fixed.
+            # (HF rescales per forward once the sequence passes the original length.)
+            factor = rope_params["factor"]
+            old_len = rope_params.get("original_max_position_embeddings") or max_position
+            new_len = int(old_len * factor)
+            base = base * ((factor * new_len / old_len) - (factor - 1)) ** (
+                rotary_dim / (rotary_dim - 2))
+            inv_freq = _default_inv_freq(base, rotary_dim)
+            max_position = max(max_position, new_len)
+        else:
+            raise ConfigError(f"rope_type {kind!r} is not supported; one of default, linear, "
+                              "dynamic, yarn, llama3")
+        t = torch.arange(max_position, dtype=torch.float64) * t_scale
+        freqs = torch.outer(t, inv_freq.to(torch.float32).double())
+        cache = torch.cat((freqs.cos() * mscale, freqs.sin() * mscale), dim=-1).float()
+        self.register_buffer("cos_sin_cache", cache, persistent=False)  # [max_pos, rotary_dim]
+
+    def forward(self, positions: torch.Tensor, query: torch.Tensor,
+                key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [T]; query [T, H * head_size]; key [T, KVH * head_size]."""
+        return ops.rotary_embedding(positions, query, key, self.cos_sin_cache, self.head_size,
+                                    self.is_neox_style)
+
+
+def get_rope(head_size: int, rotary_dim: int, max_position: int, rope_params: dict,
+             is_neox_style: bool = True) -> RotaryEmbedding:
+    return RotaryEmbedding(head_size, rotary_dim, max_position, rope_params, is_neox_style)
