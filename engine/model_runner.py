@@ -29,14 +29,13 @@ class ModelRunner:
 
     def kv_cache_bytes_per_block(self, dtype: torch.dtype) -> int:
         m = self.model
-        layers = len(m.model.layers)
-        return 2 * layers * self.block_size * m.num_kv_heads * m.head_dim * dtype.itemsize
+        return 2 * m.num_layers * self.block_size * m.num_kv_heads * m.head_dim * dtype.itemsize
 
     def allocate_kv_cache(self, num_blocks: int, dtype: torch.dtype) -> None:
         m = self.model
         shape = (2, num_blocks, self.block_size, m.num_kv_heads, m.head_dim)
         self.kv_caches = [torch.zeros(shape, dtype=dtype, device=self.device)
-                          for _ in range(len(m.model.layers))]
+                          for _ in range(m.num_layers)]
 
     def prepare(self, scheduled: list[tuple[Sequence, int]]) -> ModelInput:
         """Flatten the batch. `scheduled` holds prefill chunks first, then decodes."""

@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 from engine.attention_metadata import AttentionMetadata
-from engine.distributed import get_tp_size
 from engine.layers.activation import get_gated_act
 from engine.layers.attention import PagedAttention
 from engine.layers.layernorm import RMSNorm
@@ -111,9 +110,10 @@ class LlamaForCausalLM(nn.Module):
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.logits_processor = LogitsProcessor(config.vocab_size)
+        # the KV cache contract: layers, this rank's KV heads, head size
+        self.num_layers = config.num_hidden_layers
         self.num_kv_heads = self.model.layers[0].self_attn.attn.num_kv_heads
         self.head_dim = self.model.layers[0].self_attn.head_dim
-        assert get_tp_size() >= 1
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[torch.Tensor], attn_metadata: AttentionMetadata) -> torch.Tensor:

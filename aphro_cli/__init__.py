@@ -1,0 +1,1 @@
+"""aphro's command line: click commands only; the work is done by engine functions."""

@@ -1,0 +1,71 @@
+"""`aphro`: thin click commands over engine functions. User errors print one line, no traceback."""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import sys
+
+import click
+from rich.console import Console
+
+from engine.errors import AphroError
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def handle_errors(fn):
+    """Print AphroError (and bad-input ValueErrors from the engine) as one red line, exit 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except AphroError as e:
+            err_console.print(f"[bold red]error:[/] {e}", highlight=False, markup=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            err_console.print("[yellow]interrupted[/]")
+            sys.exit(130)
+
+    return wrapper
+
+
+class LazyGroup(click.Group):
+    """Subcommands live in their own modules, imported only when used (fast `aphro --help`)."""
+
+    commands_by_module = {
+        "generate": ("aphro_cli.generate", "generate"),
+        "new-model": ("aphro_cli.new_model", "new_model"),
+        "parity-check": ("aphro_cli.parity", "parity_check"),
+        "bench": ("aphro_cli.bench", "bench"),
+        "serve": ("aphro_cli.serve", "serve"),
+        "models": ("aphro_cli.generate", "models"),
+    }
+
+    def list_commands(self, ctx):
+        return sorted(name for name, (mod, _) in self.commands_by_module.items()
+                      if importlib.util.find_spec(mod) is not None)
+
+    def get_command(self, ctx, name):
+        if name not in self.commands_by_module:
+            return None
+        module, attr = self.commands_by_module[name]
+        try:
+            return getattr(importlib.import_module(module), attr)
+        except ModuleNotFoundError as e:
+            if e.name == module:
+                return None
+            raise
+
+
+@click.group(cls=LazyGroup)
+@click.version_option(package_name="aphro")
+def cli() -> None:
+    """aphro: add an LLM architecture to a paged-attention engine, prove it right, serve it."""
+
+
+if __name__ == "__main__":
+    cli()
