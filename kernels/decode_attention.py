@@ -1,0 +1,212 @@
+"""Paged decode attention in Triton: one query token per sequence, keys read from the paged cache.
+
+One program handles one (sequence, KV head, split): the group's query heads are stacked into the
+rows of one tile, so each KV head's keys and values are read once per group. With more than one
+split (flash-decoding), each split writes a partial output and its log-sum-exp, and a reduce
+kernel combines them. Split ranges are computed in the kernel from each sequence's own context
+length, so any context is covered whatever the split count (safe under CUDA-graph replay).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.triton_common import LOG2E, dot, next_pow2, num_sms, tanh, upcast_dots
+
+MAX_SPLITS = 64
+MIN_SPLIT_TOKENS = 256  # below this a split costs more in the reduce than it saves
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, alibi_ptr,
+    out_ptr, part_out_ptr, part_lse_ptr,
+    qk_scale, cap_in, cap_out, window,
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_bt,
+    num_heads, num_splits,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr, PAGE: tl.constexpr, SPLIT: tl.constexpr,
+    USE_ALIBI: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+
+    ctx = tl.load(context_lens_ptr + seq)
+    lo = 0
+    if USE_WINDOW:
+        lo = tl.maximum(ctx - window, 0)
+    tiles_per_split = tl.cdiv(tl.cdiv(ctx - lo, BLOCK_N), num_splits)
+    start = lo + split * tiles_per_split * BLOCK_N
+    end = tl.minimum(start + tiles_per_split * BLOCK_N, ctx)
+
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    heads = kvh * GROUP + offs_h
+    h_mask = offs_h < GROUP
+    d_mask = offs_d < HEAD_DIM
+    hd_mask = h_mask[:, None] & d_mask[None, :]
+
+    q = tl.load(q_ptr + seq * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=hd_mask, other=0.0)  # [BLOCK_H, BLOCK_D]
+    if USE_ALIBI:
+        slopes = tl.load(alibi_ptr + heads, mask=h_mask, other=0.0) * 1.4426950408889634
+
+    m_i = tl.full([BLOCK_H], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+    bt_row = block_tables_ptr + seq * stride_bt
+    for n0 in range(start, end, BLOCK_N):
+        kpos = n0 + offs_n
+        kmask = kpos < end
+        blk = tl.load(bt_row + kpos // PAGE, mask=kmask, other=0).to(tl.int64)
+        slot = kpos % PAGE
+        ld_mask = kmask[:, None] & d_mask[None, :]
+        k = tl.load(k_cache_ptr + blk[:, None] * stride_kb + slot[:, None] * stride_kt
+                    + kvh * stride_kh + offs_d[None, :], mask=ld_mask, other=0.0)
+        v = tl.load(v_cache_ptr + blk[:, None] * stride_vb + slot[:, None] * stride_vt
+                    + kvh * stride_vh + offs_d[None, :], mask=ld_mask, other=0.0)
+        s = dot(q, tl.trans(k), UPCAST)  # [BLOCK_H, BLOCK_N]
+        if USE_SOFTCAP:
+            s = cap_out * tanh(s * cap_in)
+        else:
+            s = s * qk_scale
+        if USE_ALIBI:
+            s += slopes[:, None] * (kpos - (ctx - 1)).to(tl.float32)[None, :]
+        s = tl.where(kmask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, UPCAST)
+        m_i = m_new
+
+    has = l_i > 0.0
+    o = acc / tl.where(has, l_i, 1.0)[:, None]
+    if not SPLIT:
+        tl.store(out_ptr + seq * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=hd_mask)
+    else:
+        row = (seq * num_heads + heads) * num_splits + split  # [BLOCK_H]
+        tl.store(part_out_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], o, mask=hd_mask)
+        lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+        tl.store(part_lse_ptr + row, lse, mask=h_mask)
+
+
+@triton.jit
+def _reduce_kernel(
+    part_out_ptr, part_lse_ptr, out_ptr, stride_ot, stride_oh, num_heads, num_splits,
+    SPLITS_P2: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    offs_s = tl.arange(0, SPLITS_P2)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_mask = offs_s < num_splits
+    row = (seq * num_heads + head) * num_splits + offs_s
+    lse = tl.load(part_lse_ptr + row, mask=s_mask, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2(lse - m)  # [SPLITS_P2]; 0 for empty splits
+    o = tl.load(part_out_ptr + row[:, None] * HEAD_DIM + offs_d[None, :],
+                mask=s_mask[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+    denom = tl.sum(w, 0)
+    res = tl.sum(w[:, None] * o, 0) / tl.where(denom > 0.0, denom, 1.0)
+    tl.store(out_ptr + seq * stride_ot + head * stride_oh + offs_d,
+             res.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
+
+
+def choose_num_splits(num_seqs: int, num_kv_heads: int, max_context_len: int,
+                      sms: int) -> int:
+    """Split the context only when (sequence, KV head) programs leave the SMs under-filled and
+    the context is long enough that each split still streams >= MIN_SPLIT_TOKENS keys."""
+    programs = max(num_seqs * num_kv_heads, 1)
+    if programs >= sms:
+        return 1
+    by_occupancy = triton.cdiv(4 * sms, programs)  # ~4 programs per SM keep HBM busy
+    by_length = max(max_context_len // MIN_SPLIT_TOKENS, 1)
+    return max(1, min(by_occupancy, by_length, MAX_SPLITS))
+
+
+def default_decode_config(head_dim: int, block_h: int) -> dict:
+    block_n = 32 if next_pow2(head_dim) >= 256 or block_h > 16 else 64
+    return {"block_n": block_n, "num_warps": 4, "num_stages": 3}
+
+
+def paged_decode_attention_triton(
+    query: torch.Tensor,  # [num_seqs, num_heads, head_dim] (one token per sequence)
+    key_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [num_seqs, max_blocks] int32
+    context_lens: torch.Tensor,  # [num_seqs] int32
+    scale: float,
+    alibi_slopes: torch.Tensor | None = None,  # [num_heads] float32
+    sliding_window: int | None = None,
+    logits_soft_cap: float | None = None,
+    max_context_len: int | None = None,
+    num_splits: int | None = None,
+    out: torch.Tensor | None = None,  # [num_seqs, num_heads, head_dim]
+    config: dict | None = None,  # block_n / num_warps / num_stages overrides (tuning)
+) -> torch.Tensor:
+    num_seqs, num_heads, head_dim = query.shape
+    _, page, num_kv_heads, kd = key_cache.shape
+    assert kd == head_dim and value_cache.shape == key_cache.shape, "cache shape mismatch"
+    assert num_heads % num_kv_heads == 0, "num_heads must be a multiple of num_kv_heads"
+    assert block_tables.shape[0] == num_seqs and context_lens.shape[0] == num_seqs
+    assert query.stride(-1) == 1 and key_cache.stride(-1) == 1 and value_cache.stride(-1) == 1
+    assert block_tables.stride(-1) == 1 and context_lens.is_contiguous()
+    if out is None:
+        out = torch.empty_like(query)
+    assert out.shape == query.shape and out.stride(-1) == 1
+    if num_seqs == 0:
+        return out
+
+    group = num_heads // num_kv_heads
+    block_h = max(16, next_pow2(group))
+    cfg = default_decode_config(head_dim, block_h)
+    cfg.update(config or {})
+    if num_splits is None:
+        if max_context_len is None:
+            max_context_len = int(context_lens.max().item())
+        num_splits = choose_num_splits(num_seqs, num_kv_heads, max_context_len,
+                                       num_sms(query.device))
+    num_splits = max(1, min(int(num_splits), MAX_SPLITS))
+
+    if num_splits > 1:
+        part_out = torch.empty(num_seqs, num_heads, num_splits, head_dim,
+                               dtype=torch.float32, device=query.device)
+        part_lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32,
+                               device=query.device)
+    else:
+        part_out = part_lse = out  # unused
+    use_alibi = alibi_slopes is not None
+    use_softcap = bool(logits_soft_cap)
+    cap = float(logits_soft_cap) if use_softcap else 1.0
+    _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
+        query, key_cache, value_cache, block_tables, context_lens,
+        alibi_slopes if use_alibi else query,
+        out, part_out, part_lse,
+        scale * LOG2E, scale / cap, cap * LOG2E, int(sliding_window or 0),
+        query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+        value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
+        block_tables.stride(0), num_heads, num_splits,
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_D=next_pow2(head_dim), BLOCK_H=block_h,
+        BLOCK_N=cfg["block_n"], PAGE=page, SPLIT=num_splits > 1,
+        USE_ALIBI=use_alibi, USE_WINDOW=bool(sliding_window), USE_SOFTCAP=use_softcap,
+        UPCAST=upcast_dots(query.dtype),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    if num_splits > 1:
+        _reduce_kernel[(num_seqs, num_heads)](
+            part_out, part_lse, out, out.stride(0), out.stride(1), num_heads, num_splits,
+            SPLITS_P2=next_pow2(num_splits), HEAD_DIM=head_dim,
+            BLOCK_D=next_pow2(head_dim), num_warps=4,
+        )
+    return out

@@ -1,0 +1,163 @@
+"""One GPU session's worth of kernel work: correctness at real sizes, a small tile-config sweep,
+then the benchmark table (printed last).
+
+    python -m kernels.gpu_check [--no-tests] [--no-sweep] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+
+def _env() -> str:
+    import triton
+
+    p = torch.cuda.get_device_properties(0)
+    return (f"{p.name}, {p.multi_processor_count} SMs, torch {torch.__version__}, "
+            f"triton {triton.__version__}, python {sys.version.split()[0]}")
+
+
+def run_tests(out_dir: str | None) -> int:
+    cmd = [sys.executable, "-m", "pytest", "tests/test_kernels.py", "-q", "-p", "no:cacheprovider",
+           "-n", "6", "--durations=5"]
+    t0 = time.time()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root, env=env, check=False)
+    log = proc.stdout + proc.stderr
+    if out_dir:
+        with open(os.path.join(out_dir, "pytest.log"), "w") as f:
+            f.write(log)
+    print(log[-6000:])
+    print(f"[tests] rc={proc.returncode} in {time.time() - t0:.0f}s", flush=True)
+    return proc.returncode
+
+
+def sweep() -> list[dict]:
+    """Time the attention kernels under a few tile configs (the defaults first)."""
+    import triton.testing
+
+    from kernels import bench
+    from kernels.decode_attention import paged_decode_attention_triton
+    from kernels.prefill_attention import paged_prefill_attention_triton
+
+    dt = torch.bfloat16
+    res = []
+
+    def timed(fn):
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+    heads, kvh, d, bs = 32, 8, 128, 16
+    for nseq, ctx, cfgs in [
+        (64, 4096, [({}, None), ({"block_n": 128}, None), ({"num_stages": 4}, None), ({}, 2)]),
+        (32, 4096, [({}, None), ({}, 2), ({}, 4)]),
+        (16, 8192, [({}, None), ({}, 1), ({}, 2), ({}, 8)]),
+        (4, 32768, [({}, None), ({}, 1), ({}, 9), ({}, 32)]),
+    ]:
+        kc, vc, bt = bench._paged_cache(nseq, ctx, kvh, d, bs, dt, "cuda")
+        q = torch.randn(nseq, heads, d, dtype=dt, device="cuda")
+        lens = torch.full((nseq,), ctx, dtype=torch.int32, device="cuda")
+        out = torch.empty_like(q)
+        nbytes = 2 * nseq * ctx * kvh * d * 2
+        for cfg, splits in cfgs:
+            try:
+                ms = timed(lambda q=q, kc=kc, vc=vc, bt=bt, lens=lens, ctx=ctx, s=splits,
+                           out=out, cfg=cfg: paged_decode_attention_triton(
+                               q, kc, vc, bt, lens, d ** -0.5, max_context_len=ctx,
+                               num_splits=s, out=out, config=cfg))
+                r = {"what": f"decode b{nseq} ctx{ctx}", "cfg": cfg, "splits": splits,
+                     "ms": ms, "GB/s": nbytes / ms / 1e6}
+            except Exception as e:  # noqa: BLE001 - a config that fails to compile is a result
+                r = {"what": f"decode b{nseq} ctx{ctx}", "cfg": cfg, "error": repr(e)[:200]}
+            print(r, flush=True)
+            res.append(r)
+        del kc, vc
+
+    seq = 4096
+    kc, vc, bt = bench._paged_cache(1, seq, kvh, d, bs, dt, "cuda")
+    q = torch.randn(seq, heads, d, dtype=dt, device="cuda")
+    lens = torch.tensor([seq], dtype=torch.int32, device="cuda")
+    qsl = torch.tensor([0, seq], dtype=torch.int32, device="cuda")
+    out = torch.empty_like(q)
+    flops = 4.0 * d * heads * seq * (seq + 1) / 2
+    for cfg in [{}, {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 3},
+                {"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 4},
+                {"block_m": 256, "block_n": 64, "num_warps": 8, "num_stages": 3}]:
+        try:
+            ms = timed(lambda cfg=cfg: paged_prefill_attention_triton(
+                q, kc, vc, bt, lens, qsl, seq, d ** -0.5, out=out, config=cfg))
+            r = {"what": "prefill s4096", "cfg": cfg, "ms": ms, "TFLOP/s": flops / ms / 1e9}
+        except Exception as e:  # noqa: BLE001
+            r = {"what": "prefill s4096", "cfg": cfg, "error": repr(e)[:200]}
+        print(r, flush=True)
+        res.append(r)
+    for hd, cfgs in [(64, [{}, {"block_m": 128, "block_n": 64, "num_warps": 4, "num_stages": 3}]),
+                     (256, [{}, {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 2},
+                            {"block_m": 128, "block_n": 32, "num_warps": 8, "num_stages": 2}])]:
+        kc, vc, bt = bench._paged_cache(1, seq, kvh, hd, bs, dt, "cuda")
+        q = torch.randn(seq, heads, hd, dtype=dt, device="cuda")
+        out = torch.empty_like(q)
+        flops = 4.0 * hd * heads * seq * (seq + 1) / 2
+        for cfg in cfgs:
+            try:
+                ms = timed(lambda cfg=cfg, q=q, kc=kc, vc=vc, bt=bt, out=out, hd=hd:
+                           paged_prefill_attention_triton(q, kc, vc, bt, lens, qsl, seq,
+                                                          hd ** -0.5, out=out, config=cfg))
+                r = {"what": f"prefill s4096 d{hd}", "cfg": cfg, "ms": ms,
+                     "TFLOP/s": flops / ms / 1e9}
+            except Exception as e:  # noqa: BLE001
+                r = {"what": f"prefill s4096 d{hd}", "cfg": cfg, "error": repr(e)[:200]}
+            print(r, flush=True)
+            res.append(r)
+    return res
+
+
+def compiled_report() -> None:
+    """Registers, spills, shared memory and matrix instructions of each compiled variant."""
+    from kernels import decode_attention, prefill_attention
+
+    for fn in (decode_attention._decode_kernel, prefill_attention._prefill_kernel):
+        try:
+            for entry in fn.device_caches.values():
+                for k in entry[0].values():
+                    md = k.metadata
+                    ptx = k.asm.get("ptx", "")
+                    print(f"[{fn.__name__}] warps={md.num_warps} stages={md.num_stages} "
+                          f"regs={k.n_regs} spills={k.n_spills} smem={md.shared} "
+                          f"wgmma={'wgmma' in ptx} mma.sync={'mma.sync' in ptx} "
+                          f"cp.async={'cp.async' in ptx}", flush=True)
+        except Exception as e:  # noqa: BLE001 - the report is best-effort across versions
+            print(f"[{fn.__name__}] no report: {e!r}"[:200])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--no-tests", action="store_true")
+    ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--out", default=os.environ.get("OUT"))
+    args = ap.parse_args()
+    print(_env(), flush=True)
+    rc = 0 if args.no_tests else run_tests(args.out)
+    sweep_rows = [] if args.no_sweep else sweep()
+    if not args.no_sweep:
+        compiled_report()
+    from kernels.bench import print_table, run_kernel_bench
+
+    rows = run_kernel_bench("cuda", torch.bfloat16, print_rows=False)
+    if args.out:
+        with open(os.path.join(args.out, "kernels_bench.json"), "w") as f:
+            json.dump({"env": _env(), "tests_rc": rc, "sweep": sweep_rows, "bench": rows}, f,
+                      indent=1, default=str)
+    print(f"\n== {_env()} | tests rc={rc}")
+    print_table(rows)
+
+
+if __name__ == "__main__":
+    main()

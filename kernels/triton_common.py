@@ -1,0 +1,51 @@
+"""Helpers shared by the Triton kernels: launch-time facts and small jit functions."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels on the CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def upcast_dots(dtype: torch.dtype) -> bool:
+    """The interpreter multiplies bf16 tiles wrongly (triton 3.9): feed it float32 instead."""
+    return interpreting() and dtype == torch.bfloat16
+
+
+def next_pow2(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+@functools.cache
+def sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """Multiprocessors of a CUDA device; a stand-in of 132 (one H200) elsewhere."""
+    if device.type != "cuda":
+        return 132
+    return sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@triton.jit
+def tanh(x):
+    # 1 - 2 / (e^{2x} + 1): saturates cleanly to +-1 in float32
+    return 1.0 - 2.0 / (tl.exp2(x * 2.8853900817779268) + 1.0)
+
+
+@triton.jit
+def dot(a, b, UPCAST: tl.constexpr):
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    return tl.dot(a, b)

@@ -1,0 +1,332 @@
+"""Every Triton kernel against its torch reference, on fresh random inputs.
+
+Without CUDA the kernels run on Triton's CPU interpreter (TRITON_INTERPRET=1, small shapes);
+with CUDA they run compiled, and the `cuda`-marked tests add the real sizes. Outputs are filled
+with NaN before each run, so an element the kernel fails to write fails the test.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the first import of triton
+pytest.importorskip("triton")
+
+from kernels.attention_ref import paged_attention_ref, reshape_and_cache_ref
+from kernels.attention_triton import (
+    paged_attention_triton,
+    reshape_and_cache_triton,
+)
+from kernels.decode_attention import (
+    choose_num_splits,
+    paged_decode_attention_triton,
+)
+from kernels.elementwise_ref import (
+    gelu_and_mul_ref,
+    rms_norm_ref,
+    rotary_ref,
+    silu_and_mul_ref,
+)
+from kernels.elementwise_triton import (
+    gelu_and_mul_triton,
+    rms_norm_triton,
+    rotary_triton,
+    silu_and_mul_triton,
+)
+from kernels.prefill_attention import paged_prefill_attention_triton
+from kernels.triton_common import interpreting
+
+HAS_CUDA = torch.cuda.is_available() and not interpreting()
+DEV = "cuda" if HAS_CUDA else "cpu"
+cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+TOL = {torch.float16: 3e-3, torch.bfloat16: 1.5e-2, torch.float32: 1e-4}
+# Triton's interpreter truncates float32 -> bfloat16 (the GPU rounds to nearest even), so
+# elementwise results may differ from the reference by one bf16 ulp (2^-8 relative) on the CPU.
+EW_TOL = 4e-3 if HAS_CUDA else 1e-2
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert not out.isnan().any(), "unwritten (NaN) or NaN output elements"
+    diff = (out.double() - ref.double()).norm()
+    return (diff / ref.double().norm().clamp_min(1e-12)).item()
+
+
+def nan_like(t: torch.Tensor) -> torch.Tensor:
+    return torch.full_like(t, float("nan"))
+
+
+# ---------------------------------------------------------------------------------------------
+# paged attention inputs
+
+
+def paged_inputs(ctx_lens: list[int], q_lens: list[int], heads: int, kv_heads: int,
+                 head_dim: int, block_size: int, dtype: torch.dtype, alibi: bool = False):
+    """A random paged cache for the given sequences. The reference reads a clean cache; the
+    kernel's copy has NaN in every slot past each context and in unused blocks, and its block
+    tables point past-the-end entries at a NaN block: reading any of them shows in the output."""
+    num_seqs = len(ctx_lens)
+    max_blocks = max(-(-c // block_size) for c in ctx_lens)
+    num_blocks = num_seqs * max_blocks + 2
+    shape = (num_blocks, block_size, kv_heads, head_dim)
+    k_ref = torch.randn(shape, dtype=dtype, device=DEV)
+    v_ref = torch.randn(shape, dtype=dtype, device=DEV)
+    perm = torch.randperm(num_seqs * max_blocks, device=DEV)
+    bt_ref = perm.view(num_seqs, max_blocks).int()
+    k_tri, v_tri, bt_tri = k_ref.clone(), v_ref.clone(), bt_ref.clone()
+    k_tri[-2:] = float("nan")
+    v_tri[-2:] = float("nan")
+    for s, c in enumerate(ctx_lens):
+        used = -(-c // block_size)
+        bt_tri[s, used:] = num_blocks - 1
+        if c % block_size:
+            k_tri[bt_ref[s, used - 1], c % block_size:] = float("nan")
+            v_tri[bt_ref[s, used - 1], c % block_size:] = float("nan")
+    qsl = torch.zeros(num_seqs + 1, dtype=torch.int32)
+    qsl[1:] = torch.tensor(q_lens).cumsum(0)
+    query = torch.randn(int(qsl[-1]), heads, head_dim, dtype=dtype, device=DEV)
+    slopes = torch.rand(heads, device=DEV) * 0.5 if alibi else None
+    ctx = torch.tensor(ctx_lens, dtype=torch.int32, device=DEV)
+    return {"query": query, "k_ref": k_ref, "v_ref": v_ref, "k_tri": k_tri, "v_tri": v_tri,
+            "bt_ref": bt_ref, "bt_tri": bt_tri, "ctx": ctx, "qsl": qsl.to(DEV), "slopes": slopes}
+
+
+def attention_ref(d: dict, q_lens: list[int], ctx_lens: list[int], window, cap) -> torch.Tensor:
+    head_dim = d["query"].shape[-1]
+    return paged_attention_ref(d["query"], d["k_ref"], d["v_ref"], d["bt_ref"], d["ctx"],
+                               d["qsl"], max(q_lens), max(ctx_lens), head_dim ** -0.5,
+                               d["slopes"], window, cap)
+
+
+# ---------------------------------------------------------------------------------------------
+# decode
+
+# (heads, kv_heads, head_dim, block_size, dtype, alibi, window, soft_cap, num_splits)
+DECODE_CASES = [
+    (4, 4, 64, 16, torch.float16, False, None, None, 1),  # MHA
+    (8, 2, 80, 32, torch.bfloat16, True, None, None, 1),  # GQA, padded head, ALiBi
+    (8, 1, 96, 16, torch.float16, False, 40, None, 1),  # MQA, padded head, window
+    (4, 2, 128, 32, torch.bfloat16, True, 50, 20.0, 1),  # everything at once
+    (2, 1, 256, 16, torch.bfloat16, False, None, 10.0, 1),  # d=256, soft-cap
+    (4, 1, 64, 16, torch.float16, False, None, None, 3),  # split-K
+    (8, 2, 128, 32, torch.bfloat16, True, 70, None, 4),  # split-K + window + ALiBi
+    (4, 4, 80, 16, torch.float16, False, None, 30.0, 7),  # more splits than some ctx has tiles
+    (32, 1, 64, 32, torch.float16, True, None, None, 2),  # group of 32 heads in one tile
+]
+
+
+@pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: f"h{c[0]}kv{c[1]}d{c[2]}b{c[3]}"
+                         f"{'-alibi' if c[5] else ''}{'-win' if c[6] else ''}"
+                         f"{'-cap' if c[7] else ''}-s{c[8]}")
+def test_decode_attention(case):
+    heads, kv_heads, head_dim, bs, dtype, alibi, window, cap, splits = case
+    ctx_lens = [1, bs, bs + 1, 3 * bs - 1, 150]  # partial / exactly-full last blocks
+    q_lens = [1] * len(ctx_lens)
+    d = paged_inputs(ctx_lens, q_lens, heads, kv_heads, head_dim, bs, dtype, alibi)
+    ref = attention_ref(d, q_lens, ctx_lens, window, cap)
+    out = nan_like(d["query"])
+    paged_decode_attention_triton(d["query"], d["k_tri"], d["v_tri"], d["bt_tri"], d["ctx"],
+                                  head_dim ** -0.5, d["slopes"], window, cap,
+                                  num_splits=splits, out=out)
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+def test_choose_num_splits():
+    assert choose_num_splits(64, 8, 4096, 132) == 1  # 512 programs fill 132 SMs
+    assert choose_num_splits(4, 8, 32768, 132) > 1  # 32 programs: split the long context
+    assert choose_num_splits(4, 8, 200, 132) == 1  # too short to be worth a split
+    assert choose_num_splits(1, 1, 10**6, 132) <= 64
+
+
+# ---------------------------------------------------------------------------------------------
+# prefill (varlen, chunked prefill, prefix-cache hits)
+
+# (heads, kv_heads, head_dim, block_size, dtype, alibi, window, soft_cap, q_lens, ctx_lens)
+PREFILL_CASES = [
+    (4, 4, 64, 16, torch.float16, False, None, None, [5, 40, 17], [5, 40, 17]),  # varlen MHA
+    (8, 2, 80, 32, torch.bfloat16, True, None, None, [20, 33], [52, 90]),  # chunked, ALiBi
+    (4, 1, 96, 16, torch.float16, False, 24, None, [48, 9], [48, 61]),  # MQA, window
+    (4, 2, 128, 32, torch.bfloat16, True, 20, 15.0, [37], [80]),  # everything
+    (2, 1, 256, 16, torch.bfloat16, False, None, 10.0, [33, 1], [33, 47]),  # d=256
+]
+
+
+@pytest.mark.parametrize("case", PREFILL_CASES, ids=lambda c: f"h{c[0]}kv{c[1]}d{c[2]}b{c[3]}"
+                         f"{'-alibi' if c[5] else ''}{'-win' if c[6] else ''}"
+                         f"{'-cap' if c[7] else ''}")
+def test_prefill_attention(case):
+    heads, kv_heads, head_dim, bs, dtype, alibi, window, cap, q_lens, ctx_lens = case
+    d = paged_inputs(ctx_lens, q_lens, heads, kv_heads, head_dim, bs, dtype, alibi)
+    ref = attention_ref(d, q_lens, ctx_lens, window, cap)
+    out = nan_like(d["query"])
+    paged_prefill_attention_triton(d["query"], d["k_tri"], d["v_tri"], d["bt_tri"], d["ctx"],
+                                   d["qsl"], max(q_lens), head_dim ** -0.5, d["slopes"],
+                                   window, cap, out=out)
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("config", [{"block_m": 32, "block_n": 16}, {"block_m": 64, "block_n": 32},
+                                    {"block_m": 16, "block_n": 64}], ids=str)
+def test_prefill_attention_tiles(config):
+    """Other tile shapes than the default, over a chunk that starts mid-block."""
+    q_lens, ctx_lens, window = [70, 3], [101, 40], 45
+    d = paged_inputs(ctx_lens, q_lens, 4, 2, 64, 16, torch.float16, alibi=True)
+    ref = attention_ref(d, q_lens, ctx_lens, window, None)
+    out = nan_like(d["query"])
+    paged_prefill_attention_triton(d["query"], d["k_tri"], d["v_tri"], d["bt_tri"], d["ctx"],
+                                   d["qsl"], max(q_lens), 64 ** -0.5, d["slopes"], window,
+                                   None, out=out, config=config)
+    assert rel_err(out, ref) < TOL[torch.float16]
+
+
+def test_attention_step_mixed_batch():
+    """One engine step: write the batch's new keys/values, then attend, prefills
+    (a fresh prompt and a chunk after a prefix-cache hit) first and decodes after."""
+    heads, kv_heads, head_dim, bs, dtype = 4, 2, 64, 16, torch.float16
+    q_lens, ctx_lens = [12, 10, 1, 1, 1], [12, 40, 7, 33, 16]
+    d = paged_inputs(ctx_lens, q_lens, heads, kv_heads, head_dim, bs, dtype)
+    # the batch's new keys/values: positions ctx - q_len .. ctx - 1 of each sequence
+    slots = []
+    for s, (q, c) in enumerate(zip(q_lens, ctx_lens)):
+        for pos in range(c - q, c):
+            slots.append(int(d["bt_ref"][s, pos // bs]) * bs + pos % bs)
+    slots = torch.tensor(slots, device=DEV)
+    padded = torch.cat([slots, torch.tensor([-1], device=DEV)])  # a padding token
+    new_k = torch.randn(len(padded), kv_heads, head_dim, dtype=dtype, device=DEV)
+    new_v = torch.randn_like(new_k)
+    reshape_and_cache_ref(new_k, new_v, d["k_ref"], d["v_ref"], padded)
+    reshape_and_cache_triton(new_k, new_v, d["k_tri"], d["v_tri"], padded)
+    ref = attention_ref(d, q_lens, ctx_lens, None, None)
+    out = paged_attention_triton(d["query"], d["k_tri"], d["v_tri"], d["bt_tri"], d["ctx"],
+                                 d["qsl"], max(q_lens), max(ctx_lens), 2, sum(q_lens[:2]),
+                                 head_dim ** -0.5)
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+def test_reshape_and_cache():
+    kv_heads, head_dim, bs, num_blocks = 3, 80, 16, 6
+    cache_shape = (num_blocks, bs, kv_heads, head_dim)
+    kc = torch.full(cache_shape, float("nan"), dtype=torch.bfloat16, device=DEV)
+    vc = kc.clone()
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    slots = torch.randperm(num_blocks * bs, device=DEV)[:21]
+    slots[[3, 10]] = -1
+    kv = torch.randn(21, 2, kv_heads, head_dim, dtype=torch.bfloat16, device=DEV)
+    key, value = kv[:, 0], kv[:, 1]  # strided views, as sliced from a fused qkv
+    reshape_and_cache_triton(key, value, kc, vc, slots)
+    reshape_and_cache_ref(key, value, kc_ref, vc_ref, slots)
+    assert torch.equal(kc.nan_to_num(7.0), kc_ref.nan_to_num(7.0))
+    assert torch.equal(vc.nan_to_num(7.0), vc_ref.nan_to_num(7.0))
+
+
+# ---------------------------------------------------------------------------------------------
+# elementwise
+
+
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("offset,wdtype", [(0.0, torch.bfloat16), (1.0, torch.bfloat16),
+                                           (0.0, torch.float32)])
+def test_rms_norm(residual, offset, wdtype, tokens=7, hidden=96):
+    x = torch.randn(tokens, hidden, dtype=torch.bfloat16, device=DEV)
+    res = torch.randn_like(x) if residual else None
+    w = (torch.rand(hidden, device=DEV) + 0.5).to(wdtype)
+    ref, ref_res = rms_norm_ref(x, w, 1e-6, res, offset)
+    out, res_out = nan_like(ref), (nan_like(x) if residual else None)
+    got, got_res = rms_norm_triton(x, w, 1e-6, res, offset, out=out, residual_out=res_out)
+    assert got.dtype == ref.dtype and got.data_ptr() == out.data_ptr()
+    assert rel_err(got, ref) < EW_TOL
+    if residual:
+        torch.testing.assert_close(got_res, ref_res, rtol=2 ** -7, atol=0)
+    else:
+        assert got_res is None
+
+
+@pytest.mark.parametrize("is_neox", [True, False])
+@pytest.mark.parametrize("rotary_dim", [64, 32])  # full and partial rotary
+def test_rotary(is_neox, rotary_dim, tokens=5, heads=3, kv_heads=1, head_dim=64):
+    cache = torch.randn(50, rotary_dim, device=DEV)  # any cos/sin values test the math
+    pos = torch.randint(0, 50, (tokens,), device=DEV)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, dtype=torch.bfloat16,
+                      device=DEV)
+    q, k = qkv[:, :heads * head_dim], qkv[:, heads * head_dim:(heads + kv_heads) * head_dim]
+    ref_q, ref_k = rotary_ref(pos, q, k, cache, head_dim, is_neox)
+    out = (nan_like(ref_q), nan_like(ref_k))
+    got_q, got_k = rotary_triton(pos, q, k, cache, head_dim, is_neox, out=out)
+    assert rel_err(got_q, ref_q) < EW_TOL and rel_err(got_k, ref_k) < EW_TOL
+    q2, k2 = q.clone(), k.clone()
+    in_q, _ = rotary_triton(pos, q2, k2, cache, head_dim, is_neox, inplace=True)
+    assert in_q.data_ptr() == q2.data_ptr()
+    assert rel_err(q2, ref_q) < EW_TOL and rel_err(k2, ref_k) < EW_TOL
+
+
+@pytest.mark.parametrize("kind", ["silu", "gelu-none", "gelu-tanh"])
+def test_act_and_mul(kind, shape=(3, 4, 2 * 48), dtype=torch.bfloat16):
+    x = torch.randn(shape, dtype=dtype, device=DEV) * 3
+    if kind == "silu":
+        ref = silu_and_mul_ref(x)
+        got = silu_and_mul_triton(x, out=nan_like(ref))
+    else:
+        approx = kind.split("-")[1]
+        ref = gelu_and_mul_ref(x, approx)
+        got = gelu_and_mul_triton(x, approx, out=nan_like(ref))
+    assert got.shape == ref.shape
+    assert rel_err(got, ref) < EW_TOL
+
+
+# ---------------------------------------------------------------------------------------------
+# real sizes (GPU only)
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("heads,kv_heads,head_dim,bs", [
+    (32, 8, 128, 16), (32, 32, 64, 32), (32, 1, 128, 16), (16, 4, 80, 16), (16, 2, 96, 32),
+    (8, 8, 256, 16), (16, 4, 256, 32)])
+def test_decode_attention_real(heads, kv_heads, head_dim, bs):
+    dtype = torch.bfloat16
+    for num_seqs, max_ctx in [(64, 4096), (3, 20000)]:  # one split / automatic split-K
+        ctx_lens = torch.randint(1, max_ctx + 1, (num_seqs,)).tolist()
+        ctx_lens[0] = max_ctx
+        q_lens = [1] * num_seqs
+        d = paged_inputs(ctx_lens, q_lens, heads, kv_heads, head_dim, bs, dtype,
+                         alibi=head_dim == 80)
+        window = 1000 if head_dim == 96 else None
+        cap = 30.0 if head_dim == 256 else None
+        ref = attention_ref(d, q_lens, ctx_lens, window, cap)
+        out = nan_like(d["query"])
+        paged_decode_attention_triton(d["query"], d["k_tri"], d["v_tri"], d["bt_tri"],
+                                      d["ctx"], head_dim ** -0.5, d["slopes"], window, cap,
+                                      max_context_len=max_ctx, out=out)
+        assert rel_err(out, ref) < TOL[dtype]
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("heads,kv_heads,head_dim,bs,alibi,window,cap", [
+    (32, 8, 128, 16, False, None, None), (32, 32, 64, 32, True, None, None),
+    (16, 1, 80, 16, False, 512, None), (16, 4, 96, 32, False, None, 30.0),
+    (8, 2, 256, 16, True, 700, 50.0)])
+def test_prefill_attention_real(heads, kv_heads, head_dim, bs, alibi, window, cap):
+    dtype = torch.bfloat16
+    for q_lens, ctx_lens in [([4096], [4096]), ([700, 1500, 1], [2000, 1500, 3333])]:
+        d = paged_inputs(ctx_lens, q_lens, heads, kv_heads, head_dim, bs, dtype, alibi)
+        ref = attention_ref(d, q_lens, ctx_lens, window, cap)
+        out = nan_like(d["query"])
+        paged_prefill_attention_triton(d["query"], d["k_tri"], d["v_tri"], d["bt_tri"],
+                                       d["ctx"], d["qsl"], max(q_lens), head_dim ** -0.5,
+                                       d["slopes"], window, cap, out=out)
+        assert rel_err(out, ref) < TOL[dtype]
+
+
+@pytest.mark.cuda
+@cuda
+def test_elementwise_real():
+    test_rms_norm(True, 1.0, torch.bfloat16, tokens=4096, hidden=4096)
+    test_rms_norm(False, 0.0, torch.bfloat16, tokens=300, hidden=8192)
+    test_rotary(True, 128, tokens=4096, heads=32, kv_heads=8, head_dim=128)
+    test_rotary(False, 64, tokens=1000, heads=32, kv_heads=8, head_dim=128)
+    test_act_and_mul("silu", shape=(4096, 2 * 14336))
+    test_act_and_mul("gelu-tanh", shape=(1000, 2 * 11008))
