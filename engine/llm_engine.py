@@ -179,7 +179,11 @@ class LLMEngine:
         out = RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs,
                             prompt_logprobs=(req.seqs[0].prompt_logprobs
                                              if params.prompt_logprobs is not None else None),
-                            finished=finished)
+                            finished=finished,
+                            metrics={"num_cached_tokens": max(s.num_cached_tokens
+                                                              for s in req.seqs),
+                                     "num_preemptions": sum(s.num_preemptions
+                                                            for s in req.seqs)})
         if finished:
             del self.requests[req.request_id]
         return out

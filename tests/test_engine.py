@@ -1,0 +1,256 @@
+"""The engine against HF transformers on a tiny random GQA Llama (float32, CPU): greedy tokens
+and per-step log-probabilities, plain, with chunked prefill, prefix caching and preemption."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from engine import LLM, SamplingParams
+
+PROMPTS = [
+    "hello",
+    "the quick brown fox jumps over the lazy dog",
+    "a",
+    "once upon a time there was a small engine that could",
+    "paged attention keeps the cache in blocks",
+    "why",
+    "tensor parallel layers own their shard of every weight and load it themselves",
+    "one two three four five six seven eight nine ten eleven twelve",
+]
+NEW_TOKENS = 32
+VOCAB = 512  # tiny_llama_config's
+
+
+@pytest.fixture(scope="module")
+def hf_model(tiny_llama_dir):
+    return AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def hf_reference(hf_model, tiny_llama_dir):
+    """Per prompt: HF greedy continuation and its log-softmax at every generated step."""
+    from engine.loader import load_tokenizer
+
+    tok = load_tokenizer(tiny_llama_dir)
+    refs = []
+    with torch.no_grad():
+        for prompt in PROMPTS:
+            ids = torch.tensor([tok.encode(prompt)])
+            gen = hf_model.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                                    do_sample=False)
+            logits = hf_model(gen).logits[0, ids.shape[1] - 1: -1]
+            refs.append((gen[0, ids.shape[1]:].tolist(), torch.log_softmax(logits, -1)))
+    return refs
+
+
+def greedy(logprobs: int | None = None) -> SamplingParams:
+    return SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True,
+                          logprobs=logprobs)
+
+
+def assert_matches_hf(outputs, hf_reference, check_logprobs: bool = True) -> None:
+    for out, (ref_ids, ref_lp) in zip(outputs, hf_reference):
+        got = out.outputs[0]
+        assert got.token_ids == ref_ids, f"prompt {out.prompt!r}: tokens differ from HF"
+        if check_logprobs:
+            ours = torch.tensor([[step[t] for t in range(VOCAB)] for step in got.logprobs])
+            err = (ours - ref_lp).abs().max().item()
+            assert err < 1e-4, f"prompt {out.prompt!r}: max |logprob - HF| = {err:.2e}"
+
+
+def check_no_leak(llm: LLM) -> None:
+    eng = llm.engine
+    eng.check_invariants()
+    assert not eng.has_unfinished_requests()
+    assert eng.block_manager.num_free_blocks == eng.cache_config.num_blocks
+
+
+def test_batched_greedy_matches_hf(tiny_llama_dir, hf_reference):
+    llm = LLM(str(tiny_llama_dir), num_kv_blocks=128)
+    outputs = llm.generate(PROMPTS, greedy(logprobs=VOCAB))
+    assert [o.prompt for o in outputs] == PROMPTS  # in order
+    assert_matches_hf(outputs, hf_reference)
+    assert all(o.outputs[0].finish_reason == "length" for o in outputs)
+    check_no_leak(llm)
+
+
+def test_chunked_prefill_matches_hf(tiny_llama_dir, hf_reference):
+    llm = LLM(str(tiny_llama_dir), num_kv_blocks=128, max_num_batched_tokens=8,
+              max_model_len=128)
+    outputs = llm.generate(PROMPTS, greedy(logprobs=VOCAB))
+    assert_matches_hf(outputs, hf_reference)
+    check_no_leak(llm)
+
+
+def test_prefix_caching_reuses_blocks(tiny_llama_dir, hf_model):
+    from engine.loader import load_tokenizer
+
+    tok = load_tokenizer(tiny_llama_dir)
+    shared = list(range(10, 10 + 40))  # 40 tokens: two full 16-token blocks are shareable
+    prompts = [shared + [100 + i, 200 + i] for i in range(4)]
+    llm = LLM(str(tiny_llama_dir), num_kv_blocks=128, block_size=16)
+    first = llm.generate(prompt_token_ids=prompts[:1], sampling_params=greedy())
+    rest = llm.generate(prompt_token_ids=prompts[1:], sampling_params=greedy())
+    assert first[0].metrics["num_cached_tokens"] == 0
+    assert all(o.metrics["num_cached_tokens"] == 32 for o in rest)
+    nocache = LLM(str(tiny_llama_dir), num_kv_blocks=128, enable_prefix_caching=False)
+    ref = nocache.generate(prompt_token_ids=prompts, sampling_params=greedy())
+    assert [o.outputs[0].token_ids for o in first + rest] == \
+        [o.outputs[0].token_ids for o in ref]
+    with torch.no_grad():  # and HF agrees
+        gen = hf_model.generate(torch.tensor(prompts[1:2]), max_new_tokens=NEW_TOKENS,
+                                min_new_tokens=NEW_TOKENS, do_sample=False)
+    assert gen[0, len(prompts[1]):].tolist() == rest[0].outputs[0].token_ids
+    del tok
+    check_no_leak(llm)
+
+
+def test_preemption_gives_identical_output(tiny_llama_dir, hf_reference):
+    # 8 requests of up to ~50 tokens need ~4 blocks each; 10 blocks force preemption
+    llm = LLM(str(tiny_llama_dir), num_kv_blocks=10, block_size=16, max_model_len=128)
+    outputs = llm.generate(PROMPTS, greedy(logprobs=VOCAB))
+    assert sum(o.metrics["num_preemptions"] for o in outputs) > 0
+    assert_matches_hf(outputs, hf_reference)
+    check_no_leak(llm)
+
+
+def test_tied_embeddings(tiny_llama_tied_dir):
+    llm = LLM(str(tiny_llama_tied_dir), num_kv_blocks=32)
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama_tied_dir, dtype=torch.float32)
+    ids = llm.tokenizer.encode("tied weights")
+    out = llm.generate(prompt_token_ids=[ids], sampling_params=greedy())[0]
+    gen = hf.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS,
+                      min_new_tokens=NEW_TOKENS, do_sample=False)
+    assert out.outputs[0].token_ids == gen[0, len(ids):].tolist()
+    check_no_leak(llm)
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_llama_dir):
+    llm = LLM(str(tiny_llama_dir), num_kv_blocks=128)
+    yield llm
+    check_no_leak(llm)
+
+
+def test_seed_reproducible_alone_and_in_batch(llm):
+    seeded = SamplingParams(temperature=1.0, seed=1234, max_tokens=16, ignore_eos=True)
+    alone = llm.generate(["the cat"], seeded)[0].outputs[0].token_ids
+    mixed = llm.generate(["a dog", "the cat", "hello there friend"],
+                         [SamplingParams(temperature=0.8, max_tokens=20, ignore_eos=True),
+                          seeded,
+                          SamplingParams(temperature=1.0, seed=7, max_tokens=5)])
+    assert mixed[1].outputs[0].token_ids == alone
+    again = llm.generate(["the cat"], seeded)[0].outputs[0].token_ids
+    assert again == alone
+
+
+def test_top_k_one_is_greedy(llm):
+    g = llm.generate(PROMPTS[:3], greedy())
+    k1 = llm.generate(PROMPTS[:3], SamplingParams(temperature=1.0, top_k=1,
+                                                  max_tokens=NEW_TOKENS, ignore_eos=True))
+    assert [o.outputs[0].token_ids for o in g] == [o.outputs[0].token_ids for o in k1]
+
+
+def test_max_tokens_and_stop_token_ids(llm):
+    base = llm.generate(["stop here"], greedy())[0].outputs[0].token_ids
+    out = llm.generate(["stop here"], SamplingParams(temperature=0, max_tokens=5,
+                                                     ignore_eos=True))[0].outputs[0]
+    assert out.token_ids == base[:5] and out.finish_reason == "length"
+    stop_tok = base[6]
+    first = base.index(stop_tok)
+    out = llm.generate(["stop here"], SamplingParams(temperature=0, max_tokens=NEW_TOKENS,
+                                                     ignore_eos=True,
+                                                     stop_token_ids=[stop_tok]))[0].outputs[0]
+    assert out.token_ids == base[:first + 1]
+    assert out.finish_reason == "stop" and out.stop_reason == stop_tok
+
+
+def test_stop_string_never_leaks(llm):
+    full = llm.generate(["stop strings"], greedy())[0].outputs[0]
+    text = full.text
+    assert len(text) > 6
+    stop = text[3:6]  # a piece from the middle of the greedy text
+    cut = text.index(stop)
+    out = llm.generate(["stop strings"], SamplingParams(temperature=0, max_tokens=NEW_TOKENS,
+                                                        ignore_eos=True, stop=[stop]))[0]
+    o = out.outputs[0]
+    assert o.text == text[:cut] and stop not in o.text
+    assert o.finish_reason == "stop" and o.stop_reason == stop
+    kept = llm.generate(["stop strings"], SamplingParams(
+        temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, stop=[stop],
+        include_stop_str_in_output=True))[0].outputs[0]
+    assert kept.text == text[:cut + len(stop)]
+
+
+def test_eos_min_tokens_and_ignore_eos(llm):
+    base = llm.generate(["end of text"], greedy())[0].outputs[0].token_ids
+    eos = base[3]  # pretend this token is the end-of-sequence token
+    eng = llm.engine
+    saved = eng.eos_token_ids
+    eng.eos_token_ids = [eos]
+    try:
+        stops = llm.generate(["end of text"], SamplingParams(temperature=0, max_tokens=20))
+        assert stops[0].outputs[0].token_ids == base[:base.index(eos) + 1]
+        assert stops[0].outputs[0].finish_reason == "stop"
+        ignored = llm.generate(["end of text"], SamplingParams(temperature=0, max_tokens=20,
+                                                              ignore_eos=True))
+        assert ignored[0].outputs[0].token_ids == base[:20]
+        mint = llm.generate(["end of text"], SamplingParams(temperature=0, max_tokens=20,
+                                                           min_tokens=10))
+        toks = mint[0].outputs[0].token_ids
+        assert len(toks) >= 10 and eos not in toks[:10]  # eos suppressed until min_tokens
+    finally:
+        eng.eos_token_ids = saved
+
+
+def test_n_samples_and_abort(llm):
+    outs = llm.generate(["several samples"], SamplingParams(n=3, temperature=1.0, seed=3,
+                                                            max_tokens=8, ignore_eos=True))
+    assert [c.index for c in outs[0].outputs] == [0, 1, 2]
+    assert all(len(c.token_ids) == 8 for c in outs[0].outputs)
+    eng = llm.engine
+    rid = eng.add_request("to be aborted", SamplingParams(max_tokens=50, ignore_eos=True))
+    eng.step()
+    eng.step()
+    eng.abort_request(rid)
+    assert not eng.has_unfinished_requests()
+    eng.check_invariants()
+
+
+def test_prompt_too_long_and_bad_values(tiny_llama_dir):
+    from engine.errors import RequestError
+
+    llm = LLM(str(tiny_llama_dir), num_kv_blocks=16, max_model_len=32)
+    with pytest.raises(RequestError, match="max_model_len=32"):
+        llm.generate(prompt_token_ids=[list(range(40))])
+    with pytest.raises(RequestError, match="outside the vocabulary"):
+        llm.generate(prompt_token_ids=[[1, 2, 10**6]])
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=-1)
+    assert not llm.engine.has_unfinished_requests()
+    check_no_leak(llm)
+
+
+def test_missing_tensor_and_truncated_file(tiny_llama_dir, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from engine.errors import CheckpointError
+
+    bad = tmp_path / "missing"
+    shutil.copytree(tiny_llama_dir, bad)
+    weights = load_file(bad / "model.safetensors")
+    del weights["model.layers.1.mlp.up_proj.weight"]
+    save_file(weights, bad / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"model\.layers\.1\.mlp\.gate_up_proj"):
+        LLM(str(bad), num_kv_blocks=16)
+
+    cut = tmp_path / "truncated"
+    shutil.copytree(tiny_llama_dir, cut)
+    data = (cut / "model.safetensors").read_bytes()
+    (cut / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        LLM(str(cut), num_kv_blocks=16)
