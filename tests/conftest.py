@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # Triton kernels run in its interpreter on CPU
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from pathlib import Path
 
 import pytest
@@ -27,3 +34,12 @@ def tiny_llama_dir(make_checkpoint) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama_tied_dir(make_checkpoint) -> Path:
     return make_checkpoint(tiny_llama_config(tie_word_embeddings=True), "tiny_llama_tied")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
