@@ -119,6 +119,47 @@ def sweep() -> list[dict]:
     return res
 
 
+def small_kernel_ab() -> None:
+    """reshape_and_cache tokens-per-program and add+RMSNorm warps, timed with do_bench (L2
+    flushed, launches included) and with CUDA-graph replay (launch gaps removed)."""
+    import triton.testing
+
+    from kernels import bench
+    from kernels.attention_triton import _reshape_and_cache_kernel
+    from kernels.elementwise_triton import _rms_norm_kernel
+
+    def both(fn):
+        a = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+        b = triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")
+        return a, b
+
+    dt = torch.bfloat16
+    kv = torch.randn(4096, 2, 8, 128, dtype=dt, device="cuda")
+    k, v = kv[:, 0], kv[:, 1]
+    kc, vc, _ = bench._paged_cache(1, 4096, 8, 128, 16, dt, "cuda")
+    slots = torch.randperm(4096, device="cuda")
+    nbytes = 4 * k.numel() * 2
+    for bt in (1, 2, 4, 8):
+        for warps in (1, 4):
+            a, b = both(lambda bt=bt, warps=warps: _reshape_and_cache_kernel[(4096 // bt,)](
+                k, v, kc, vc, slots, 4096, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                kc.stride(0), kc.stride(1), kc.stride(2), vc.stride(0), vc.stride(1),
+                vc.stride(2), NUM_KV_HEADS=8, HEAD_DIM=128, BLOCK_T=bt, BLOCK_H=8, BLOCK_D=128,
+                PAGE=16, num_warps=warps))
+            print(f"[ab] reshape_and_cache block_t={bt} warps={warps}: {a * 1e3:.1f} us "
+                  f"({nbytes / a / 1e6:.0f} GB/s), graph {b * 1e3:.1f} us "
+                  f"({nbytes / b / 1e6:.0f} GB/s)", flush=True)
+    x = torch.randn(4096, 4096, dtype=dt, device="cuda")
+    res, out, res_out = torch.randn_like(x), torch.empty_like(x), torch.empty_like(x)
+    w = torch.rand(4096, dtype=dt, device="cuda")
+    for warps in (4, 8, 16):
+        a, b = both(lambda warps=warps: _rms_norm_kernel[(4096,)](
+            x, res, w, out, res_out, 1e-6, 1.0, 4096, 4096, 4096, 4096, 4096, BLOCK=4096,
+            HAS_RES=True, HAS_OFFSET=True, num_warps=warps))
+        print(f"[ab] add_rms_norm warps={warps}: {a * 1e3:.1f} us "
+              f"({4 * x.numel() * 2 / a / 1e6:.0f} GB/s), graph {b * 1e3:.1f} us", flush=True)
+
+
 def compiled_report() -> None:
     """Registers, spills, shared memory and matrix instructions of each compiled variant."""
     from kernels import decode_attention, prefill_attention
@@ -141,6 +182,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--no-tests", action="store_true")
     ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--ab", action="store_true", help="small-kernel A/B timings")
+    ap.add_argument("--repeat", type=int, default=1, help="run the bench this many times")
     ap.add_argument("--out", default=os.environ.get("OUT"))
     args = ap.parse_args()
     print(_env(), flush=True)
@@ -150,6 +193,10 @@ def main() -> None:
         compiled_report()
     from kernels.bench import print_table, run_kernel_bench
 
+    if args.ab:
+        small_kernel_ab()
+    for _ in range(args.repeat - 1):
+        print_table(run_kernel_bench("cuda", torch.bfloat16, print_rows=False))
     rows = run_kernel_bench("cuda", torch.bfloat16, print_rows=False)
     if args.out:
         with open(os.path.join(args.out, "kernels_bench.json"), "w") as f:
