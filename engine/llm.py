@@ -21,7 +21,7 @@ class LLM:
                  enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True,
                  kv_cache_bytes: int | None = None, num_kv_blocks: int | None = None,
                  gpu_memory_utilization: float = 0.9, seed: int = 0,
-                 tensor_parallel_size: int = 1) -> None:
+                 tensor_parallel_size: int = 1, enforce_eager: bool = False) -> None:
         from engine.worker import load_config
 
         hf_config = load_config(model)
@@ -33,7 +33,8 @@ class LLM:
         worker_cfg = WorkerConfig(model=model, dtype=dtype, device=device,
                                   max_model_len=max_model_len, seed=seed,
                                   max_num_seqs=max_num_seqs, max_num_batched_tokens=batched,
-                                  tensor_parallel_size=tensor_parallel_size)
+                                  tensor_parallel_size=tensor_parallel_size,
+                                  enforce_eager=enforce_eager)
         self.engine = LLMEngine(
             worker_cfg,
             SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=batched,

@@ -38,7 +38,8 @@ class LLMEngine:
         self.hf_config, self.tokenizer = self.worker.hf_config, self.worker.tokenizer
         self.eos_token_ids = self.worker.eos_token_ids
         self.vocab_size = self.hf_config.vocab_size
-        max_len = self.worker.max_model_len
+        max_len = getattr(self.hf_config, "max_position_embeddings", None) or \
+            self.worker.max_model_len
         if scheduler_config.max_model_len > max_len:
             raise ConfigError(f"max_model_len={scheduler_config.max_model_len} is larger than "
                               f"the model's max_position_embeddings ({max_len})")

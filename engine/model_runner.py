@@ -23,9 +23,13 @@ class ModelInput:
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, device: torch.device, block_size: int) -> None:
+    def __init__(self, model: torch.nn.Module, device: torch.device, block_size: int,
+                 max_model_len: int = 2048, enforce_eager: bool = False) -> None:
         self.model, self.device, self.block_size = model, device, block_size
+        self.max_model_len = max_model_len
         self.kv_caches: list[torch.Tensor] = []
+        self.graphs: CUDAGraphs | None = None
+        self.enforce_eager = enforce_eager or device.type != "cuda"
 
     def kv_cache_bytes_per_block(self, dtype: torch.dtype) -> int:
         m = self.model
@@ -89,12 +93,89 @@ class ModelRunner:
             attn_metadata=meta, sample_seqs=sample_seqs,
             sample_indices=tensor(sample_rows, torch.int64), prompt_logprob_rows=prompt_rows)
 
+    def capture_cuda_graphs(self, max_batch_size: int) -> None:
+        """Capture decode steps for batch sizes 1, 2, 4, 8, 16, 24, ... up to max_batch_size."""
+        if self.enforce_eager:
+            return
+        self.graphs = CUDAGraphs(self, max_batch_size)
+
     @torch.inference_mode()
     def execute(self, inp: ModelInput) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Returns logits [len(sample_seqs), vocab] and, per prompt_logprob_rows entry, logits
         of its rows."""
-        hidden = self.model(inp.input_ids, inp.positions, self.kv_caches, inp.attn_metadata)
+        m = inp.attn_metadata
+        if self.graphs is not None and m.num_prefills == 0 and self.graphs.fits(m.num_seqs):
+            hidden = self.graphs.run(inp)
+        else:
+            hidden = self.model(inp.input_ids, inp.positions, self.kv_caches, m)
         logits = self.model.compute_logits(hidden[inp.sample_indices])
         prompt_logits = [self.model.compute_logits(hidden[rows.to(hidden.device)])
                          for _, _, rows in inp.prompt_logprob_rows]
         return logits, prompt_logits
+
+
+def _graph_batch_sizes(max_batch_size: int) -> list[int]:
+    sizes = [1, 2, 4, 8] + list(range(16, 257, 8))
+    return [b for b in sizes if b <= max_batch_size] or [1]
+
+
+class CUDAGraphs:
+    """Decode-only steps replayed from captured CUDA graphs. A batch of n sequences runs in the
+    graph of the smallest captured size >= n; padding rows write nowhere (slot -1) and read one
+    cached token of block 0, and their outputs are dropped. All graphs share static inputs
+    (slices of the largest) and one memory pool."""
+
+    def __init__(self, runner: ModelRunner, max_batch_size: int) -> None:
+        self.runner = runner
+        self.sizes = _graph_batch_sizes(max_batch_size)
+        n, dev = self.sizes[-1], runner.device
+        max_blocks = -(-runner.max_model_len // runner.block_size)
+        self.input_ids = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.positions = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=dev)
+        self.block_tables = torch.zeros((n, max_blocks), dtype=torch.int32, device=dev)
+        self.context_lens = torch.ones(n, dtype=torch.int32, device=dev)
+        self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=dev)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        pool = None
+        with torch.inference_mode():
+            for bs in reversed(self.sizes):
+                meta = self._metadata(bs)
+                args = (self.input_ids[:bs], self.positions[:bs], runner.kv_caches, meta)
+                for _ in range(2):  # warm up: Triton compiles, allocator settles
+                    runner.model(*args)
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self.outputs[bs] = runner.model(*args)
+                pool = graph.pool()
+                self.graphs[bs] = graph
+        torch.cuda.synchronize()
+
+    def _metadata(self, bs: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            slot_mapping=self.slot_mapping[:bs], block_tables=self.block_tables[:bs],
+            context_lens=self.context_lens[:bs], query_start_loc=self.query_start_loc[:bs + 1],
+            seq_start_loc=self.query_start_loc[:bs + 1],  # unused by decode kernels
+            max_query_len=1, max_context_len=self.runner.max_model_len, num_prefills=0,
+            num_prefill_tokens=0, num_decode_tokens=bs)
+
+    def fits(self, num_seqs: int) -> bool:
+        return num_seqs <= self.sizes[-1]
+
+    def run(self, inp: ModelInput) -> torch.Tensor:
+        m = inp.attn_metadata
+        n = m.num_seqs
+        bs = next(b for b in self.sizes if b >= n)
+        self.input_ids[:n].copy_(inp.input_ids)
+        self.positions[:n].copy_(inp.positions)
+        self.slot_mapping[:n].copy_(m.slot_mapping)
+        self.slot_mapping[n:bs].fill_(-1)
+        self.context_lens[:n].copy_(m.context_lens)
+        self.context_lens[n:bs].fill_(1)
+        width = m.block_tables.shape[1]
+        self.block_tables[:n, :width].copy_(m.block_tables)
+        self.block_tables[n:bs].zero_()
+        self.graphs[bs].replay()
+        return self.outputs[bs][:n]

@@ -29,6 +29,7 @@ class WorkerConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
     tensor_parallel_size: int = 1
+    enforce_eager: bool = False  # no CUDA graphs
 
 
 def resolve_device(device: str) -> torch.device:
@@ -84,7 +85,7 @@ class Worker:
         self.eos_token_ids = eos_token_ids(path)
         max_pos = getattr(self.hf_config, "max_position_embeddings", None) or \
             getattr(self.hf_config, "n_positions", None) or 2048
-        self.max_model_len = max_pos
+        self.max_model_len = min(cfg.max_model_len or max_pos, max_pos)
         torch.manual_seed(cfg.seed)
         model_cls = load_model_class(getattr(self.hf_config, "architectures", None) or [])
         old_dtype = torch.get_default_dtype()
@@ -101,7 +102,8 @@ class Worker:
 
     def init_kv_cache(self, cache: CacheConfig) -> int:
         """Size and allocate the KV cache; returns the number of blocks."""
-        runner = ModelRunner(self.model, self.device, cache.block_size)
+        runner = ModelRunner(self.model, self.device, cache.block_size, self.max_model_len,
+                             self.cfg.enforce_eager)
         per_block = runner.kv_cache_bytes_per_block(self.dtype)
         if cache.num_blocks:
             num_blocks = cache.num_blocks
@@ -118,6 +120,7 @@ class Worker:
             raise ConfigError(f"the KV budget holds no block of {cache.block_size} tokens "
                               f"({per_block} bytes each)")
         runner.allocate_kv_cache(num_blocks, self.dtype)
+        runner.capture_cuda_graphs(self.cfg.max_num_seqs)
         self.runner = runner
         return num_blocks
 
