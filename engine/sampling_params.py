@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from engine.errors import RequestError
@@ -41,11 +42,34 @@ class SamplingParams:
     stop_strs: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        self._check_types()
         self.stop_strs = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
         self._validate()
         if self.temperature < _EPS:
             self.temperature = 0.0
+
+    def _check_types(self) -> None:
+        """Types first, so a wrong type is a RequestError naming the field, not a TypeError."""
+        floats = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                  "frequency_penalty")
+        for name in floats:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not math.isfinite(value):
+                raise RequestError(f"SamplingParams.{name}={value!r}: must be a finite number")
+        for name in ("n", "top_k", "max_tokens", "min_tokens", "logprobs", "prompt_logprobs",
+                     "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not (value is None or isinstance(value, int)):
+                raise RequestError(f"SamplingParams.{name}={value!r}: must be an integer")
+        if not (self.stop is None or isinstance(self.stop, (str, list, tuple))):
+            raise RequestError(f"SamplingParams.stop={self.stop!r}: must be a string or a list "
+                               "of strings")
+        if not (self.stop_token_ids is None or isinstance(self.stop_token_ids, (list, tuple))) \
+                or any(isinstance(t, bool) for t in self.stop_token_ids or []):
+            raise RequestError(f"SamplingParams.stop_token_ids={self.stop_token_ids!r}: must be "
+                               "a list of token ids")
 
     def _validate(self) -> None:
         def bad(name: str, expected: str) -> RequestError:

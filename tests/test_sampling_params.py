@@ -49,7 +49,6 @@ def test_invalid_value_raises_request_error_naming_field(name, kwargs):
     assert isinstance(info.value, ValueError)
 
 
-@pytest.mark.xfail(strict=True, reason="not validated yet in engine/sampling_params.py")
 @pytest.mark.parametrize(("name", "kwargs"), KNOWN_GAPS, ids=[f"{n}={v}" for n, v in KNOWN_GAPS])
 def test_known_gaps_raise_request_error(name, kwargs):
     with pytest.raises(RequestError, match=rf"SamplingParams\.{name}="):
