@@ -28,3 +28,17 @@ def test_cli_lists_commands_and_reports_user_errors_in_one_line(tiny_llama_dir):
                                  "--max-tokens", "4", "--json"])
     assert result.exit_code == 0, result.output
     assert '"tokens": 4' in result.output
+
+
+def test_bench_throughput_runs_and_reports_both_sides(tiny_llama_dir):
+    import json
+
+    from aphro_cli.main import cli
+
+    result = CliRunner().invoke(cli, ["bench", "throughput", str(tiny_llama_dir),
+                                      "--num-prompts", "3", "--input-len", "8",
+                                      "--output-len", "4", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output[result.output.index("{"):])
+    assert report["num_prompts"] == 3 and report["engine_output_tok_s"] > 0
+    assert report["hf_output_tok_s"] > 0

@@ -1,0 +1,82 @@
+"""`aphro bench`: figures, not tests. Each prints the workload and the baseline beside it."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+
+import click
+from rich.table import Table
+
+from aphro_cli.main import console, handle_errors
+
+
+@click.group()
+def bench() -> None:
+    """Benchmarks: kernels against copy bandwidth / torch SDPA, the engine against HF."""
+
+
+@bench.command()
+@click.option("--device", default="auto", show_default=True)
+@click.option("--dtype", type=click.Choice(["bfloat16", "float16"]), default="bfloat16",
+              show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def kernels(device, dtype, as_json):
+    """Time every Triton kernel: GB/s vs device copy bandwidth, or TFLOP/s vs torch SDPA."""
+    import torch
+
+    from kernels.bench import run_kernel_bench
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        console.print("[yellow]no GPU: Triton's interpreter, tiny shapes; the figures only show "
+                      "that every kernel runs[/]")
+    rows = run_kernel_bench(device, getattr(torch, dtype), print_rows=False)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    table = Table("kernel", "shape", "ms", "achieved", "ratio", "vs")
+    for r in rows:
+        ratio = f"{r['ratio']:.2f}" if r["ratio"] is not None else "-"
+        table.add_row(r["kernel"], r["shape"], f"{r['ms']:.4f}", f"{r['value']:.1f} {r['unit']}",
+                      ratio, r["baseline"])
+    console.print(table)
+
+
+@bench.command()
+@click.argument("model", required=False, type=click.Path(exists=True, file_okay=False))
+@click.option("--preset", default="tiny", show_default=True,
+              help="Without MODEL: a random-weight Llama of this shape (tiny, llama-1b, llama-8b).")
+@click.option("--num-prompts", default=32, show_default=True)
+@click.option("--input-len", default=128, show_default=True)
+@click.option("--output-len", default=64, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--dtype", default="auto", show_default=True)
+@click.option("--no-baseline", is_flag=True, help="Skip HF transformers' generate.")
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def throughput(model, preset, num_prompts, input_len, output_len, device, dtype, no_baseline,
+               as_json):
+    """Offline generation throughput of the engine beside HF transformers' generate."""
+    from engine.benchmark import make_random_checkpoint, run_throughput
+
+    with tempfile.TemporaryDirectory(prefix="aphro-bench-") as tmp:
+        if model is None:
+            model = str(make_random_checkpoint(tmp, preset))
+        report = run_throughput(model, num_prompts, input_len, output_len, device, dtype,
+                                baseline=not no_baseline)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    table = Table("", "engine", "HF generate")
+    table.add_row("output tok/s", f"{report['engine_output_tok_s']:.1f}",
+                  f"{report.get('hf_output_tok_s', float('nan')):.1f}")
+    table.add_row("seconds", f"{report['engine_s']:.2f}", f"{report.get('hf_s', float('nan')):.2f}")
+    console.print(f"{report['device']} {report['dtype']}: {num_prompts} prompts x {input_len} in "
+                  f"+ {output_len} out, KV {report['kv_blocks']} blocks of "
+                  f"{report['block_size']}")
+    console.print(table)
+    if "speedup" in report:
+        console.print(f"engine / HF: {report['speedup']:.2f}x")
