@@ -92,7 +92,7 @@ def run_kernel_bench(device: str = "cuda", dtype: torch.dtype = torch.bfloat16,
 
     # decode attention: the target shape, then a long-context few-sequence one
     heads, kv_heads, d, bs = (32, 8, 128, 16) if on_gpu else (4, 2, 64, 16)
-    decode_shapes = [(64, 4096), (4, 32768)] if on_gpu else [(2, 40)]
+    decode_shapes = [(64, 4096), (16, 8192), (4, 32768)] if on_gpu else [(2, 40)]
     for num_seqs, ctx in decode_shapes:
         kc, vc, bt = _paged_cache(num_seqs, ctx, kv_heads, d, bs, dtype, device)
         q = torch.randn(num_seqs, heads, d, dtype=dtype, device=device)

@@ -124,12 +124,14 @@ def _reduce_kernel(
 
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_context_len: int,
                       sms: int) -> int:
-    """Split the context only when (sequence, KV head) programs leave the SMs under-filled and
-    the context is long enough that each split still streams >= MIN_SPLIT_TOKENS keys."""
+    """Split the context only when (sequence, KV head) programs are too few to keep HBM busy
+    (< 3 per SM), aiming at ~8 programs per SM, each split still streaming >= MIN_SPLIT_TOKENS
+    keys. Measured on an H200 (docs/KERNELS-NOTES.md): 512 programs run best unsplit; 32-256
+    programs want 500-1000 programs after splitting."""
     programs = max(num_seqs * num_kv_heads, 1)
-    if programs >= sms:
+    if programs >= 3 * sms:
         return 1
-    by_occupancy = triton.cdiv(4 * sms, programs)  # ~4 programs per SM keep HBM busy
+    by_occupancy = triton.cdiv(8 * sms, programs)
     by_length = max(max_context_len // MIN_SPLIT_TOKENS, 1)
     return max(1, min(by_occupancy, by_length, MAX_SPLITS))
 

@@ -136,6 +136,7 @@ def test_decode_attention(case):
 
 def test_choose_num_splits():
     assert choose_num_splits(64, 8, 4096, 132) == 1  # 512 programs fill 132 SMs
+    assert choose_num_splits(16, 8, 8192, 132) > 1  # 128 programs do not
     assert choose_num_splits(4, 8, 32768, 132) > 1  # 32 programs: split the long context
     assert choose_num_splits(4, 8, 200, 132) == 1  # too short to be worth a split
     assert choose_num_splits(1, 1, 10**6, 132) <= 64
