@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -97,7 +98,12 @@ class ModelRunner:
         """Capture decode steps for batch sizes 1, 2, 4, 8, 16, 24, ... up to max_batch_size."""
         if self.enforce_eager:
             return
-        self.graphs = CUDAGraphs(self, max_batch_size)
+        try:
+            self.graphs = CUDAGraphs(self, max_batch_size)
+        except RuntimeError as e:  # a model or kernel that cannot be captured: run eagerly
+            torch.cuda.synchronize()
+            warnings.warn(f"CUDA graph capture failed, decoding eagerly: {e}", stacklevel=2)
+            self.graphs = None
 
     @torch.inference_mode()
     def execute(self, inp: ModelInput) -> tuple[torch.Tensor, list[torch.Tensor]]:

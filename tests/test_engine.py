@@ -68,7 +68,7 @@ def check_no_leak(llm: LLM) -> None:
 
 
 def test_batched_greedy_matches_hf(tiny_llama_dir, hf_reference):
-    llm = LLM(str(tiny_llama_dir), num_kv_blocks=128)
+    llm = LLM(str(tiny_llama_dir), device="cpu", num_kv_blocks=128)
     outputs = llm.generate(PROMPTS, greedy(logprobs=VOCAB))
     assert [o.prompt for o in outputs] == PROMPTS  # in order
     assert_matches_hf(outputs, hf_reference)
@@ -77,7 +77,7 @@ def test_batched_greedy_matches_hf(tiny_llama_dir, hf_reference):
 
 
 def test_chunked_prefill_matches_hf(tiny_llama_dir, hf_reference):
-    llm = LLM(str(tiny_llama_dir), num_kv_blocks=128, max_num_batched_tokens=8,
+    llm = LLM(str(tiny_llama_dir), device="cpu", num_kv_blocks=128, max_num_batched_tokens=8,
               max_model_len=128)
     outputs = llm.generate(PROMPTS, greedy(logprobs=VOCAB))
     assert_matches_hf(outputs, hf_reference)
@@ -90,12 +90,12 @@ def test_prefix_caching_reuses_blocks(tiny_llama_dir, hf_model):
     tok = load_tokenizer(tiny_llama_dir)
     shared = list(range(10, 10 + 40))  # 40 tokens: two full 16-token blocks are shareable
     prompts = [shared + [100 + i, 200 + i] for i in range(4)]
-    llm = LLM(str(tiny_llama_dir), num_kv_blocks=128, block_size=16)
+    llm = LLM(str(tiny_llama_dir), device="cpu", num_kv_blocks=128, block_size=16)
     first = llm.generate(prompt_token_ids=prompts[:1], sampling_params=greedy())
     rest = llm.generate(prompt_token_ids=prompts[1:], sampling_params=greedy())
     assert first[0].metrics["num_cached_tokens"] == 0
     assert all(o.metrics["num_cached_tokens"] == 32 for o in rest)
-    nocache = LLM(str(tiny_llama_dir), num_kv_blocks=128, enable_prefix_caching=False)
+    nocache = LLM(str(tiny_llama_dir), device="cpu", num_kv_blocks=128, enable_prefix_caching=False)
     ref = nocache.generate(prompt_token_ids=prompts, sampling_params=greedy())
     assert [o.outputs[0].token_ids for o in first + rest] == \
         [o.outputs[0].token_ids for o in ref]
@@ -109,7 +109,7 @@ def test_prefix_caching_reuses_blocks(tiny_llama_dir, hf_model):
 
 def test_preemption_gives_identical_output(tiny_llama_dir, hf_reference):
     # 8 requests of up to ~50 tokens need ~4 blocks each; 10 blocks force preemption
-    llm = LLM(str(tiny_llama_dir), num_kv_blocks=10, block_size=16, max_model_len=128)
+    llm = LLM(str(tiny_llama_dir), device="cpu", num_kv_blocks=10, block_size=16, max_model_len=128)
     outputs = llm.generate(PROMPTS, greedy(logprobs=VOCAB))
     assert sum(o.metrics["num_preemptions"] for o in outputs) > 0
     assert_matches_hf(outputs, hf_reference)
@@ -117,7 +117,7 @@ def test_preemption_gives_identical_output(tiny_llama_dir, hf_reference):
 
 
 def test_tied_embeddings(tiny_llama_tied_dir):
-    llm = LLM(str(tiny_llama_tied_dir), num_kv_blocks=32)
+    llm = LLM(str(tiny_llama_tied_dir), device="cpu", num_kv_blocks=32)
     hf = AutoModelForCausalLM.from_pretrained(tiny_llama_tied_dir, dtype=torch.float32)
     ids = llm.tokenizer.encode("tied weights")
     out = llm.generate(prompt_token_ids=[ids], sampling_params=greedy())[0]
@@ -129,7 +129,7 @@ def test_tied_embeddings(tiny_llama_tied_dir):
 
 @pytest.fixture(scope="module")
 def llm(tiny_llama_dir):
-    llm = LLM(str(tiny_llama_dir), num_kv_blocks=128)
+    llm = LLM(str(tiny_llama_dir), device="cpu", num_kv_blocks=128)
     yield llm
     check_no_leak(llm)
 
@@ -222,7 +222,7 @@ def test_n_samples_and_abort(llm):
 def test_prompt_too_long_and_bad_values(tiny_llama_dir):
     from engine.errors import RequestError
 
-    llm = LLM(str(tiny_llama_dir), num_kv_blocks=16, max_model_len=32)
+    llm = LLM(str(tiny_llama_dir), device="cpu", num_kv_blocks=16, max_model_len=32)
     with pytest.raises(RequestError, match="max_model_len=32"):
         llm.generate(prompt_token_ids=[list(range(40))])
     with pytest.raises(RequestError, match="outside the vocabulary"):
@@ -246,11 +246,11 @@ def test_missing_tensor_and_truncated_file(tiny_llama_dir, tmp_path):
     del weights["model.layers.1.mlp.up_proj.weight"]
     save_file(weights, bad / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=r"model\.layers\.1\.mlp\.gate_up_proj"):
-        LLM(str(bad), num_kv_blocks=16)
+        LLM(str(bad), device="cpu", num_kv_blocks=16)
 
     cut = tmp_path / "truncated"
     shutil.copytree(tiny_llama_dir, cut)
     data = (cut / "model.safetensors").read_bytes()
     (cut / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="model.safetensors"):
-        LLM(str(cut), num_kv_blocks=16)
+        LLM(str(cut), device="cpu", num_kv_blocks=16)
