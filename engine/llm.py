@@ -42,7 +42,8 @@ class LLM:
                             enable_chunked_prefill=enable_chunked_prefill),
             CacheConfig(block_size=block_size, enable_prefix_caching=enable_prefix_caching,
                         gpu_memory_utilization=gpu_memory_utilization,
-                        kv_cache_bytes=kv_cache_bytes, num_blocks=num_kv_blocks))
+                        kv_cache_bytes=kv_cache_bytes, num_blocks=num_kv_blocks),
+            stream_outputs=False)
 
     @property
     def tokenizer(self):

@@ -33,7 +33,11 @@ class _Request:
 
 class LLMEngine:
     def __init__(self, worker_config: WorkerConfig, scheduler_config: SchedulerConfig,
-                 cache_config: CacheConfig) -> None:
+                 cache_config: CacheConfig, stream_outputs: bool = True) -> None:
+        # stream_outputs: step() reports every request that advanced, with its text so far;
+        # otherwise only finished requests, and text is decoded once at the end (unless stop
+        # strings need it as it grows)
+        self.stream_outputs = stream_outputs
         self.worker = Worker(worker_config)
         self.hf_config, self.tokenizer = self.worker.hf_config, self.worker.tokenizer
         self.eos_token_ids = self.worker.eos_token_ids
@@ -130,8 +134,9 @@ class LLMEngine:
                     seq.output_logprobs.append(out.logprobs[i])
                 req = self.requests[seq.request_id]
                 self._check_stop(seq, req.detoks[seq.index])
-                touched[req.request_id] = req
-        return [self._output(req) for req in touched.values()]
+                if self.stream_outputs or seq.is_finished:
+                    touched[req.request_id] = req
+        return [out for req in touched.values() if (out := self._output(req)) is not None]
 
     def _record_prompt_logprobs(self, seq: Sequence, first_pos: int, logits: torch.Tensor):
         if not seq.prompt_logprobs:
@@ -151,7 +156,8 @@ class LLMEngine:
     def _check_stop(self, seq: Sequence, detok: IncrementalDetokenizer | None) -> None:
         p = seq.sampling_params
         token = seq.output_token_ids[-1]
-        new_text = detok.step(seq.output_token_ids) if detok is not None else ""
+        incremental = detok is not None and (self.stream_outputs or p.stop_strs)
+        new_text = detok.step(seq.output_token_ids) if incremental else ""
         seq.output_text += new_text
         status = None
         if seq.num_output_tokens >= p.min_tokens:
@@ -168,14 +174,19 @@ class LLMEngine:
         if status is not None:
             self.scheduler.finish(seq, status)
             self.sampler.free(seq.seq_id)
+            if detok is not None and not incremental:
+                seq.output_text = self.tokenizer.decode(seq.output_token_ids,
+                                                        skip_special_tokens=p.skip_special_tokens)
 
-    def _output(self, req: _Request) -> RequestOutput:
+    def _output(self, req: _Request) -> RequestOutput | None:
+        finished = all(s.is_finished for s in req.seqs)
+        if not (finished or self.stream_outputs):
+            return None
         outs = [CompletionOutput(
             index=s.index, text=visible_text(s), token_ids=list(s.output_token_ids),
             finish_reason=s.finish_reason, stop_reason=s.stop_reason,
             logprobs=list(s.output_logprobs) if s.sampling_params.logprobs is not None else None)
             for s in req.seqs]
-        finished = all(s.is_finished for s in req.seqs)
         params = req.seqs[0].sampling_params
         out = RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs,
                             prompt_logprobs=(req.seqs[0].prompt_logprobs

@@ -50,11 +50,17 @@ class ModelRunner:
         offset = 0
         for seq, n in scheduled:
             start = seq.num_computed_tokens
-            p = np.arange(start, start + n)
-            ids.append(seq.token_ids[start:start + n])
-            pos.append(p)
-            table = np.asarray(seq.block_table, dtype=np.int64)
-            slots.append(table[p // bs] * bs + p % bs)
+            if n == 1:  # decode: scalar arithmetic, no per-sequence arrays
+                ids.append(seq.last_token_id if start == len(seq) - 1
+                           else seq.token_ids[start])
+                pos.append(start)
+                slots.append(seq.block_table[start // bs] * bs + start % bs)
+            else:
+                p = np.arange(start, start + n)
+                ids.extend(seq.token_slice(start, start + n))
+                pos.extend(range(start, start + n))
+                table = np.asarray(seq.block_table, dtype=np.int64)
+                slots.extend((table[p // bs] * bs + p % bs).tolist())
             q_lens.append(n)
             ctx_lens.append(start + n)
             tables.append(seq.block_table)
@@ -80,7 +86,7 @@ class ModelRunner:
             return torch.from_numpy(np.asarray(a)).to(dtype).to(dev, non_blocking=True)
 
         meta = AttentionMetadata(
-            slot_mapping=tensor(np.concatenate(slots), torch.int64),
+            slot_mapping=tensor(slots, torch.int64),
             block_tables=tensor(block_tables, torch.int32),
             context_lens=tensor(ctx_lens, torch.int32),
             query_start_loc=tensor(np.concatenate([[0], np.cumsum(q_lens)]), torch.int32),
@@ -89,8 +95,8 @@ class ModelRunner:
             num_prefills=num_prefills, num_prefill_tokens=num_prefill_tokens,
             num_decode_tokens=offset - num_prefill_tokens)
         return ModelInput(
-            input_ids=tensor(np.concatenate(ids), torch.int64),
-            positions=tensor(np.concatenate(pos), torch.int64),
+            input_ids=tensor(ids, torch.int64),
+            positions=tensor(pos, torch.int64),
             attn_metadata=meta, sample_seqs=sample_seqs,
             sample_indices=tensor(sample_rows, torch.int64), prompt_logprob_rows=prompt_rows)
 
