@@ -1,17 +1,33 @@
 """One worker per tensor-parallel rank: loads its shard of the model, owns its KV cache, runs
-steps. With TP=1 the engine holds the only worker in-process."""
+steps. With TP=1 the engine holds the only worker in-process.
+
+Below the Worker: what a worker process does (engine.executor starts it and is its driver): join
+the group, then run each message the driver broadcasts until told to stop.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import datetime
+import os
+import sys
+import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
+import torch.distributed as dist
 
 from engine.config import CacheConfig
+from engine.distributed import set_tensor_parallel
 from engine.errors import CheckpointError, ConfigError
 from engine.model_runner import ModelInput, ModelRunner
 from engine.models.registry import load_model_class
+from engine.sequence import Sequence
 
 CPU_KV_BYTES = 1 << 30
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
@@ -30,6 +46,8 @@ class WorkerConfig:
     max_num_batched_tokens: int = 8192
     tensor_parallel_size: int = 1
     enforce_eager: bool = False  # no CUDA graphs
+    # tensor parallel: how long a collective may wait for the other ranks
+    distributed_timeout_s: float = 600.0
 
 
 def resolve_device(device: str) -> torch.device:
@@ -100,11 +118,10 @@ class Worker:
         self.model = model
         self.runner: ModelRunner | None = None
 
-    def init_kv_cache(self, cache: CacheConfig) -> int:
-        """Size and allocate the KV cache; returns the number of blocks."""
-        runner = ModelRunner(self.model, self.device, cache.block_size, self.max_model_len,
-                             self.cfg.enforce_eager)
-        per_block = runner.kv_cache_bytes_per_block(self.dtype)
+    def num_kv_blocks(self, cache: CacheConfig) -> int:
+        """How many KV blocks this rank's budget holds (a profiling forward pass on CUDA: with
+        tensor parallelism every rank runs it together)."""
+        per_block = self._new_runner(cache).kv_cache_bytes_per_block(self.dtype)
         if cache.num_blocks:
             num_blocks = cache.num_blocks
         elif cache.kv_cache_bytes is not None:
@@ -119,10 +136,22 @@ class Worker:
         if num_blocks < 1:
             raise ConfigError(f"the KV budget holds no block of {cache.block_size} tokens "
                               f"({per_block} bytes each)")
+        return num_blocks
+
+    def init_kv_cache(self, cache: CacheConfig, num_blocks: int | None = None) -> int:
+        """Allocate the KV cache (this rank's KV heads) of `num_blocks` blocks, by default as
+        many as num_kv_blocks() finds; returns the number of blocks."""
+        if num_blocks is None:
+            num_blocks = self.num_kv_blocks(cache)
+        runner = self._new_runner(cache)
         runner.allocate_kv_cache(num_blocks, self.dtype)
         runner.capture_cuda_graphs(self.cfg.max_num_seqs)
         self.runner = runner
         return num_blocks
+
+    def _new_runner(self, cache: CacheConfig) -> ModelRunner:
+        return ModelRunner(self.model, self.device, cache.block_size, self.max_model_len,
+                           self.cfg.enforce_eager)
 
     def _profile_free_bytes(self, utilization: float) -> int:
         """Run the largest step once without a cache to measure peak activation memory."""
@@ -133,7 +162,7 @@ class Worker:
         runner.allocate_kv_cache(1, self.dtype)
         from engine.attention_metadata import AttentionMetadata
 
-        i32 = dict(dtype=torch.int32, device=self.device)
+        i32 = {"dtype": torch.int32, "device": self.device}
         meta = AttentionMetadata(
             slot_mapping=torch.full((n,), -1, dtype=torch.int64, device=self.device),
             block_tables=torch.zeros((1, -(-n // 16)), **i32),  # every entry block 0
@@ -156,3 +185,154 @@ class Worker:
 
     def execute(self, model_input: ModelInput):
         return self.runner.execute(model_input)
+
+
+# -- a tensor-parallel rank --------------------------------------------------------------------
+IDLE_TIMEOUT = datetime.timedelta(days=3650)  # a worker waits this long for the next message
+ERROR_KEY = "aphro/error/{}"  # store key where a failed local worker leaves its traceback
+
+
+def rank_device(device: str, local_rank: int) -> str:
+    dev = resolve_device(device)
+    if dev.type != "cuda":
+        return str(dev)
+    if dev.index not in (None, local_rank) and device != "auto":
+        raise ConfigError(f"device={device!r} with tensor parallelism: give device='cuda'; "
+                          "rank r uses GPU LOCAL_RANK (cuda:r on one machine)")
+    return f"cuda:{local_rank}"
+
+
+def _map_tensors(obj: Any, fn: Callable[[Any], Any], drop_seqs: bool) -> Any:
+    """Apply fn to every tensor/array in a ModelInput (dataclasses, lists, tuples)."""
+    if isinstance(obj, (torch.Tensor, np.ndarray)):
+        return fn(obj)
+    if isinstance(obj, Sequence):
+        return None if drop_seqs else obj
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.replace(obj, **{f.name: _map_tensors(getattr(obj, f.name), fn,
+                                                                drop_seqs)
+                                           for f in dataclasses.fields(obj) if f.init})
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_map_tensors(x, fn, drop_seqs) for x in obj)
+    return obj
+
+
+def to_wire(model_input: ModelInput) -> ModelInput:
+    """The step as the other ranks need it: numpy arrays, no Sequence objects."""
+    return _map_tensors(model_input, lambda t: t.cpu().numpy(), drop_seqs=True)
+
+
+def from_wire(model_input: ModelInput, device: torch.device) -> ModelInput:
+    return _map_tensors(model_input, lambda a: torch.from_numpy(a).to(device, non_blocking=True),
+                        drop_seqs=False)
+
+
+def send(msg: tuple, group) -> None:
+    dist.broadcast_object_list([msg], src=0, group=group)
+
+
+def recv(group) -> tuple:
+    box = [None]
+    dist.broadcast_object_list(box, src=0, group=group)
+    return box[0]
+
+
+class RankState:
+    """The actions behind each driver message. Workers run them on receipt; the driver runs the
+    same action right after broadcasting it, so every collective inside is matched."""
+
+    def __init__(self, rank: int, world: int, local_rank: int, control) -> None:
+        self.rank, self.world, self.local_rank, self.control = rank, world, local_rank, control
+        self.worker: Worker | None = None
+        self.undo: Callable[[], Any] | None = None
+
+    def init(self, cfg: WorkerConfig, rank_init: Callable[[], Any] | None) -> Worker:
+        """Build this rank's Worker. rank_init runs first; a callable it returns runs at
+        release (tests plant and remove a bug this way)."""
+        self.release()
+        undo = rank_init() if rank_init is not None else None
+        self.undo = undo if callable(undo) else None
+        if self.world > 1:
+            cfg = dataclasses.replace(cfg, device=rank_device(cfg.device, self.local_rank),
+                                      tensor_parallel_size=self.world)
+        self.worker = Worker(cfg)
+        return self.worker
+
+    def release(self) -> None:
+        self.worker = None
+        if self.undo is not None:
+            undo, self.undo = self.undo, None
+            undo()
+
+    def init_kv_cache(self, cache: CacheConfig) -> int:
+        n = torch.tensor([self.worker.num_kv_blocks(cache)], dtype=torch.int64)
+        dist.all_reduce(n, op=dist.ReduceOp.MIN, group=self.control)  # the smallest rank's
+        return self.worker.init_kv_cache(cache, int(n.item()))
+
+    def step(self, wire: ModelInput) -> None:
+        self.worker.execute(from_wire(wire, self.worker.device))
+
+    def call(self, fn: str | Callable, args: tuple) -> Any:
+        return fn(self.worker, *args) if callable(fn) else getattr(self.worker, fn)(*args)
+
+
+def init_groups(backend: str, rank: int, world: int, timeout: datetime.timedelta, store=None):
+    """Join the default group (the model's collectives) and make a gloo group for messages.
+    Without a store, torchrun's environment (env://) is the rendezvous."""
+    if store is not None:
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world,
+                                timeout=timeout)
+    else:
+        dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world,
+                                timeout=timeout)
+    return dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
+
+
+def serve(rank: int, world: int, local_rank: int, control, store=None) -> None:
+    """A worker's loop: run each message from the driver until told to stop. On any failure the
+    traceback goes to stderr (and the store) and the process exits."""
+    set_tensor_parallel(rank, world, dist.group.WORLD)
+    state = RankState(rank, world, local_rank, control)
+    try:
+        while True:
+            msg = recv(control)
+            kind = msg[0]
+            if kind == "step":
+                state.step(msg[1])
+            elif kind == "call":
+                dist.gather_object(state.call(msg[1], msg[2]), None, dst=0, group=control)
+            elif kind == "init":
+                state.init(msg[1], msg[2])
+            elif kind == "kv":
+                state.init_kv_cache(msg[1])
+            elif kind == "release":
+                state.release()
+            elif kind == "stop":
+                break
+    except BaseException:  # noqa: BLE001 - any failure: report it, leave the group
+        text = traceback.format_exc()
+        print(f"[aphro tensor-parallel rank {rank}] {text}", file=sys.stderr, flush=True)
+        if store is not None:
+            with contextlib.suppress(RuntimeError):  # the driver's store may be gone already
+                store.set(ERROR_KEY.format(rank), text[-4000:])
+        os._exit(1)
+    state.release()
+    dist.destroy_process_group()
+
+
+def worker_main() -> None:
+    """Entry point of a worker process the executor starts (rank >= 1). The environment holds
+    torchrun's variables plus APHRO_TP_BACKEND, APHRO_TP_TIMEOUT_S and APHRO_TP_THREADS."""
+    env = os.environ
+    rank, world, local_rank = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"])
+    backend = env["APHRO_TP_BACKEND"]
+    timeout = datetime.timedelta(seconds=float(env["APHRO_TP_TIMEOUT_S"]))
+    if env.get("APHRO_TP_THREADS"):
+        torch.set_num_threads(int(env["APHRO_TP_THREADS"]))
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+    store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world, is_master=False,
+                          timeout=timeout)
+    store.set(f"aphro/joined/{rank}", "1")
+    control = init_groups(backend, rank, world, timeout, store)
+    serve(rank, world, local_rank, control, store)
