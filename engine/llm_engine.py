@@ -19,7 +19,8 @@ from engine.sampler import Sampler, SamplingMetadata
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence, SequenceStatus
-from engine.worker import Worker, WorkerConfig
+from engine.executor import Executor
+from engine.worker import WorkerConfig
 
 
 @dataclass
@@ -38,20 +39,23 @@ class LLMEngine:
         # otherwise only finished requests, and text is decoded once at the end (unless stop
         # strings need it as it grows)
         self.stream_outputs = stream_outputs
-        self.worker = Worker(worker_config)
-        self.hf_config, self.tokenizer = self.worker.hf_config, self.worker.tokenizer
-        self.eos_token_ids = self.worker.eos_token_ids
+        self.executor = Executor(worker_config)  # the driver + one process per other TP rank
+        self.worker = self.executor.driver  # rank 0's Worker
+        self.hf_config, self.tokenizer = self.executor.hf_config, self.executor.tokenizer
+        self.eos_token_ids = self.executor.eos_token_ids
         self.vocab_size = self.hf_config.vocab_size
         max_len = getattr(self.hf_config, "max_position_embeddings", None) or \
-            self.worker.max_model_len
+            self.executor.max_model_len
         if scheduler_config.max_model_len > max_len:
+            self.executor.close()
             raise ConfigError(f"max_model_len={scheduler_config.max_model_len} is larger than "
                               f"the model's max_position_embeddings ({max_len})")
         self.scheduler_config, self.cache_config = scheduler_config, cache_config
-        num_blocks = self.worker.init_kv_cache(cache_config)
+        num_blocks = self.executor.init_kv_cache(cache_config)
         cache_config.num_blocks = num_blocks
         needed = -(-scheduler_config.max_model_len // cache_config.block_size)
         if num_blocks < needed:
+            self.executor.close()
             raise ConfigError(f"the KV cache holds {num_blocks} blocks of "
                               f"{cache_config.block_size} tokens, fewer than one sequence of "
                               f"max_model_len={scheduler_config.max_model_len} needs ({needed}):"
@@ -116,8 +120,8 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         if not sched.scheduled:
             return []
-        model_input = self.worker.prepare(sched.scheduled)
-        logits, prompt_logits = self.worker.execute(model_input)
+        model_input = self.executor.prepare(sched.scheduled)
+        logits, prompt_logits = self.executor.execute(model_input)
         for (seq, first_pos, _), pl in zip(model_input.prompt_logprob_rows, prompt_logits):
             self._record_prompt_logprobs(seq, first_pos, pl)
         done = self.scheduler.update_from_output(sched)
@@ -199,6 +203,10 @@ class LLMEngine:
         if finished:
             del self.requests[req.request_id]
         return out
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers (also done on garbage collection and at exit)."""
+        self.executor.close()
 
     def check_invariants(self) -> None:
         """Every block free or owned, ref counts consistent (tests call this)."""

@@ -12,7 +12,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.distributed import divide, get_tp_rank, get_tp_size, tp_all_gather, tp_all_reduce
+from engine.distributed import (
+    REPLICATED,
+    ShardPart,
+    ShardSpec,
+    divide,
+    get_tp_rank,
+    get_tp_size,
+    split_spec,
+    tp_all_gather,
+    tp_all_reduce,
+)
 from engine.errors import ShapeMismatchError
 
 
@@ -79,6 +89,11 @@ class LinearBase(nn.Module):
                       shard_id: int | str | None = None) -> None:
         raise NotImplementedError
 
+    def tp_shard_spec(self, param_name: str) -> ShardSpec | None:
+        """How parameter `param_name` of this layer is split across ranks (read by
+        engine.tp_check); None for a parameter the layer does not describe."""
+        return None
+
 
 class ReplicatedLinear(LinearBase):
     """The full weight on every rank."""
@@ -91,6 +106,9 @@ class ReplicatedLinear(LinearBase):
 
     def weight_loader(self, param, loaded, shard_id=None):
         copy_checked(param.data, loaded)
+
+    def tp_shard_spec(self, param_name):
+        return REPLICATED if param_name in ("weight", "bias") else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear_method.apply(self, x, self.bias)
@@ -110,6 +128,11 @@ class ColumnParallelLinear(LinearBase):
 
     def weight_loader(self, param, loaded, shard_id=None):
         load_shard(param.data, loaded, 0, self.tp_rank, self.output_size)
+
+    def tp_shard_spec(self, param_name):
+        if param_name not in ("weight", "bias"):
+            return None
+        return split_spec(0, self.output_size, self.tp_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.linear_method.apply(self, x, self.bias)
@@ -143,6 +166,12 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         size = self.output_sizes[shard_id] // tp
         load_shard(param.data.narrow(0, offset, size), loaded, 0, self.tp_rank,
                    self.output_sizes[shard_id])
+
+    def tp_shard_spec(self, param_name):
+        if param_name not in ("weight", "bias"):
+            return None
+        return ShardSpec(0, tuple(ShardPart(size, size // self.tp_size, 1, str(i))
+                                  for i, size in enumerate(self.output_sizes)))
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -188,6 +217,14 @@ class QKVParallelLinear(ColumnParallelLinear):
             index = self.tp_rank // self.num_kv_head_replicas
         load_shard(param.data.narrow(0, offset, size), loaded, 0, index, full)
 
+    def tp_shard_spec(self, param_name):
+        if param_name not in ("weight", "bias"):
+            return None
+        full_kv, reps = self.total_num_kv_heads * self.head_size, self.num_kv_head_replicas
+        return ShardSpec(0, (
+            ShardPart(self.total_num_heads * self.head_size, self.q_size, 1, "q"),
+            ShardPart(full_kv, self.kv_size, reps, "k"), ShardPart(full_kv, self.kv_size, reps, "v")))
+
 
 class RowParallelLinear(LinearBase):
     """Y = XA + b with A split by rows (the input dimension): each rank multiplies its slice of
@@ -206,6 +243,11 @@ class RowParallelLinear(LinearBase):
             copy_checked(param.data, loaded)
         else:
             load_shard(param.data, loaded, 1, self.tp_rank, self.input_size)
+
+    def tp_shard_spec(self, param_name):
+        if param_name == "bias":
+            return REPLICATED
+        return split_spec(1, self.input_size, self.tp_size) if param_name == "weight" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine.distributed import get_tp_rank, get_tp_size, tp_all_reduce
+from engine.distributed import ShardSpec, get_tp_rank, get_tp_size, split_spec, tp_all_reduce
 from engine.errors import ShapeMismatchError
 from engine.layers.linear import copy_checked
 
@@ -43,6 +43,13 @@ class VocabParallelEmbedding(nn.Module):
         param.data.zero_()  # padding rows
         if rows:
             copy_checked(param.data[:rows], loaded[self.vocab_start:self.vocab_start + rows])
+
+    def tp_shard_spec(self, param_name: str) -> ShardSpec | None:
+        """Rows of the padded vocabulary, split evenly; padding rows are zero (engine.tp_check)."""
+        if param_name not in ("weight", "bias"):
+            return None
+        return split_spec(0, self.num_embeddings_padded, self.tp_size,
+                          valid=self.num_embeddings)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
