@@ -10,11 +10,10 @@ import importlib
 from importlib.metadata import entry_points
 
 from engine.errors import ModelNotSupportedError
+from engine.models._generated import GENERATED_MODELS
 
-_MODELS: dict[str, str] = {
-    "LlamaForCausalLM": "engine.models.llama:LlamaForCausalLM",
-    "MistralForCausalLM": "engine.models.llama:LlamaForCausalLM",
-}
+# every in-tree model is generated from model_specs/ by `aphro new-model`
+_MODELS: dict[str, str] = dict(GENERATED_MODELS)
 _OUT_OF_TREE: dict[str, str | type] = {}
 
 

@@ -12,7 +12,8 @@ from engine.errors import ShapeMismatchError
 from engine.layers.linear import copy_checked
 from engine.loader import LoadTracker
 
-Transform = Callable[[str, torch.Tensor], "tuple[str, torch.Tensor] | None"]
+# (name, tensor) -> (name, tensor), (name, tensor, shard_id) or None (drop the tensor)
+Transform = Callable[[str, torch.Tensor], "tuple | None"]
 
 
 def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor,
@@ -22,39 +23,45 @@ def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor,
 
 def load_params(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
                 packed_modules: dict[str, tuple[str, int | str]], skip: tuple[str, ...] = (),
-                transform: Transform | None = None, strict: bool = True) -> LoadTracker:
+                transform: Transform | None = None, strict: bool = True,
+                shards: dict[str, set] | None = None) -> LoadTracker:
     """Load `weights` (checkpoint name, full tensor) into `model`.
 
     packed_modules maps a checkpoint name piece ("q_proj") to the fused parameter piece and the
     shard id ("qkv_proj", "q"). `transform` may rename or reshape a tensor first (transpose a
-    Conv1D weight, reorder a per-head interleaved qkv) or return None to drop it. Checkpoint
-    names containing any of `skip` are ignored. With strict, any problem raises CheckpointError.
+    Conv1D weight, reorder a per-head interleaved qkv) or return None to drop it; a third item
+    it returns is the shard id (bypassing packed_modules), and `shards` then lists the shard
+    ids each such parameter needs (per-expert MoE weights). Checkpoint names containing any of
+    `skip` are ignored. With strict, any problem raises CheckpointError. A model whose LM head
+    and embedding are not named lm_head / embed_tokens says so in `lm_head_weight_name` and
+    `embed_weight_name`.
     """
     params = dict(model.named_parameters())
-    shards: dict[str, set] = {}
+    needed: dict[str, set] = {name: set(ids) for name, ids in (shards or {}).items()}
     for name in params:
         for fused, shard in packed_modules.values():
             if f".{fused}." in f".{name}":
-                shards.setdefault(name, set()).add(shard)
-    tracker = LoadTracker(params, shards)
+                needed.setdefault(name, set()).add(shard)
+    tracker = LoadTracker(params, needed)
     tied = getattr(model, "tie_word_embeddings", False)
+    head_name = getattr(model, "lm_head_weight_name", "lm_head.weight")
     tied_head: tuple[str, torch.Tensor] | None = None
 
     for ckpt_name, tensor in weights:
         if any(s in ckpt_name for s in skip):
             continue
-        name = ckpt_name
+        name, given = ckpt_name, []
         if transform is not None:
             out = transform(ckpt_name, tensor)
             if out is None:
                 continue
-            name, tensor = out
-        if tied and name == "lm_head.weight":
+            name, tensor, *given = out
+        if tied and name == head_name:
             tied_head = (ckpt_name, tensor)  # checked once the embedding is loaded
             continue
-        shard = None
+        shard = given[0] if given else None
         for piece, (fused, shard_id) in packed_modules.items():
-            if f".{piece}." in f".{name}":
+            if not given and f".{piece}." in f".{name}":
                 name, shard = name.replace(f"{piece}.", f"{fused}.", 1), shard_id
                 break
         param = params.get(name)
@@ -69,7 +76,9 @@ def load_params(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
             continue
         tracker.loaded(ckpt_name, name, shard)
     if tied_head is not None:
-        embed = next((p for n, p in params.items() if n.endswith("embed_tokens.weight")), None)
+        embed_name = getattr(model, "embed_weight_name", None)
+        embed = params.get(embed_name) if embed_name else next(
+            (p for n, p in params.items() if n.endswith("embed_tokens.weight")), None)
         _check_tied(tracker, *tied_head, embed)
     if strict:
         tracker.raise_if_errors(type(model).__name__)
