@@ -48,6 +48,9 @@ class WorkerConfig:
     enforce_eager: bool = False  # no CUDA graphs
     # tensor parallel: how long a collective may wait for the other ranks
     distributed_timeout_s: float = 600.0
+    # "auto": the checkpoint's weights; "dummy": random weights made on the device, nothing
+    # read but config.json (latency figures of large shapes without writing a checkpoint)
+    load_format: str = "auto"
 
 
 def resolve_device(device: str) -> torch.device:
@@ -88,6 +91,17 @@ def load_config(path: str | Path):
         return PretrainedConfig(model_type=model_type, **raw)
 
 
+@torch.no_grad()
+def _dummy_weights(model: torch.nn.Module, seed: int) -> None:
+    """Random weights in place: N(0, 0.02) matrices and biases, norm weights 1."""
+    gen = torch.Generator(next(model.parameters()).device).manual_seed(seed)
+    for name, param in model.named_parameters():
+        if "norm" in name and param.dim() == 1:
+            param.fill_(1.0 if name.endswith("weight") else 0.0)
+        else:
+            param.normal_(0.0, 0.02, generator=gen)
+
+
 class Worker:
     def __init__(self, cfg: WorkerConfig) -> None:
         from engine.loader import eos_token_ids, iterate_weights, load_tokenizer
@@ -113,7 +127,13 @@ class Worker:
                 model = model_cls(self.hf_config)
         finally:
             torch.set_default_dtype(old_dtype)
-        self.load_report = model.load_weights(iterate_weights(path))
+        if cfg.load_format == "dummy":
+            self.load_report = None
+            _dummy_weights(model, cfg.seed)
+        elif cfg.load_format == "auto":
+            self.load_report = model.load_weights(iterate_weights(path))
+        else:
+            raise ConfigError(f"load_format={cfg.load_format!r}: 'auto' or 'dummy'")
         model.eval()
         self.model = model
         self.runner: ModelRunner | None = None

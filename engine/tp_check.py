@@ -1,0 +1,417 @@
+"""Sharding verification: does a model split over N tensor-parallel ranks hold exactly the
+weights it holds on one, and compute the same logits?
+
+`verify_sharding(model_dir, tp)` loads the checkpoint twice through the engine: at TP=1 (the
+reference) and at TP=N. The reference is the model's own mapping of the checkpoint: its
+load_weights has applied every renaming, fusion (q/k/v -> qkv_proj, gate/up -> gate_up_proj) and
+transform (Conv1D transposes, per-head interleaving) exactly as at TP=N, so each TP=1 parameter
+is "the full checkpoint tensor" as the model sees it. Each rank's pieces are gathered to the
+driver and put back together with the layer's own description (`tp_shard_spec`, see
+engine.distributed.ShardSpec); the result must equal the reference bit for bit: replicated
+parameters on every rank, KV heads replicated where num_kv_heads < N, vocabulary padding rows
+zero, fused parts in checkpoint order. Then one prompt runs prefill + greedy decode through the
+paged KV cache at both sizes (the TP=N run fed the TP=1 tokens) and the logits are compared.
+Comparing TP=1 with HF transformers is engine.parity's job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.config import CacheConfig
+from engine.distributed import ShardSpec
+from engine.executor import Executor, RankGroup
+from engine.sampling_params import SamplingParams
+from engine.sequence import Sequence
+from engine.worker import WorkerConfig
+
+DEFAULT_PROMPT_IDS = [0, 17, 93, 260, 301, 42, 7, 255, 128, 64, 5, 388, 211, 19, 77, 450, 3]
+BLOCK = 16
+GROUP_ORDER = ("embedding", "qkv", "o_proj", "gate_up", "up", "down", "experts", "router",
+               "norms", "lm_head", "replicated", "other")
+
+
+@dataclass
+class ParamCheck:
+    name: str
+    group: str
+    sharding: str  # ShardSpec.describe()
+    full_shape: tuple[int, ...]
+    rank_shape: tuple[int, ...]
+    ok: bool
+    problem: str = ""
+
+
+@dataclass
+class GroupRow:
+    group: str
+    params: int
+    elements: int  # of the full tensors
+    sharding: str
+    failed: int
+    problem: str  # the first failure, "" when all passed
+
+    @property
+    def ok(self) -> bool:
+        return self.failed == 0
+
+
+@dataclass
+class ShardingReport:
+    model: str
+    tp: int
+    device: str
+    dtype: str
+    params: list[ParamCheck]
+    prompt_len: int
+    decode_steps: int
+    logits_max_abs: float  # over every position, TP=N vs TP=1
+    logits_max_rel: float  # max_abs / max|TP=1 logit|
+    top1_agreement: float  # share of positions whose argmax agrees
+    greedy_match: bool  # every decode step's TP=N argmax is TP=1's greedy token
+    logits_tolerance: float
+    reference_tokens: list[int] = field(default_factory=list)
+
+    @property
+    def params_ok(self) -> bool:
+        return all(p.ok for p in self.params)
+
+    @property
+    def logits_ok(self) -> bool:
+        return self.logits_max_abs <= self.logits_tolerance and self.greedy_match
+
+    @property
+    def ok(self) -> bool:
+        return self.params_ok and self.logits_ok
+
+    def failures(self) -> list[ParamCheck]:
+        return [p for p in self.params if not p.ok]
+
+    def groups(self) -> list[GroupRow]:
+        """One row per parameter group (embedding, qkv, o_proj, gate_up, down, experts,
+        norms, lm_head, ...) for a table."""
+        rows = []
+        by_group: dict[str, list[ParamCheck]] = {}
+        for p in self.params:
+            by_group.setdefault(p.group, []).append(p)
+        order = sorted(by_group, key=lambda g: (GROUP_ORDER.index(g) if g in GROUP_ORDER
+                                                else len(GROUP_ORDER), g))
+        for g in order:
+            ps = by_group[g]
+            bad = [p for p in ps if not p.ok]
+            kinds = sorted({p.sharding for p in ps}, key=lambda k: (k == "replicated", k))
+            rows.append(GroupRow(g, len(ps), sum(_numel(p.full_shape) for p in ps),
+                                 "; ".join(kinds), len(bad),
+                                 f"{bad[0].name}: {bad[0].problem}" if bad else ""))
+        return rows
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.update(ok=self.ok, params_ok=self.params_ok, logits_ok=self.logits_ok,
+                 groups=[dataclasses.asdict(g) | {"ok": g.ok} for g in self.groups()])
+        return d
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+# -- what each rank sends --------------------------------------------------------------------
+def param_group(name: str, module: torch.nn.Module) -> str:
+    """The table row a parameter belongs to, from its layer type and name."""
+    from engine.layers.linear import (
+        ColumnParallelLinear,
+        MergedColumnParallelLinear,
+        QKVParallelLinear,
+        ReplicatedLinear,
+        RowParallelLinear,
+    )
+    from engine.layers.vocab_embedding import ParallelLMHead, VocabParallelEmbedding
+
+    path = name.lower().split(".")
+    attn = any("attn" in p or "attention" in p for p in path)
+    if any("expert" in p for p in path) or "moe" in type(module).__name__.lower():
+        return "experts"
+    if isinstance(module, ParallelLMHead):
+        return "lm_head"
+    if isinstance(module, VocabParallelEmbedding):
+        return "embedding"
+    if isinstance(module, QKVParallelLinear):
+        return "qkv"
+    if isinstance(module, MergedColumnParallelLinear):
+        return "gate_up"
+    if isinstance(module, RowParallelLinear):
+        return "o_proj" if attn else "down"
+    if isinstance(module, ColumnParallelLinear):
+        return "qkv" if attn else "up"
+    if isinstance(module, ReplicatedLinear):
+        return "router" if any(p in ("gate", "router") for p in path) else "replicated"
+    if "norm" in type(module).__name__.lower() or any("norm" in p for p in path):
+        return "norms"
+    return "other"
+
+
+def rank_params(worker) -> dict[str, tuple[torch.Tensor, ShardSpec | None, str]]:
+    """Every parameter of this rank's model: (CPU copy, sharding description, group). Tied
+    parameters appear once, under their first name. Runs on every rank (collective_rpc)."""
+    out, seen = {}, set()
+    for mod_name, module in worker.model.named_modules():
+        describe = getattr(module, "tp_shard_spec", None)
+        for pname, param in module.named_parameters(recurse=False):
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
+            name = f"{mod_name}.{pname}" if mod_name else pname
+            spec = describe(pname) if describe is not None else None
+            out[name] = (param.detach().to("cpu", copy=True), spec, param_group(name, module))
+    return out
+
+
+# -- putting the pieces back together --------------------------------------------------------
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-for-bit equality (so -0.0 != 0.0 and a NaN equals the same NaN)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.is_floating_point():
+        a, b = (t.contiguous().view(_INT_OF_SIZE[t.element_size()]) for t in (a, b))
+    return torch.equal(a, b)
+
+
+def _reference_along(ref: torch.Tensor, spec: ShardSpec, full: int) -> torch.Tensor | None:
+    """The reference as the ranks should hold it along spec.dim: its first `valid` entries,
+    then zeros up to `full` (vocabulary padding)."""
+    dim = spec.dim
+    valid = spec.valid if spec.valid is not None else full
+    if ref.shape[dim] < valid or valid > full:
+        return None
+    body = ref.narrow(dim, 0, valid)
+    if valid == full:
+        return body
+    pad_shape = list(ref.shape)
+    pad_shape[dim] = full - valid
+    return torch.cat([body, torch.zeros(pad_shape, dtype=ref.dtype)], dim)
+
+
+def _diagnose(piece: torch.Tensor, expected: torch.Tensor, ref_full: torch.Tensor,
+              spec: ShardSpec) -> str:
+    """Say what a wrong piece holds instead: another rank's piece, another part, or a piece
+    cut along the wrong dimension."""
+    dim, offset = spec.dim, 0
+    for k, part in enumerate(spec.parts):
+        for j in range(part.num_pieces):
+            cand = ref_full.narrow(dim, offset + j * part.per_rank, part.per_rank)
+            if _same(piece, cand):
+                return f"it holds piece {j} of part {part.name or k} instead"
+        offset += part.size
+    if piece.dim() == 2:
+        other, n = 1 - dim, piece.shape[dim]
+        for j in range(ref_full.shape[other] // max(n, 1)):
+            cand = ref_full.narrow(other, j * n, n)
+            if _same(piece, cand) or _same(piece, cand.t()):
+                how = "" if _same(piece, cand) else ", transposed"
+                return (f"it holds piece {j} cut along dim {other}{how}: the loader cut the "
+                        "wrong dimension")
+    diff = (piece.float() - expected.float()).abs()
+    return f"max |difference| {diff.max().item():.3g} at {diff.argmax().item()} (flat index)"
+
+
+def check_param(name: str, ref: torch.Tensor, shards: list[torch.Tensor],
+                spec: ShardSpec | None) -> str:
+    """'' when the ranks' pieces put back together equal `ref` bit for bit, else the problem."""
+    shapes = [tuple(s.shape) for s in shards]
+    if spec is None:
+        if any(s != tuple(ref.shape) for s in shapes):
+            return (f"no sharding description (tp_shard_spec) and the ranks hold shapes {shapes}, "
+                    f"not the full {tuple(ref.shape)}")
+        spec_text = "undescribed, so replicated"
+        spec = ShardSpec()
+    else:
+        spec_text = "replicated"
+    if spec.dim is None:
+        bad = [r for r, s in enumerate(shards) if not _same(s, ref)]
+        return f"{spec_text}, but ranks {bad} differ from the full tensor" if bad else ""
+    dim, local = spec.dim, sum(p.per_rank for p in spec.parts)
+    full = sum(p.size for p in spec.parts)
+    want = [*ref.shape]
+    want[dim] = local
+    if any(s != tuple(want) for s in shapes):
+        return f"ranks hold shapes {shapes}, the description says {tuple(want)}"
+    ref_full = _reference_along(ref, spec, full)
+    if ref_full is None:
+        return (f"the description covers {full} entries along dim {dim} ({spec.valid} real), "
+                f"the full tensor has {ref.shape[dim]}")
+    problems, offset, ref_offset = [], 0, 0
+    for k, part in enumerate(spec.parts):
+        label = part.name or str(k)
+        for j in range(part.num_pieces):
+            expected = ref_full.narrow(dim, ref_offset + j * part.per_rank, part.per_rank)
+            for r in range(j * part.replicas, (j + 1) * part.replicas):
+                piece = shards[r].narrow(dim, offset, part.per_rank)
+                if not _same(piece, expected):
+                    rows = f"{ref_offset + j * part.per_rank}:{ref_offset + (j + 1) * part.per_rank}"
+                    what = (f"rank {r}'s piece of part {label} (full dim {dim} [{rows}]) "
+                            f"differs: {_diagnose(piece, expected, ref_full, spec)}")
+                    if part.replicas > 1:
+                        what += f" (a replica of piece {j}, shared by {part.replicas} ranks)"
+                    problems.append(what)
+        offset += part.per_rank
+        ref_offset += part.size
+    if problems:
+        more = f" (+{len(problems) - 2} more)" if len(problems) > 2 else ""
+        return "; ".join(problems[:2]) + more
+    return ""
+
+
+# -- logits ----------------------------------------------------------------------------------
+def _logits_run(ex: Executor, ids: list[int], steps: int,
+                forced: list[int] | None = None) -> tuple[torch.Tensor, list[int]]:
+    """Prefill `ids`, then `steps` decode steps through the paged cache, greedy unless `forced`
+    gives the tokens. Returns logits [len(ids) + steps, vocab] (position p predicts p+1)."""
+    n_blocks = -(-(len(ids) + steps + 1) // BLOCK)
+    ex.init_kv_cache(CacheConfig(block_size=BLOCK, num_blocks=n_blocks + 1,
+                                 enable_prefix_caching=False))
+    seq = Sequence("tp-check", list(ids), SamplingParams(temperature=0, max_tokens=steps + 1,
+                                                         prompt_logprobs=0))
+    seq.block_table = list(range(n_blocks))
+    logits, prompt = ex.execute(ex.prepare([(seq, len(ids))]))
+    rows = [prompt[0].float().cpu(), logits.float().cpu()]
+    seq.num_computed_tokens = len(ids)
+    for i in range(steps):
+        seq.append_token(forced[i] if forced is not None else int(rows[-1][-1].argmax()))
+        logits, _ = ex.execute(ex.prepare([(seq, 1)]))
+        seq.num_computed_tokens += 1
+        rows.append(logits.float().cpu())
+    return torch.cat(rows), list(seq.output_token_ids)
+
+
+def _default_dtype(device: str) -> str:
+    return "float32" if torch.device(device).type == "cpu" else "bfloat16"
+
+
+def default_logits_tolerance(dtype: str) -> float:
+    """Largest |logit(TP=N) - logit(TP=1)| accepted: the ranks add partial sums in another
+    order, exact only up to rounding (float32: ~1e-6 on logits of size ~5)."""
+    return 1e-3 if dtype in ("float32", "fp32", "float") else 0.25
+
+
+def verify_sharding(model_dir: str | Path, tp: int, device: str = "cpu", *,
+                    dtype: str | None = None, prompt_ids: list[int] | None = None,
+                    decode_steps: int = 4, group: RankGroup | None = None,
+                    rank_init: Any = None, logits_tolerance: float | None = None
+                    ) -> ShardingReport:
+    """Load `model_dir` at TP=1 and at TP=`tp` (gloo on CPU, NCCL on CUDA) and check, for every
+    parameter, that the ranks' pieces put back together equal the TP=1 parameter bit for bit,
+    and that logits agree. group: a RankGroup of `tp` ranks to reuse; rank_init: see Executor
+    (tests plant bugs with it). The TP=1 reference is built in this process first."""
+    dtype = dtype or _default_dtype(device)
+    cfg = WorkerConfig(model=str(model_dir), dtype=dtype, device=device, max_num_seqs=1,
+                       enforce_eager=True)
+    ref_ex = Executor(cfg)
+    try:
+        vocab = ref_ex.hf_config.vocab_size
+        ids = [i % vocab for i in (prompt_ids or DEFAULT_PROMPT_IDS)]
+        ref_params = rank_params(ref_ex.driver)
+        ref_logits, ref_tokens = _logits_run(ref_ex, ids, decode_steps)
+    finally:
+        ref_ex.close()
+    ex = Executor(dataclasses.replace(cfg, tensor_parallel_size=tp), rank_init=rank_init,
+                  group=group)
+    try:
+        per_rank = ex.collective_rpc(rank_params)
+        tp_logits, _ = _logits_run(ex, ids, decode_steps, forced=ref_tokens)
+    finally:
+        ex.close()
+
+    checks = []
+    for name, (ref, _, grp) in ref_params.items():
+        if name not in per_rank[0]:
+            checks.append(ParamCheck(name, grp, "?", tuple(ref.shape), (), False,
+                                     f"missing at tensor_parallel_size={tp}"))
+            continue
+        _, spec, grp = per_rank[0][name]
+        shards = [r[name][0] for r in per_rank]
+        problem = check_param(name, ref, shards, spec)
+        checks.append(ParamCheck(name, grp, spec.describe() if spec else "undescribed",
+                                 tuple(ref.shape), tuple(shards[0].shape), not problem, problem))
+    for name in per_rank[0].keys() - ref_params.keys():
+        checks.append(ParamCheck(name, per_rank[0][name][2], "?", (), (), False,
+                                 "exists only at tensor_parallel_size > 1"))
+
+    diff = (tp_logits - ref_logits).abs()
+    max_abs = diff.max().item()
+    top1 = (tp_logits.argmax(-1) == ref_logits.argmax(-1)).float().mean().item()
+    decode_argmax = tp_logits[len(ids) - 1:len(ids) - 1 + decode_steps].argmax(-1).tolist()
+    return ShardingReport(
+        model=str(model_dir), tp=tp, device=device, dtype=dtype, params=checks,
+        prompt_len=len(ids), decode_steps=decode_steps, logits_max_abs=max_abs,
+        logits_max_rel=max_abs / max(ref_logits.abs().max().item(), 1e-30),
+        top1_agreement=top1, greedy_match=decode_argmax == ref_tokens[:decode_steps],
+        logits_tolerance=(logits_tolerance if logits_tolerance is not None
+                          else default_logits_tolerance(dtype)),
+        reference_tokens=ref_tokens)
+
+
+def decode_latency(model_dir: str | Path, tp: int, input_len: int = 128, output_len: int = 128,
+                   dtype: str = "bfloat16", device: str = "auto", load_format: str = "dummy",
+                   enforce_eager: bool = False, seed: int = 0) -> dict:
+    """A figure, not a check: one request (batch 1) of `input_len` random prompt tokens and
+    `output_len` greedy tokens at tensor_parallel_size=`tp`; the time of every engine step
+    (scheduling, the broadcast to the ranks, the model, sampling), CUDA-synchronised. With
+    load_format="dummy" the weights are random and only config.json is read."""
+    import statistics
+    import time
+
+    from engine.config import SchedulerConfig
+    from engine.llm_engine import LLMEngine
+
+    max_len = input_len + output_len + BLOCK
+    cfg = WorkerConfig(model=str(model_dir), dtype=dtype, device=device, max_model_len=max_len,
+                       max_num_seqs=1, max_num_batched_tokens=max(2048, input_len),
+                       tensor_parallel_size=tp, enforce_eager=enforce_eager,
+                       load_format=load_format, seed=seed)
+    engine = LLMEngine(cfg, SchedulerConfig(max_num_seqs=1, max_model_len=max_len,
+                                            max_num_batched_tokens=max(2048, input_len)),
+                       CacheConfig(num_blocks=-(-max_len // BLOCK) + 2,
+                                   enable_prefix_caching=False))
+    try:
+        cuda = engine.worker.device.type == "cuda"
+        gen = torch.Generator().manual_seed(seed)
+        ids = torch.randint(4, engine.vocab_size, (input_len,), generator=gen).tolist()
+
+        def run(n: int) -> list[float]:
+            engine.add_request(prompt_token_ids=ids, sampling_params=SamplingParams(
+                temperature=0, max_tokens=n, ignore_eos=True))
+            times = []
+            while engine.has_unfinished_requests():
+                if cuda:
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                engine.step()
+                if cuda:
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+            return times
+
+        run(8)  # warm-up: kernels compiled, graphs replayed once
+        times = run(output_len)
+        decode = times[1:]
+        return {"model": str(model_dir), "tp": tp, "dtype": dtype,
+                "device": str(engine.worker.device), "input_len": input_len,
+                "output_len": output_len, "cuda_graphs": cuda and not enforce_eager,
+                "prefill_ms": times[0] * 1e3,
+                "decode_ms_median": statistics.median(decode) * 1e3,
+                "decode_ms_mean": statistics.fmean(decode) * 1e3,
+                "decode_tok_s": len(decode) / sum(decode)}
+    finally:
+        engine.close()
