@@ -48,8 +48,8 @@ def new_model(specs, like, architecture, all_specs, specs_dir, out_dir, force):
                 "--like FAMILY takes exactly one NAME: aphro new-model NAME --like llama"
             )
         path = generator.new_spec_like(specs[0], like, specs_dir, architecture, force)
-        console.print(f"wrote [bold]{path}[/] (from {like})")
-        console.print(f"next: edit it, then run [bold]aphro new-model {path}[/]")
+        console.print(f"wrote [bold]{_shown(path)}[/] (from {like})", highlight=False)
+        console.print(f"next: edit it, then run [bold]aphro new-model {_shown(path)}[/]")
         return
     if architecture:
         raise AphroError("--arch only goes with --like")
@@ -64,10 +64,18 @@ def new_model(specs, like, architecture, all_specs, specs_dir, out_dir, force):
     for spec in loaded:
         written, registered = generator.generate(spec, out_dir, force)
         for w in written:
-            console.print(f"{w.status:>9} {w.path}")
+            console.print(f"{w.status:>9} {_shown(w.path)}", highlight=False)
         for arch, target in registered.items():
-            console.print(f"registered {arch} -> {target}")
+            console.print(f"registered {arch} -> {target}", highlight=False, soft_wrap=True)
     if len(loaded) == 1:
         console.print(f"next: [bold]aphro parity-check {loaded[0].model.name}[/]")
     else:
         console.print("next: [bold]aphro parity-check NAME[/] for each of them")
+
+
+def _shown(path: Path) -> str:
+    """path relative to the working directory when it is below it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)

@@ -162,10 +162,12 @@ def read_registry(path: Path) -> dict[str, str]:
 # -- writing -------------------------------------------------------------------------------
 
 
-def module_prefix(out_dir: Path) -> str:
-    """The import path of modules written to out_dir: engine.models for the package, else the
-    bare module name (out_dir must then be on sys.path)."""
-    return "engine.models." if out_dir.resolve() == DEFAULT_OUT_DIR.resolve() else ""
+def module_prefix(out_dir: Path, package: str | None = None) -> str:
+    """The import prefix of modules written to out_dir: `package` when given, engine.models for
+    the engine's folder, else none (out_dir must then be on sys.path)."""
+    if package is None:
+        package = "engine.models" if out_dir.resolve() == DEFAULT_OUT_DIR.resolve() else ""
+    return f"{package}." if package else ""
 
 
 def write_generated(path: Path, text: str, force: bool = False) -> Written:
@@ -187,15 +189,21 @@ def write_generated(path: Path, text: str, force: bool = False) -> Written:
     return Written(path, status)
 
 
-def generate(spec: ModelSpec, out_dir: Path = DEFAULT_OUT_DIR, force: bool = False):
-    """Write the model module of `spec` and register its architectures in out_dir.
-    Returns (written files, {architecture: "module:Class"})."""
+def generate(
+    spec: ModelSpec,
+    out_dir: Path = DEFAULT_OUT_DIR,
+    force: bool = False,
+    package: str | None = None,
+):
+    """Write the model module of `spec` and register its architectures in out_dir (modules
+    imported as `package`.<name>, see module_prefix). Returns (written files,
+    {architecture: "module:Class"})."""
     out_dir = Path(out_dir)
     module_path = out_dir / f"{spec.model.name}.py"
     if module_path.name == REGISTRY_FILE or spec.model.name in ("blocks", "registry", "weights"):
         raise SpecError(f"{spec.path}: [model] name: {spec.model.name!r} is taken by the engine")
     written = [write_generated(module_path, render_model(spec), force)]
-    module = module_prefix(out_dir) + spec.model.name
+    module = module_prefix(out_dir, package) + spec.model.name
     new = {arch: f"{module}:{arch}" for arch in spec.model.architectures}
     registry_path = out_dir / REGISTRY_FILE
     entries = {

@@ -16,7 +16,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine.distributed import divide, get_tp_rank, get_tp_size, tp_all_reduce
+from engine.distributed import (
+    ShardPart,
+    ShardSpec,
+    divide,
+    get_tp_rank,
+    get_tp_size,
+    split_spec,
+    tp_all_reduce,
+)
 from engine.errors import ShapeMismatchError
 from engine.layers.activation import get_gated_act
 from engine.layers.linear import load_shard
@@ -142,6 +150,18 @@ class FusedMoE(nn.Module):
         offset = 0 if which == "w1" else self.per_rank
         dst = param.data[expert].narrow(0, offset, self.per_rank)
         load_shard(dst, loaded, 0, self.tp_rank, self.intermediate_size)
+
+    def tp_shard_spec(self, param_name: str) -> ShardSpec | None:
+        """w13 is split along its rows (gate and up each cut in tp pieces), w2 along its
+        columns; read by engine.tp_check."""
+        size, per_rank = self.intermediate_size, self.per_rank
+        if param_name == "w13_weight":
+            return ShardSpec(
+                1, (ShardPart(size, per_rank, 1, "w1"), ShardPart(size, per_rank, 1, "w3"))
+            )
+        if param_name == "w2_weight":
+            return split_spec(2, size, self.tp_size, "w2")
+        return None
 
     def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         """x [T, H], router_logits [T, E] -> [T, H] (summed over ranks)."""

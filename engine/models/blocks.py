@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.attention_metadata import AttentionMetadata
-from engine.distributed import get_tp_rank
+from engine.distributed import REPLICATED, ShardSpec, get_tp_rank
 from engine.errors import ConfigError
 from engine.layers.activation import get_act_fn, get_gated_act
 from engine.layers.attention import PagedAttention, alibi_slopes
@@ -320,6 +320,9 @@ class LearnedPositions(nn.Module):
         super().__init__()
         self.offset = offset
         self.weight = nn.Parameter(torch.empty(num_positions + offset, dim), requires_grad=False)
+
+    def tp_shard_spec(self, param_name: str) -> ShardSpec | None:
+        return REPLICATED if param_name == "weight" else None
 
     def forward(self, positions: torch.Tensor) -> torch.Tensor:
         return F.embedding(positions + self.offset, self.weight)
