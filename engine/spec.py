@@ -202,15 +202,14 @@ def is_required(f: dataclasses.Field) -> bool:
 
 
 class _Where:
-    """Builds the one-line error: `file: [table] key: problem`."""
+    """Builds the one-line error `file: table.key: problem` (the key's dotted TOML path; no
+    square brackets, which rich would take for markup)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
 
     def error(self, table: str | None, key: str | None, problem: str) -> SpecError:
-        where = f"[{table}]" if table else ""
-        if key:
-            where = f"{where} {key}" if where else key
+        where = f"{table}.{key}" if table and key else f"table {table}" if table else key
         return SpecError(f"{self.path}: {where}: {problem}")
 
 
@@ -382,7 +381,7 @@ def _check_arch(model: ModelInfo, a: Arch, where: _Where) -> None:
         )
     if ck.qkv_layout == "interleaved" and a.attention.kind != "mha":
         raise where.error(
-            "checkpoint", "qkv_layout", "interleaved (per-head [q,k,v]) needs attention kind mha"
+            "checkpoint", "qkv_layout", "interleaved (q, k, v per head) needs attention kind mha"
         )
     if isinstance(ck.gate_up, tuple) and len(ck.gate_up) != 2:
         raise where.error(
@@ -403,7 +402,7 @@ def parse_spec(text: str, path: str | Path) -> ModelSpec:
     for table in raw:
         if table not in TABLES:
             close = difflib.get_close_matches(table, TABLES, n=1)
-            hint = f"did you mean [{close[0]}]? " if close else ""
+            hint = f"did you mean {close[0]!r}? " if close else ""
             raise where.error(table, None, f"unknown table; {hint}known: {', '.join(TABLES)}")
     for table in REQUIRED_TABLES:
         if table not in raw:
