@@ -201,7 +201,7 @@ def generate(
     out_dir = Path(out_dir)
     module_path = out_dir / f"{spec.model.name}.py"
     if module_path.name == REGISTRY_FILE or spec.model.name in ("blocks", "registry", "weights"):
-        raise SpecError(f"{spec.path}: [model] name: {spec.model.name!r} is taken by the engine")
+        raise SpecError(f"{spec.path}: model.name: {spec.model.name!r} is taken by the engine")
     written = [write_generated(module_path, render_model(spec), force)]
     module = module_prefix(out_dir, package) + spec.model.name
     new = {arch: f"{module}:{arch}" for arch in spec.model.architectures}
@@ -242,10 +242,13 @@ def new_spec_like(
     architecture: str | None = None,
     force: bool = False,
 ) -> Path:
-    """Write specs_dir/<name>.toml: the spec of `like` with [model] name, architectures,
-    model_type and description changed. Returns its path."""
+    """Write specs_dir/<name>.toml: the spec of `like` (a path, or a name in specs_dir or else in
+    model_specs/) with [model] name, architectures, model_type and description changed.
+    Returns its path."""
     specs_dir = Path(specs_dir)
     source = resolve_spec(like, specs_dir)
+    if not source.is_file() and resolve_spec(like, DEFAULT_SPECS_DIR).is_file():
+        source = resolve_spec(like, DEFAULT_SPECS_DIR)  # a family of this repository
     base = load_spec(source)  # validates, and names the file if it is missing
     target = specs_dir / f"{name}.toml"
     if target.exists() and not force:
@@ -278,7 +281,7 @@ def _replace_model_keys(text: str, values: dict[str, str], source: Path) -> str:
             if table == "model":
                 start = i
     if start is None:
-        raise SpecError(f"{source}: [model]: missing table")
+        raise SpecError(f"{source}: table model: missing table")
     todo = dict(values)
     for i in range(start + 1, end):
         m = re.match(r"\s*([A-Za-z_]+)\s*=", lines[i])
