@@ -42,6 +42,7 @@ DEFAULT_PROMPTS = [
      "stone bridge while the river rose slowly, and birds sang in the garden as the first light "
      "reached the trees beyond the quiet valley."),
 ]
+SPECS_DIR = Path(__file__).resolve().parent.parent / "model_specs"
 CHUNK_TOKENS = 7  # the chunked run's step budget: chunks end mid-block and mix with decodes
 
 # generic tiny config for a registered architecture that has no spec (HF field names; configs
@@ -184,36 +185,45 @@ def tiny_checkpoint_for(model_name_or_spec: str | Path, out_dir: str | Path,
 
 
 def tiny_config_for(model: str | Path):
-    """The HF config of the tiny model: the spec's [tiny] table when a spec names `model` (or
-    declares that architecture), else a generic tiny config of the architecture's HF type."""
+    """The HF config of the tiny model: the [tiny] table of the spec `model` names (a .toml
+    path, a name in model_specs/, or a registered architecture a spec declares), else a
+    generic tiny config of the architecture's HF model type."""
     from engine.models.registry import supported_architectures
 
-    spec_config = _spec_tiny_config(model)
-    if spec_config is not None:
-        return spec_config
+    path = Path(model)
     name = str(model)
+    if path.suffix == ".toml" or (SPECS_DIR / f"{name}.toml").is_file():
+        spec = _spec_module()
+        return spec.tiny_hf_config(spec.load_spec(path if path.suffix == ".toml"
+                                                  else SPECS_DIR / f"{name}.toml"))
     if name not in supported_architectures():
         raise AphroError(f"{name!r} is not a checkpoint folder, a spec or a registered "
                          f"architecture (registered: {', '.join(supported_architectures())}); "
                          "pass a local HF checkpoint folder, a model_specs/*.toml or one of those")
+    spec_file = _spec_declaring(name)
+    if spec_file is not None:
+        spec = _spec_module()
+        return spec.tiny_hf_config(spec.load_spec(spec_file))
     return _generic_tiny_config(name)
 
 
-def _spec_tiny_config(model: str | Path):
-    """The spec's tiny HF config, or None when `model` names no spec."""
-    path = Path(model)
-    specs = Path(__file__).resolve().parent.parent / "model_specs"
-    by_name = specs / f"{path.name}.toml"
-    if not (path.suffix == ".toml" or by_name.is_file()):
-        return None
+def _spec_module():
     try:
         from engine import spec
-    except ImportError:
-        raise SpecError(f"{model}: specs cannot be read yet (engine/spec.py is missing)")
-    file = path if path.suffix == ".toml" else by_name
-    if not file.is_file():
-        raise SpecError(f"{file}: no such spec file")
-    return spec.load_spec(file).tiny_hf_config()
+    except ImportError as e:
+        raise SpecError(f"specs cannot be read here: {e}") from e
+    return spec
+
+
+def _spec_declaring(architecture: str) -> Path | None:
+    """The spec in model_specs/ that lists `architecture`, if any."""
+    if not SPECS_DIR.is_dir():
+        return None
+    spec = _spec_module()
+    for file in sorted(SPECS_DIR.glob("*.toml")):
+        if architecture in spec.load_spec(file).model.architectures:
+            return file
+    return None
 
 
 def _generic_tiny_config(architecture: str):
@@ -287,6 +297,9 @@ def _run_engine(ckpt: Path, prompt_ids: list[list[int]], max_new_tokens: int, *,
             run.probe, run.probe_layers = cap, layers
         return run
     finally:
+        close = getattr(llm.engine, "close", None)
+        if close is not None:
+            close()
         del llm
         _free()
 
@@ -446,17 +459,35 @@ def run_parity(model: str | Path, *, dtype: str = "auto", device: str = "auto",
         say(f"{model}: building a tiny checkpoint")
         tmp = Path(tempfile.mkdtemp(prefix=f"aphro-parity-{path.stem}-"))
         try:
-            ckpt, source = tiny_checkpoint_for(model, tmp, seed), "tiny"
+            with _quiet_transformers():
+                ckpt, source = tiny_checkpoint_for(model, tmp, seed), "tiny"
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     try:
-        return _check(str(model), ckpt, source, dtype, device, prompts, max_new_tokens, seed,
-                      tp, chunked_prefill, tolerances, localize_always, keep, say,
-                      load_config, load_tokenizer, resolve_device, resolve_dtype)
+        with _quiet_transformers():
+            return _check(str(model), ckpt, source, dtype, device, prompts, max_new_tokens,
+                          seed, tp, chunked_prefill, tolerances, localize_always, keep, say,
+                          load_config, load_tokenizer, resolve_device, resolve_dtype)
     finally:
         if tmp is not None and not keep:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """No transformers progress bars or warnings over our own progress display."""
+    from transformers.utils import logging as hf_logging
+
+    bars, level = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _check(label, ckpt, source, dtype, device, prompts, n_new, seed, tp, chunked, tolerances,
@@ -494,7 +525,7 @@ def _check(label, ckpt, source, dtype, device, prompts, n_new, seed, tp, chunked
         say(f"{label}: engine, {name} prefill + {n_new} decode steps")
         try:
             run = _run_engine(ckpt, prompt_ids, n_new, tp=tp, chunk=chunk,
-                              probe_ids=probe_ids if name == "batched" and tp == 1 else None,
+                              probe_ids=probe_ids if name == "batched" else None,
                               **common)
         except Exception as e:  # noqa: BLE001 - a model that cannot run is a failed check
             report.failure = _failure(f"engine ({name} run)", e)
@@ -525,7 +556,7 @@ def _check(label, ckpt, source, dtype, device, prompts, n_new, seed, tp, chunked
 
 
 def _localize(hf, hf_config, run: _EngineRun, ckpt, probe_ids, tol, tp, common):
-    if run.probe is None:  # TP > 1: the hooks need the model in this process
+    if run.probe is None:  # rank 0's model was not in this process: localize at TP=1
         run = _run_engine(ckpt, [probe_ids], 1, tp=1, chunk=None, probe_ids=probe_ids,
                           **common)
     layers = layer_list_name(hf, getattr(hf_config.get_text_config(), "num_hidden_layers", None))

@@ -1,0 +1,224 @@
+"""`aphro parity-check [MODEL]`: the engine against HF transformers logits (engine/parity.py)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import click
+from rich import box
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from aphro_cli.main import console, err_console, handle_errors
+from engine.errors import AphroError
+
+_MAX_LISTED = 12
+
+
+def _fmt(x: float | None, spec: str = ".1e") -> str:
+    return "nan" if x is None or math.isnan(x) else format(x, spec)
+
+
+def _table(*columns: str, title: str) -> Table:
+    table = Table(box=box.SIMPLE_HEAD, title=title, title_justify="left", pad_edge=False)
+    for c in columns:
+        table.add_column(c, no_wrap=c not in ("first divergence", "point", "load"))
+    return table
+
+
+def _verdict(ok: bool) -> str:
+    return "[bold green]PASS[/]" if ok else "[bold red]FAIL[/]"
+
+
+@click.command("parity-check")
+@click.argument("model", required=False)
+@click.option("--dtype", default="auto", show_default=True,
+              help="Engine dtype (HF always runs float32). auto: float32 on CPU, bf16 on GPU.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--prompts", "prompts_file", type=click.Path(exists=True, dir_okay=False),
+              help="Text file, one prompt per line (default: 4 built-in prompts).")
+@click.option("--max-new-tokens", default=16, show_default=True, type=click.IntRange(1))
+@click.option("--seed", default=0, show_default=True, help="Tiny checkpoint weights, engine.")
+@click.option("--tp", default=1, show_default=True, type=click.IntRange(1),
+              help="Tensor-parallel size of the engine.")
+@click.option("--keep", is_flag=True, help="Keep the tiny checkpoint folder (path printed).")
+@click.option("--atol", type=float, help="Override the logit absolute tolerance.")
+@click.option("--rtol", type=float, help="Override the tolerance relative to max |logit|.")
+@click.option("--kl", "kl", type=float, help="Override the KL(HF||engine) bound per position.")
+@click.option("--chunked/--no-chunked", default=True, show_default=True,
+              help="Also run with chunked prefill (a 7-token step budget).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+@handle_errors
+def parity_check(model, dtype, device, prompts_file, max_new_tokens, seed, tp, keep, atol, rtol,
+                 kl, chunked, as_json):
+    """Compare the engine's logits with HF transformers on MODEL and say where they diverge.
+
+    MODEL is a registered architecture name (LlamaForCausalLM), a spec (a name in model_specs/
+    or a .toml path) - both checked on a tiny random checkpoint - or a local HF checkpoint
+    folder. Without MODEL every registered architecture is checked. Exit 0 when all pass,
+    1 when any fails, 2 on a usage error.
+    """
+    from engine.models.registry import supported_architectures
+    from engine.parity import run_parity
+
+    prompts = None
+    if prompts_file:
+        with open(prompts_file, encoding="utf-8") as f:
+            prompts = [line.rstrip("\n") for line in f if line.strip()]
+        if not prompts:
+            raise AphroError(f"{prompts_file}: no prompts (one per line)")
+    kwargs = {"dtype": dtype, "device": device, "prompts": prompts, "seed": seed, "tp": tp,
+              "max_new_tokens": max_new_tokens, "chunked_prefill": chunked, "keep": keep,
+              "tolerances": {"atol": atol, "rtol": rtol, "kl": kl}}
+    models = [model] if model else supported_architectures()
+    reports, errors = [], {}
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                  TextColumn("{task.completed}/{task.total} models"), TimeElapsedColumn(),
+                  console=err_console, transient=True,
+                  disable=not err_console.is_terminal) as bar:
+        task = bar.add_task("parity-check", total=len(models))
+        for name in models:
+            def say(msg: str) -> None:
+                bar.update(task, description=msg)
+            try:
+                reports.append(run_parity(name, progress=say, **kwargs))
+            except AphroError as e:
+                if model:  # the one model asked for: a usage error
+                    raise
+                errors[name] = str(e).splitlines()[0]
+            bar.advance(task)
+    passed = not errors and all(r.passed for r in reports)
+    if as_json:
+        if model:
+            click.echo(json.dumps(reports[0].to_dict(), indent=2))
+        else:
+            click.echo(json.dumps({"passed": passed, "reports": [r.to_dict() for r in reports],
+                                   "errors": errors}, indent=2))
+    elif model:
+        _print_report(reports[0])
+    else:
+        _print_summary(reports, errors)
+    sys.exit(0 if passed else 1)
+
+
+def _print_report(r) -> None:
+    t = r.tolerances
+    console.print(f"[bold]{r.model}[/] ({r.source} {r.architecture}): engine {r.dtype} on "
+                  f"{r.device}, tp {r.tp}, vs HF float32", highlight=False)
+    if r.checkpoint and r.source == "tiny":
+        console.print(f"tiny checkpoint kept in {r.checkpoint}", highlight=False)
+    _print_load(r)
+    if r.failure is not None:
+        f = r.failure
+        console.print(f"[bold red]engine failed[/] in the {f.stage}: {f.error}"
+                      + (f"  [dim](in {f.module})[/]" if f.module else ""), highlight=False)
+    if r.runs:
+        table = _table("run", "#", "tokens", "max |Δ|", "rel", "top-1", "max KL", "greedy",
+                       "result", title="logits at every position, engine vs HF (teacher-forced)")
+        for run in r.runs:
+            for p in run.prompts:
+                greedy = ("equal" if p.first_mismatch is None
+                          else f"@{p.first_mismatch}" + (" ok" if p.greedy_ok else " ✗"))
+                table.add_row(run.name, str(p.index),
+                              f"{p.num_prompt_tokens}+{len(p.engine_tokens)}",
+                              _fmt(p.max_abs), _fmt(p.max_rel), f"{p.top1_agreement:.0%}",
+                              _fmt(p.max_kl), greedy, _verdict(p.passed))
+        console.print(table)
+        console.print(f"tolerances ({r.dtype}, {r.device}): |Δ| ≤ {t.atol:g} + {t.rtol:g}·max|"
+                      f"logit|, KL ≤ {t.kl:g}, greedy {t.greedy}", highlight=False)
+        for run in r.runs:
+            for p in run.prompts:
+                if not p.greedy_ok:
+                    console.print(f"  {run.name} prompt {p.index}: {p.greedy_note}",
+                                  highlight=False)
+    if r.localization is not None and not r.passed:
+        _print_localization(r.localization)
+    console.print(_verdict(r.passed))
+
+
+def _print_load(r) -> None:
+    load = r.load
+    if r.load_ok:
+        console.print("load: every checkpoint tensor used once, with the right shape",
+                      highlight=False)
+        return
+    console.print("[bold red]load:[/] the checkpoint does not match the model", highlight=False)
+    lines = ([f"missing (never loaded): {n}" for n in load.get("missing", [])]
+             + [f"unused checkpoint tensor: {n}" for n in load.get("unexpected", [])]
+             + [f"misshaped: {m['name']}: model expects {m['expected']}, checkpoint has "
+                f"{m['got']}" for m in load.get("misshaped", [])])
+    for line in lines[:_MAX_LISTED]:
+        console.print(f"  {line}", highlight=False)
+    if len(lines) > _MAX_LISTED:
+        console.print(f"  … and {len(lines) - _MAX_LISTED} more (--json lists all)")
+    for hint in r.load_hints:
+        console.print(f"  [yellow]hint:[/] {hint}", highlight=False)
+
+
+def _print_localization(loc) -> None:
+    table = _table("point", "max |Δ|", "rel", title=f"hidden states, one prefill of "
+                   f"{loc.num_tokens} tokens (diverged: rel > {loc.threshold:g})")
+    for p in loc.points:
+        style = "red" if p.diverged else None
+        rel = p.note if p.max_abs is None else _fmt(p.rel)
+        table.add_row(p.label, _fmt(p.max_abs), rel, style=style)
+    console.print(table)
+    console.print(f"[bold]{loc.verdict}[/]", highlight=False)
+
+
+def _worst(values: list[float]) -> float | None:
+    if any(math.isnan(v) for v in values):
+        return float("nan")
+    return max(values, default=None)
+
+
+def _print_summary(reports, errors) -> None:
+    where = {(r.dtype, r.device) for r in reports}
+    table = _table("model", "pos", "max |Δ|", "max KL", "top-1", "greedy", "load", "result",
+                   title="every registered model (tiny config) vs HF float32"
+                   + "".join(f", engine {d} on {v}" for d, v in sorted(where)))
+    notes = []
+    for r in reports:
+        prompts = [p for run in r.runs for p in run.prompts]
+        n = sum(p.num_positions for p in prompts)
+        worst, kl = _worst([p.max_abs for p in prompts]), _worst([p.max_kl for p in prompts])
+        top1 = (sum(p.top1_agreement * p.num_positions for p in prompts) / n) if n else None
+        problems = sum(len(r.load.get(k, [])) for k in ("missing", "unexpected", "misshaped"))
+        table.add_row(r.model, str(n), _fmt(worst), _fmt(kl),
+                      "-" if top1 is None else f"{top1:.0%}",
+                      f"{sum(p.greedy_ok for p in prompts)}/{len(prompts)}",
+                      "ok" if r.load_ok else f"[red]{problems} bad[/]", _verdict(r.passed))
+        if not r.passed:
+            notes.append(f"{r.model}: {_why(r)}")
+    for name, msg in errors.items():
+        table.add_row(name, "", "", "", "", "", "", _verdict(False))
+        notes.append(f"{name}: [red]error:[/] {msg}")
+    console.print(table)
+    for note in notes:
+        console.print(f"  {note}", highlight=False)
+    failed = [r.model for r in reports if not r.passed] + list(errors)
+    total = len(reports) + len(errors)
+    console.print(f"{total - len(failed)}/{total} models pass"
+                  + (f"; `aphro parity-check {failed[0]}` shows the details" if failed else ""),
+                  highlight=False)
+
+
+def _why(r) -> str:
+    """One line: what failed first."""
+    parts = []
+    for key, what in (("missing", "missing"), ("unexpected", "unused"),
+                      ("misshaped", "misshaped")):
+        names = [m["name"] if isinstance(m, dict) else m for m in r.load.get(key, [])]
+        if names:
+            parts.append(f"{len(names)} {what} tensors ({names[0]}"
+                         + (", …)" if len(names) > 1 else ")"))
+    if r.failure is not None:
+        parts.append(f"engine failed: {r.failure.error}"
+                     + (f" in {r.failure.module}" if r.failure.module else ""))
+    if r.localization is not None and r.localization.first_divergence:
+        parts.append(f"first divergence: {r.localization.first_divergence}")
+    elif r.runs:
+        parts.append("logits or greedy tokens out of tolerance")
+    return "; ".join(parts)
