@@ -131,6 +131,7 @@ class RankGroup:
         self.store = None
         self.failure: str | None = None
         self.closed = False
+        self.owner: object | None = None  # the token of the Executor using the ranks now
         timeout = datetime.timedelta(seconds=timeout_s)
         env = _torchrun_env()
         try:
@@ -300,6 +301,7 @@ class Executor:
         if self._owns_group:
             self._finalizer = weakref.finalize(self, self._group.close)
         self._state = self._group.driver
+        self._token = self._group.owner = object()  # a later Executor on the group takes over
         set_tensor_parallel(0, self.tp_size, dist.group.WORLD)
         try:
             self._group.broadcast(("init", cfg, rank_init))
@@ -368,7 +370,8 @@ class Executor:
             self._state.release()
         elif self._owns_group:
             self._finalizer()
-        else:
+        elif group.owner is self._token:
+            group.owner = None
             if not group.closed:
                 group.broadcast(("release",))
             self._state.release()

@@ -415,3 +415,60 @@ def decode_latency(model_dir: str | Path, tp: int, input_len: int = 128, output_
                 "decode_tok_s": len(decode) / sum(decode)}
     finally:
         engine.close()
+
+
+# `python -m engine.tp_check latency` (GPU figures for docs/PERF.md); `aphro parity-check --tp N`
+# is the user-facing sharding check
+PRESETS = {  # random-weight shapes (load_format="dummy": only config.json is written)
+    "llama-8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                 "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
+                 "rope_theta": 500000.0, "max_position_embeddings": 8192},
+    "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512,
+             "max_position_embeddings": 512},
+}
+
+
+def preset_config_dir(preset: str, out_dir: str | Path) -> Path:
+    """A folder holding only the config.json of a Llama of preset shape."""
+    from transformers import LlamaConfig
+
+    out = Path(out_dir)
+    LlamaConfig(**PRESETS[preset], bos_token_id=0, eos_token_id=1, torch_dtype="bfloat16",
+                architectures=["LlamaForCausalLM"]).save_pretrained(out)
+    return out
+
+
+def _main(argv: list[str] | None = None) -> None:
+    import argparse
+    import json
+    import tempfile
+
+    ap = argparse.ArgumentParser(prog="python -m engine.tp_check")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    lat = sub.add_parser("latency", help="batch-1 decode latency at several TP sizes")
+    lat.add_argument("--preset", default="llama-8b", choices=sorted(PRESETS))
+    lat.add_argument("--tp", type=int, nargs="+", default=[1, 2, 4])
+    lat.add_argument("--input-len", type=int, default=128)
+    lat.add_argument("--output-len", type=int, default=128)
+    lat.add_argument("--device", default="auto")
+    lat.add_argument("--eager-too", action="store_true", help="also without CUDA graphs")
+    lat.add_argument("--json", help="append one JSON line per run to this file")
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        model = preset_config_dir(args.preset, tmp)
+        for eager in (False, True) if args.eager_too else (False,):
+            for tp in args.tp:
+                r = decode_latency(model, tp, args.input_len, args.output_len,
+                                   device=args.device, enforce_eager=eager)
+                r["model"] = args.preset
+                print(f"{args.preset} tp={tp} graphs={r['cuda_graphs']!s:5} prefill "
+                      f"{r['prefill_ms']:.2f} ms, decode median {r['decode_ms_median']:.3f} ms "
+                      f"({r['decode_tok_s']:.1f} tok/s)", flush=True)
+                if args.json:
+                    with open(args.json, "a") as f:
+                        f.write(json.dumps(r) + "\n")
+
+
+if __name__ == "__main__":
+    _main()

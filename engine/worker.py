@@ -103,8 +103,8 @@ def _dummy_weights(model: torch.nn.Module, seed: int) -> None:
 
 
 class Worker:
-    def __init__(self, cfg: WorkerConfig) -> None:
-        from engine.loader import eos_token_ids, iterate_weights, load_tokenizer
+    def __init__(self, cfg: WorkerConfig, load_tokenizer: bool = True) -> None:
+        from engine import loader
 
         path = Path(cfg.model)
         if not path.is_dir():
@@ -113,8 +113,8 @@ class Worker:
         self.hf_config = load_config(path)
         self.device = resolve_device(cfg.device)
         self.dtype = resolve_dtype(cfg.dtype, self.hf_config, self.device)
-        self.tokenizer = load_tokenizer(path)
-        self.eos_token_ids = eos_token_ids(path)
+        self.tokenizer = loader.load_tokenizer(path) if load_tokenizer else None
+        self.eos_token_ids = loader.eos_token_ids(path)
         max_pos = getattr(self.hf_config, "max_position_embeddings", None) or \
             getattr(self.hf_config, "n_positions", None) or 2048
         self.max_model_len = min(cfg.max_model_len or max_pos, max_pos)
@@ -131,7 +131,7 @@ class Worker:
             self.load_report = None
             _dummy_weights(model, cfg.seed)
         elif cfg.load_format == "auto":
-            self.load_report = model.load_weights(iterate_weights(path))
+            self.load_report = model.load_weights(loader.iterate_weights(path))
         else:
             raise ConfigError(f"load_format={cfg.load_format!r}: 'auto' or 'dummy'")
         model.eval()
@@ -275,7 +275,7 @@ class RankState:
         if self.world > 1:
             cfg = dataclasses.replace(cfg, device=rank_device(cfg.device, self.local_rank),
                                       tensor_parallel_size=self.world)
-        self.worker = Worker(cfg)
+        self.worker = Worker(cfg, load_tokenizer=self.rank == 0)  # rank 0 detokenizes
         return self.worker
 
     def release(self) -> None:
