@@ -86,10 +86,12 @@ class SharedGroup:
     def __init__(self) -> None:
         self.group: RankGroup | None = None
 
-    def get(self, size: int) -> RankGroup:
-        if self.group is None or self.group.size != size or self.group.closed:
+    def get(self, size: int, device: str = "cpu") -> RankGroup:
+        backend = "nccl" if device == "cuda" else "gloo"
+        if (self.group is None or self.group.size != size or self.group.closed
+                or self.group.backend != backend):
             self.close()
-            self.group = RankGroup(size, "cpu")
+            self.group = RankGroup(size, device)
         return self.group
 
     def close(self) -> None:
@@ -342,3 +344,84 @@ def test_more_ranks_than_gpus(monkeypatch):
 def test_llm_refuses_before_starting_processes(checkpoint):
     with pytest.raises(ConfigError, match="num_attention_heads=4 is not divisible"):
         LLM(str(checkpoint("llama")), device="cpu", tensor_parallel_size=3)
+
+
+# -- CUDA (NCCL), through the device tool ---------------------------------------------------------
+def _cuda_group(shared, tp: int) -> RankGroup:
+    if torch.cuda.device_count() < tp:
+        pytest.skip(f"needs {tp} GPUs")
+    return shared.get(tp, "cuda")
+
+
+@pytest.fixture(scope="module")
+def cuda_tp1_tokens(checkpoint):
+    done: dict[str, list[list[int]]] = {}
+
+    def get(name: str) -> list[list[int]]:
+        if name not in done:
+            llm = LLM(str(checkpoint(name)), device="cuda", dtype="float32", max_num_seqs=8,
+                      num_kv_blocks=64)
+            done[name] = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, greedy())]
+            llm.engine.close()
+        return done[name]
+
+    return get
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cuda_greedy_matches_tp1(family, tp, shared, checkpoint, cuda_tp1_tokens, monkeypatch):
+    """float32 on the GPU (CUDA graphs, NCCL): the same tokens as TP=1."""
+    group = _cuda_group(shared, tp)
+    ref = cuda_tp1_tokens(family)
+    monkeypatch.setattr(llm_engine, "Executor", lambda cfg: Executor(cfg, group=group))
+    llm = LLM(str(checkpoint(family)), device="cuda", dtype="float32", max_num_seqs=8,
+              num_kv_blocks=64, tensor_parallel_size=tp)
+    try:
+        assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS, greedy())] == ref
+    finally:
+        llm.engine.close()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cuda_verify_sharding_bf16(family, tp, shared, checkpoint):
+    group = _cuda_group(shared, tp)
+    report = verify_sharding(checkpoint(family), tp, device="cuda", dtype="bfloat16",
+                             group=group)
+    if os.environ.get("APHRO_TP_REPORT"):  # the device run keeps the figures
+        with open(os.environ["APHRO_TP_REPORT"], "a") as f:
+            f.write(json.dumps({"family": family} | report.to_dict()) + "\n")
+    assert report.params_ok, [(p.name, p.problem) for p in report.failures()]
+    assert report.logits_max_abs <= report.logits_tolerance and report.top1_agreement >= 0.9
+
+
+CUDA_CRASH_SCRIPT = """
+import sys
+sys.path.insert(0, sys.argv[2])
+from test_tp import _raise_in_step_on_rank_1
+from engine import LLM, SamplingParams, llm_engine
+from engine.executor import Executor, TPWorkerError
+llm_engine.Executor = lambda cfg: Executor(cfg, rank_init=_raise_in_step_on_rank_1)
+llm = LLM(sys.argv[1], device="cuda", tensor_parallel_size=2, num_kv_blocks=64, max_num_seqs=4)
+try:
+    llm.generate(["hello there"], SamplingParams(temperature=0, max_tokens=4))
+except TPWorkerError as e:
+    print("CAUGHT", str(e).splitlines()[0], flush=True)
+"""
+
+
+@pytest.mark.cuda
+def test_cuda_worker_failure_is_an_error_not_a_hang(shared, checkpoint, tmp_path):
+    """Rank 1 raises inside a step while the driver waits in an NCCL all-reduce: the monitor
+    aborts the group and the driver raises (run in a subprocess: a hang fails by timeout)."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    shared.close()
+    script = tmp_path / "crash.py"
+    script.write_text(CUDA_CRASH_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, str(script), str(checkpoint("llama")),
+                           str(Path(__file__).parent)], env=env, capture_output=True, text=True,
+                          timeout=240, check=False)
+    assert "CAUGHT tensor-parallel worker rank 1" in proc.stdout, proc.stderr[-3000:]
