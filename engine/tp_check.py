@@ -441,6 +441,7 @@ def preset_config_dir(preset: str, out_dir: str | Path) -> Path:
 
 def _main(argv: list[str] | None = None) -> None:
     import argparse
+    import gc
     import json
     import tempfile
 
@@ -468,6 +469,9 @@ def _main(argv: list[str] | None = None) -> None:
                 if args.json:
                     with open(args.json, "a") as f:
                         f.write(json.dumps(r) + "\n")
+                gc.collect()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":
