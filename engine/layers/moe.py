@@ -57,7 +57,8 @@ def fused_experts(
     order = flat_ids.argsort(stable=True)  # pair indices, grouped by expert
     sorted_ids = flat_ids[order]
     token_of = order // top_k  # the token of each sorted pair
-    counts = torch.bincount(flat_ids, minlength=num_experts)  # [E]
+    counts = torch.zeros(num_experts, dtype=torch.long, device=x.device)  # [E], no host sync
+    counts.scatter_add_(0, flat_ids, torch.ones_like(flat_ids))
     xs = x[token_of]  # [T * k, H], expert-contiguous
     if batched is None:
         batched = x.is_cuda
@@ -77,10 +78,14 @@ def fused_experts(
 
 
 def _experts_padded(xs, sorted_ids, counts, w13, w2, act) -> torch.Tensor:
-    """All experts in two bmm calls: pairs scattered into [E, C, H] (C = the busiest expert's
-    pair count), multiplied, gathered back in sorted order."""
+    """All experts in two bmm calls: pairs scattered into [E, C, H], multiplied, gathered back
+    in sorted order. C is the busiest expert's pair count, or, while a CUDA graph is captured
+    (no reading device values), every pair (decode batches are small)."""
     num_experts, hidden = w13.shape[0], xs.shape[1]
-    capacity = int(counts.max().item()) if xs.shape[0] else 0
+    if xs.is_cuda and torch.cuda.is_current_stream_capturing():
+        capacity = xs.shape[0]
+    else:
+        capacity = int(counts.max().item()) if xs.shape[0] else 0
     starts = torch.cumsum(counts, 0) - counts  # [E]
     slot = torch.arange(xs.shape[0], device=xs.device) - starts[sorted_ids]  # row in its expert
     buf = xs.new_zeros(num_experts, capacity, hidden)
