@@ -127,10 +127,18 @@ def _print_report(r) -> None:
                               _fmt(p.max_kl), greedy, _verdict(p.passed))
         console.print(table)
         console.print(f"tolerances ({r.dtype}, {r.device}): |Δ| ≤ {t.atol:g} + {t.rtol:g}·max|"
-                      f"logit|, KL ≤ {t.kl:g}, greedy {t.greedy}", highlight=False)
+                      f"logit|, KL ≤ {t.kl:g}, greedy {t.greedy}"
+                      + (f", up to {t.outliers:.0%} of positions outside if top-5 agrees"
+                         if t.outliers else ""), highlight=False)
         for run in r.runs:
             for p in run.prompts:
-                if not p.greedy_ok:
+                if p.outliers:
+                    where = ", ".join(map(str, p.outliers[:6])) + (
+                        ", …" if len(p.outliers) > 6 else "")
+                    console.print(f"  {run.name} prompt {p.index}: {len(p.outliers)} position(s) "
+                                  f"outside tolerance ({where})"
+                                  + ("; excused" if p.logits_ok else ""), highlight=False)
+                if p.first_mismatch is not None:
                     console.print(f"  {run.name} prompt {p.index}: {p.greedy_note}",
                                   highlight=False)
     if r.localization is not None and not r.passed:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
@@ -78,23 +78,52 @@ def _as_tensor(out, sum_parts: bool) -> torch.Tensor | None:
     return out if torch.is_tensor(out) else None
 
 
-class Capture:
-    """Forward hooks recording the outputs of `names` (as float32 on the CPU) and the order in
-    which they first ran. `layer_names` are summed over their tuple parts."""
+def _stream_input(args: tuple, kwargs: dict, sum_parts: bool) -> torch.Tensor | None:
+    """A decoder layer's input residual stream: its first floating-point tensor argument (HF:
+    hidden_states); for ours plus the deferred residual beside it (the same shape)."""
+    floats = [a for a in (*args, kwargs.get("hidden_states")) if torch.is_tensor(a)
+              and a.is_floating_point()]
+    if not floats:
+        return None
+    same = [a for a in floats if a.shape == floats[0].shape] if sum_parts else floats[:1]
+    return sum(a.float() for a in same)
 
-    def __init__(self, model: nn.Module, names: list[str], layer_names: set[str]) -> None:
+
+class Capture:
+    """Forward hooks recording, as float32 on the CPU, the outputs of `names` in the order they
+    first ran, and the input stream of every decoder layer under "<layer>:in". `ours`: engine
+    layers return (update, residual) and take (positions, hidden, residual, ...)."""
+
+    def __init__(self, model: nn.Module, names: list[str], layers: str | None,
+                 ours: bool) -> None:
         self.outputs: dict[str, torch.Tensor] = {}
         self.order: list[str] = []
         modules = dict(model.named_modules())
-        self._handles = [modules[n].register_forward_hook(self._hook(n, n in layer_names))
-                         for n in names if n in modules]
+        layer_names = {n for n in names if layers and n.rpartition(".")[0] == layers}
+        self._handles = []
+        for n in names:
+            if n not in modules:
+                continue
+            self._handles.append(modules[n].register_forward_hook(
+                self._output_hook(n, ours and n in layer_names)))
+            if n in layer_names:
+                self._handles.append(modules[n].register_forward_pre_hook(
+                    self._input_hook(f"{n}:in", ours), with_kwargs=True))
 
-    def _hook(self, name: str, sum_parts: bool):
+    def _keep(self, name: str, t: torch.Tensor | None) -> None:
+        if t is not None and name not in self.outputs:
+            # a copy: HF may add to a module's output in place afterwards (Falcon's MLP)
+            self.outputs[name] = t.detach().to("cpu", torch.float32, copy=True)
+            self.order.append(name)
+
+    def _output_hook(self, name: str, sum_parts: bool):
         def hook(module, args, out):
-            t = _as_tensor(out, sum_parts)
-            if t is not None and name not in self.outputs:
-                self.outputs[name] = t.detach().float().cpu()
-                self.order.append(name)
+            self._keep(name, _as_tensor(out, sum_parts))
+        return hook
+
+    def _input_hook(self, name: str, sum_parts: bool):
+        def hook(module, args, kwargs):
+            self._keep(name, _stream_input(args, kwargs, sum_parts))
         return hook
 
     def close(self) -> None:
@@ -164,37 +193,51 @@ class Localization:
 
 
 def point_label(name: str, layers: str | None) -> str:
+    if layers and name == f"{layers}.0:in":
+        return "embeddings (input of layer 0)"
     if layers and name.startswith(f"{layers}."):
         index, _, part = name[len(layers) + 1:].partition(".")
         return f"layer {index} {part}" if part else f"layer {index} output"
     return name
 
 
-def localize(hf: dict[str, torch.Tensor], hf_order: list[str], ours: dict[str, torch.Tensor],
-             num_tokens: int, layers: str | None, threshold: float) -> Localization:
-    """Compare the captured outputs point by point, in the order HF ran them."""
+def localize(hf: Capture, ours: Capture, layers: str, num_tokens: int,
+             threshold: float) -> Localization:
+    """Compare the captured points in the order HF ran them. The embeddings (layer 0's input)
+    and each layer's output decide which stage diverges first; inside that layer its first
+    diverging sub-layer is named. A sub-layer also agrees when HF's module adds the layer's
+    input stream itself (Bloom's attention does); sub-layers of an agreeing layer never count,
+    since families split a layer into modules differently."""
     loc = Localization(num_tokens=num_tokens, threshold=threshold)
-    for name in hf_order:
-        if name not in ours:
+    layer_of = {}  # point name -> its layer's name
+    in_layers = [i for i, n in enumerate(hf.order) if _layer(n, layers) is not None]
+    # what runs before layer 0 (token / position embeddings) is judged by layer 0's input
+    after = hf.order[in_layers[0]:] if in_layers else []
+    for name in [f"{layers}.0:in"] + [n for n in after if not n.endswith(":in")]:
+        if name not in ours.outputs or name not in hf.outputs:
             continue
-        ref = hf[name].reshape(-1)
-        got = ours[name].reshape(-1)
-        label = point_label(name, layers)
-        if ref.numel() != got.numel() or ref.numel() % num_tokens:
-            loc.points.append(ProbePoint(name, label, None, None, False,
-                                         f"not comparable: HF {tuple(hf[name].shape)}, "
-                                         f"engine {tuple(ours[name].shape)}"))
-            continue
-        max_abs = (got - ref).abs().max().item()
-        rel = max_abs / max(ref.abs().max().item(), 1e-30)
-        diverged = not rel <= threshold  # NaN counts as diverged
-        loc.points.append(ProbePoint(name, label, max_abs, rel, diverged))
-        if diverged and loc.first_divergence is None:
-            loc.first_divergence, loc.first_module = label, name
+        layer = _layer(name, layers)
+        point = _compare(name, hf.outputs[name], ours.outputs[name], num_tokens, threshold,
+                         point_label(name, layers))
+        if layer is not None and name != layer and point.diverged:
+            stream = ours.outputs.get(f"{layer}:in")  # HF's module may include the residual
+            if stream is not None and stream.numel() == ours.outputs[name].numel():
+                alt = _compare(name, hf.outputs[name], ours.outputs[name] + stream.view_as(
+                    ours.outputs[name]), num_tokens, threshold, point.label)
+                if not alt.diverged:
+                    point = replace(alt, note="HF's module output includes the residual")
+        layer_of[name] = layer
+        loc.points.append(point)
+    agreeing = {p.name for p in loc.points if p.name in layer_of.values() and not p.diverged}
+    loc.points = [replace(p, diverged=False, note="differs, but the layer's output agrees")
+                  if p.diverged and layer_of.get(p.name) in agreeing and not _stage(p, layer_of)
+                  else p for p in loc.points]
+    first = _first_divergence(loc.points, layer_of)
     compared = [p for p in loc.points if p.max_abs is not None]
-    if loc.first_divergence is not None:
-        loc.verdict = (f"first divergence: {loc.first_divergence} ({loc.first_module}), "
-                       f"relative error {_fmt(_point(loc).rel)} > {threshold:g}")
+    if first is not None:
+        loc.first_divergence, loc.first_module = first.label, first.name.removesuffix(":in")
+        loc.verdict = (f"first divergence: {first.label} ({loc.first_module}), relative error "
+                       f"{_fmt(first.rel)} > {threshold:g}")
     elif not compared:
         loc.verdict = ("no module could be compared: the engine model does not use the HF "
                        "checkpoint's module names")
@@ -206,8 +249,41 @@ def localize(hf: dict[str, torch.Tensor], hf_order: list[str], ours: dict[str, t
     return loc
 
 
-def _point(loc: Localization) -> ProbePoint:
-    return next(p for p in loc.points if p.name == loc.first_module)
+def _layer(name: str, layers: str) -> str | None:
+    if not name.startswith(f"{layers}."):
+        return None
+    index = name[len(layers) + 1:].split(".")[0].removesuffix(":in")
+    return f"{layers}.{index}"
+
+
+def _compare(name: str, ref: torch.Tensor, got: torch.Tensor, num_tokens: int,
+             threshold: float, label: str) -> ProbePoint:
+    if ref.numel() != got.numel() or ref.numel() % num_tokens:
+        return ProbePoint(name, label, None, None, False, f"not comparable: HF "
+                          f"{tuple(ref.shape)}, engine {tuple(got.shape)}")
+    max_abs = (got.reshape(-1) - ref.reshape(-1)).abs().max().item()
+    rel = max_abs / max(ref.abs().max().item(), 1e-30)
+    return ProbePoint(name, label, max_abs, rel, not rel <= threshold)  # NaN: diverged
+
+
+def _stage(p: ProbePoint, layer_of: dict) -> bool:
+    """A stage point (embeddings, a layer's output, what follows the layers), not a sub-layer."""
+    layer = layer_of.get(p.name)
+    return layer is None or p.name == layer or p.name.endswith(":in")
+
+
+def _first_divergence(points: list[ProbePoint], layer_of: dict) -> ProbePoint | None:
+    """Stage by stage: embeddings, then layer outputs (and what follows the layers); in the
+    first diverging layer, its first diverging sub-layer, else the layer output itself."""
+    for p in points:
+        if not (_stage(p, layer_of) and p.diverged):
+            continue
+        layer = layer_of.get(p.name)
+        if p.name != layer:
+            return p
+        inside = [q for q in points if layer_of.get(q.name) == layer and not _stage(q, layer_of)]
+        return next((q for q in inside if q.diverged), p)
+    return None
 
 
 def _fmt(x: float | None) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -76,12 +77,12 @@ def test_greedy_rules():
     ours = torch.zeros(4, 10)
     ref[1, 3], ref[1, 4] = 5.0, 5.0 - 1e-6  # HF: a tie between 3 and 4 at position 1
     ours[1, 4], ours[1, 3] = 6.0, 5.0
-    exact = Tolerances(1e-4, 0.0, 1e-6, "exact", 1e-4)
+    exact = Tolerances(1e-4, 0.0, 1e-6, "exact", 0.0, 1e-4)
     ok, note = _judge_greedy(0, [4, 0], [3, 0], ours, ref, 2, exact)
     assert ok and "tie" in note
     ref[1, 4] = 4.0  # no longer a tie
     assert not _judge_greedy(0, [4, 0], [3, 0], ours, ref, 2, exact)[0]
-    top5 = Tolerances(0.1, 0.05, 0.05, "top5", 0.1)
+    top5 = Tolerances(0.1, 0.05, 0.05, "top5", 0.01, 0.1)
     assert _judge_greedy(0, [4, 0], [3, 0], ours, ref, 2, top5)[0]  # 4 in HF top-5 and back
     ref[1] = torch.arange(10.0)  # 4 is HF's 6th: outside its top 5
     ref[1, 3] = 20.0
@@ -89,16 +90,31 @@ def test_greedy_rules():
     assert _judge_greedy(None, [1, 2], [1, 2], ours, ref, 2, exact) == (True, "2/2 tokens equal")
 
 
-def test_localize_names_first_point_past_the_threshold():
+def captured(points: dict) -> SimpleNamespace:
+    return SimpleNamespace(outputs=points, order=list(points))
+
+
+def test_localize_goes_stage_by_stage_then_into_the_layer():
     a = torch.ones(3, 4)
-    hf = {"m.embed": a, "m.layers.0.attn": a, "m.layers.0.mlp": a, "m.layers.0": a}
-    ours = {"m.embed": a, "m.layers.0.attn": a + 1e-6, "m.layers.0.mlp": a * 2,
-            "m.layers.0": a.reshape(12)}
-    loc = localize(hf, list(hf), ours, 3, "m.layers", 1e-4)
+    hf = {"m.embed": a, "m.layers.0:in": a, "m.layers.0.attn": a, "m.layers.0.mlp": a,
+          "m.layers.0": a, "m.norm": a}
+    ours = dict(hf, **{"m.embed": 2 * a, "m.layers.0.attn": a + 1e-6, "m.layers.0.mlp": 2 * a,
+                       "m.layers.0": 3 * a, "m.norm": 3 * a})
+    loc = localize(captured(hf), captured(ours), "m.layers", 3, 1e-4)
+    # the raw token embedding is not a stage (Gemma scales it outside the module): layer 0's
+    # input is, and it agrees; layer 0 diverges, first inside it the MLP
     assert loc.first_divergence == "layer 0 mlp" and loc.first_module == "m.layers.0.mlp"
-    assert [p.diverged for p in loc.points] == [False, False, True, False]
+    assert loc.points[0].label == "embeddings (input of layer 0)"
+    # a sub-layer that differs inside a layer whose output agrees does not count
+    ours.update({"m.layers.0": a, "m.norm": a})
+    loc = localize(captured(hf), captured(ours), "m.layers", 3, 1e-4)
+    assert loc.first_divergence is None and "agree" in loc.verdict
+    assert "layer's output agrees" in next(p for p in loc.points if p.name.endswith("mlp")).note
+    # HF's module may add the residual stream itself (Bloom's attention): ours + input agrees
+    hf["m.layers.0.attn"], ours["m.layers.0"], hf["m.layers.0"] = 2 * a, 5 * a, 4 * a
     ours["m.layers.0.mlp"] = a
-    assert localize(hf, list(hf), ours, 3, "m.layers", 1e-4).first_divergence is None
+    loc = localize(captured(hf), captured(ours), "m.layers", 3, 1e-4)
+    assert loc.first_divergence == "layer 0 output"  # its sub-layers agree: the wiring differs
 
 
 # -- the command ---------------------------------------------------------------------------------
