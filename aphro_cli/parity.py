@@ -8,6 +8,7 @@ import sys
 
 import click
 from rich import box
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -73,7 +74,7 @@ def parity_check(model, dtype, device, prompts_file, max_new_tokens, seed, tp, k
               "max_new_tokens": max_new_tokens, "chunked_prefill": chunked, "keep": keep,
               "tolerances": {"atol": atol, "rtol": rtol, "kl": kl}}
     models = [model] if model else supported_architectures()
-    reports, errors = [], {}
+    reports, errors, shardings = [], {}, {}
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                   TextColumn("{task.completed}/{task.total} models"), TimeElapsedColumn(),
                   console=err_console, transient=True,
@@ -84,22 +85,35 @@ def parity_check(model, dtype, device, prompts_file, max_new_tokens, seed, tp, k
                 bar.update(task, description=msg)
             try:
                 reports.append(run_parity(name, progress=say, **kwargs))
+                if tp > 1:  # the shards of every parameter, reassembled (engine/tp_check.py)
+                    from engine.tp_check import verify_model_sharding
+
+                    say(f"{name}: sharding over {tp} ranks")
+                    shardings[name] = verify_model_sharding(name, tp, device, dtype, seed)
             except AphroError as e:
                 if model:  # the one model asked for: a usage error
                     raise
                 errors[name] = str(e).splitlines()[0]
             bar.advance(task)
-    passed = not errors and all(r.passed for r in reports)
+    passed = (not errors and all(r.passed for r in reports)
+              and all(s.ok for s in shardings.values()))
     if as_json:
         if model:
-            click.echo(json.dumps(reports[0].to_dict(), indent=2))
+            click.echo(json.dumps(reports[0].to_dict() | (
+                {"sharding": shardings[model].to_dict()} if shardings else {}), indent=2))
         else:
             click.echo(json.dumps({"passed": passed, "reports": [r.to_dict() for r in reports],
-                                   "errors": errors}, indent=2))
+                                   "errors": errors} | ({"sharding": {
+                                       n: s.to_dict() for n, s in shardings.items()}}
+                                       if shardings else {}), indent=2))
     elif model:
         _print_report(reports[0])
+        if shardings:
+            _print_sharding(shardings[model])
     else:
         _print_summary(reports, errors)
+        for name, s in shardings.items():
+            console.print(f"{name}: sharding over {tp} ranks {_verdict(s.ok)}", highlight=False)
     sys.exit(0 if passed else 1)
 
 
@@ -180,6 +194,23 @@ def _worst(values: list[float]) -> float | None:
     if any(math.isnan(v) for v in values):
         return float("nan")
     return max(values, default=None)
+
+
+def _print_sharding(s) -> None:
+    table = _table("group", "params", "elements", "sharding", "result",
+                   title=f"sharding over {s.tp} ranks: every rank's pieces put back together "
+                   "vs the TP=1 model, bit for bit")
+    for g in s.groups():
+        table.add_row(g.group, str(g.params), f"{g.elements:,}", escape(g.sharding),
+                      _verdict(True) if g.ok else f"[bold red]{g.failed} FAIL[/]")
+    console.print(table)
+    for p in s.failures()[:_MAX_LISTED]:
+        console.print(f"  [red]{p.name}[/] ({p.group}): {escape(p.problem)}", highlight=False)
+    console.print(f"logits TP={s.tp} vs TP=1 ({s.prompt_len} prompt + {s.decode_steps} decode "
+                  f"positions): max |Δ| {_fmt(s.logits_max_abs)} (≤ {s.logits_tolerance:g}), "
+                  f"top-1 {s.top1_agreement:.0%}, argmax breaks {s.argmax_breaks or 'none'}",
+                  highlight=False)
+    console.print(_verdict(s.ok))
 
 
 def _print_summary(reports, errors) -> None:

@@ -247,6 +247,18 @@ class RankGroup:
     def broadcast(self, msg: tuple) -> None:
         self.run(send, msg, self.control)
 
+    def wait_device(self) -> None:
+        """Wait for the driver's queued GPU work (NCCL collectives included) by polling, so a
+        worker that dies mid-step is noticed here rather than blocking a later CUDA sync."""
+        if self.backend != "nccl":
+            return
+        done = torch.cuda.Event()
+        done.record()
+        while not done.query():
+            if self.failure is not None:
+                self.check()
+            time.sleep(20e-6)
+
     def close(self, graceful: bool = True) -> None:
         """Stop the workers and leave the group (idempotent)."""
         if self.closed:
@@ -349,7 +361,9 @@ class Executor:
         if self._group is None:
             with self._tp1():
                 return self.driver.execute(model_input)
-        return self._group.run(self.driver.execute, model_input)
+        out = self._group.run(self.driver.execute, model_input)
+        self._group.run(self._group.wait_device)
+        return out
 
     def collective_rpc(self, fn: str | Callable, *args) -> list:
         """fn(worker, *args), or worker.fn(*args) for a name, on every rank; results by rank.

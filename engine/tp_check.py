@@ -76,6 +76,9 @@ class ShardingReport:
     greedy_match: bool  # every decode step's TP=N argmax is TP=1's greedy token
     logits_tolerance: float
     reference_tokens: list[int] = field(default_factory=list)
+    # positions whose argmax differs although TP=1's top two are further apart than the
+    # tolerance (a difference at a near-tie is rounding, not a sharding error)
+    argmax_breaks: list[int] = field(default_factory=list)
 
     @property
     def params_ok(self) -> bool:
@@ -83,7 +86,7 @@ class ShardingReport:
 
     @property
     def logits_ok(self) -> bool:
-        return self.logits_max_abs <= self.logits_tolerance and self.greedy_match
+        return self.logits_max_abs <= self.logits_tolerance and not self.argmax_breaks
 
     @property
     def ok(self) -> bool:
@@ -352,14 +355,38 @@ def verify_sharding(model_dir: str | Path, tp: int, device: str = "cpu", *,
     max_abs = diff.max().item()
     top1 = (tp_logits.argmax(-1) == ref_logits.argmax(-1)).float().mean().item()
     decode_argmax = tp_logits[len(ids) - 1:len(ids) - 1 + decode_steps].argmax(-1).tolist()
+    tol = logits_tolerance if logits_tolerance is not None else default_logits_tolerance(dtype)
+    ours, theirs = tp_logits.argmax(-1), ref_logits.argmax(-1)
+    gap = ref_logits.gather(1, theirs[:, None]) - ref_logits.gather(1, ours[:, None])
+    breaks = ((ours != theirs) & (gap[:, 0] > tol)).nonzero().flatten().tolist()
     return ShardingReport(
         model=str(model_dir), tp=tp, device=device, dtype=dtype, params=checks,
         prompt_len=len(ids), decode_steps=decode_steps, logits_max_abs=max_abs,
         logits_max_rel=max_abs / max(ref_logits.abs().max().item(), 1e-30),
         top1_agreement=top1, greedy_match=decode_argmax == ref_tokens[:decode_steps],
-        logits_tolerance=(logits_tolerance if logits_tolerance is not None
-                          else default_logits_tolerance(dtype)),
-        reference_tokens=ref_tokens)
+        logits_tolerance=tol, reference_tokens=ref_tokens, argmax_breaks=breaks)
+
+
+def verify_model_sharding(model: str | Path, tp: int, device: str = "auto",
+                          dtype: str = "auto", seed: int = 0) -> ShardingReport:
+    """verify_sharding for MODEL as `aphro parity-check` names it: a local checkpoint folder, or
+    a spec / registered architecture checked on a tiny random checkpoint (made with `seed`, as
+    parity's is, in a temporary folder)."""
+    import tempfile
+
+    from engine.worker import resolve_device
+
+    device = str(resolve_device(device))
+    dtype = _default_dtype(device) if dtype in (None, "auto") else dtype
+    if Path(model).is_dir():
+        return verify_sharding(model, tp, device, dtype=dtype)
+    from engine.parity import tiny_checkpoint_for
+
+    with tempfile.TemporaryDirectory(prefix="aphro-tp-") as tmp:
+        ckpt = tiny_checkpoint_for(model, Path(tmp) / "ckpt", seed=seed)
+        report = verify_sharding(ckpt, tp, device, dtype=dtype)
+    report.model = str(model)
+    return report
 
 
 def decode_latency(model_dir: str | Path, tp: int, input_len: int = 128, output_len: int = 128,

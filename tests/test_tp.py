@@ -234,6 +234,24 @@ def test_planted_bug_is_caught(plant, group_name, words, logits_differ, tp, grou
         assert verify_sharding(checkpoint("llama"), tp, group=group).ok
 
 
+def test_parity_check_cli_shows_the_sharding_table(tp, group, monkeypatch):
+    """`aphro parity-check MODEL --tp N`: the engine-vs-HF tables, then the sharding table."""
+    from click.testing import CliRunner
+
+    import engine.tp_check
+    from aphro_cli.main import cli
+
+    monkeypatch.setattr(llm_engine, "Executor", lambda cfg: Executor(cfg) if
+                        cfg.tensor_parallel_size == 1 else Executor(cfg, group=group))
+    monkeypatch.setattr(engine.tp_check, "verify_sharding",
+                        functools.partial(engine.tp_check.verify_sharding, group=group))
+    result = CliRunner().invoke(cli, ["parity-check", "llama", "--tp", str(tp), "--device",
+                                      "cpu", "--no-chunked", "--max-new-tokens", "2"])
+    assert result.exit_code == 0, result.output
+    assert f"sharding over {tp} ranks" in result.output
+    assert "[q | k | v]" in result.output and "argmax breaks none" in result.output
+
+
 def _few_blocks_on_rank_1():
     if get_tp_rank() != 1:
         return None
@@ -393,7 +411,8 @@ def test_cuda_verify_sharding_bf16(family, tp, shared, checkpoint):
         with open(os.environ["APHRO_TP_REPORT"], "a") as f:
             f.write(json.dumps({"family": family} | report.to_dict()) + "\n")
     assert report.params_ok, [(p.name, p.problem) for p in report.failures()]
-    assert report.logits_max_abs <= report.logits_tolerance and report.top1_agreement >= 0.9
+    # bf16: argmax may differ only at near-ties of the TP=1 logits (within the tolerance)
+    assert report.ok, (report.logits_max_abs, report.argmax_breaks)
 
 
 CUDA_CRASH_SCRIPT = """
