@@ -278,9 +278,14 @@ class RankGroup:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        if dist.is_initialized():
-            with contextlib.suppress(RuntimeError, ValueError):
-                dist.destroy_process_group()
+        if dist.is_initialized():  # in a thread: a communicator stuck on a dead peer must not
+            def destroy() -> None:  # turn a worker's failure into a hang here
+                with contextlib.suppress(RuntimeError, ValueError):
+                    dist.destroy_process_group()
+
+            leave = threading.Thread(target=destroy, name="aphro-tp-destroy", daemon=True)
+            leave.start()
+            leave.join(timeout=30 if graceful else 5)
         set_tensor_parallel(0, 1, None)
         self.store = None
 
