@@ -215,9 +215,11 @@ def _print_sharding(s) -> None:
 
 def _print_summary(reports, errors) -> None:
     where = {(r.dtype, r.device) for r in reports}
-    table = _table("model", "pos", "max |Δ|", "max KL", "top-1", "greedy", "load", "result",
+    table = _table("model", "max |Δ|", "max KL", "top-1", "greedy", "load", "result",
                    title="every registered model (tiny config) vs HF float32"
                    + "".join(f", engine {d} on {v}" for d, v in sorted(where)))
+    positions = sorted({sum(p.num_positions for run in r.runs for p in run.prompts)
+                        for r in reports if r.runs})
     notes = []
     for r in reports:
         prompts = [p for run in r.runs for p in run.prompts]
@@ -225,14 +227,14 @@ def _print_summary(reports, errors) -> None:
         worst, kl = _worst([p.max_abs for p in prompts]), _worst([p.max_kl for p in prompts])
         top1 = (sum(p.top1_agreement * p.num_positions for p in prompts) / n) if n else None
         problems = sum(len(r.load.get(k, [])) for k in ("missing", "unexpected", "misshaped"))
-        table.add_row(r.model, str(n), _fmt(worst), _fmt(kl),
+        table.add_row(r.model, _fmt(worst), _fmt(kl),
                       "-" if top1 is None else f"{top1:.0%}",
                       f"{sum(p.greedy_ok for p in prompts)}/{len(prompts)}",
                       "ok" if r.load_ok else f"[red]{problems} bad[/]", _verdict(r.passed))
         if not r.passed:
             notes.append(f"{r.model}: {_why(r)}")
     for name, msg in errors.items():
-        table.add_row(name, "", "", "", "", "", "", _verdict(False))
+        table.add_row(name, "", "", "", "", "", _verdict(False))
         notes.append(f"{name}: [red]error:[/] {msg}")
     console.print(table)
     for note in notes:
@@ -240,6 +242,8 @@ def _print_summary(reports, errors) -> None:
     failed = [r.model for r in reports if not r.passed] + list(errors)
     total = len(reports) + len(errors)
     console.print(f"{total - len(failed)}/{total} models pass"
+                  + (f" ({'/'.join(map(str, positions))} logit positions compared each)"
+                     if positions else "")
                   + (f"; `aphro parity-check {failed[0]}` shows the details" if failed else ""),
                   highlight=False)
 

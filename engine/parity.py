@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from engine.errors import AphroError, SpecError
+from engine.errors import AphroError
 from engine.parity_localize import (
     Capture,
     Localization,
@@ -192,41 +192,22 @@ def tiny_config_for(model: str | Path):
     path, a name in model_specs/, or a registered architecture a spec declares), else a
     generic tiny config of the architecture's HF model type."""
     from engine.models.registry import supported_architectures
+    from engine.spec import load_spec, tiny_hf_config
 
-    path = Path(model)
-    name = str(model)
-    if path.suffix == ".toml" or (SPECS_DIR / f"{name}.toml").is_file():
-        spec = _spec_module()
-        return spec.tiny_hf_config(spec.load_spec(path if path.suffix == ".toml"
-                                                  else SPECS_DIR / f"{name}.toml"))
+    path, name = Path(model), str(model)
+    if path.suffix == ".toml":
+        return tiny_hf_config(load_spec(path))
+    if (SPECS_DIR / f"{name}.toml").is_file():
+        return tiny_hf_config(load_spec(SPECS_DIR / f"{name}.toml"))
     if name not in supported_architectures():
         raise AphroError(f"{name!r} is not a checkpoint folder, a spec or a registered "
                          f"architecture (registered: {', '.join(supported_architectures())}); "
                          "pass a local HF checkpoint folder, a model_specs/*.toml or one of those")
-    spec_file = _spec_declaring(name)
-    if spec_file is not None:
-        spec = _spec_module()
-        return spec.tiny_hf_config(spec.load_spec(spec_file))
-    return _generic_tiny_config(name)
-
-
-def _spec_module():
-    try:
-        from engine import spec
-    except ImportError as e:
-        raise SpecError(f"specs cannot be read here: {e}") from e
-    return spec
-
-
-def _spec_declaring(architecture: str) -> Path | None:
-    """The spec in model_specs/ that lists `architecture`, if any."""
-    if not SPECS_DIR.is_dir():
-        return None
-    spec = _spec_module()
     for file in sorted(SPECS_DIR.glob("*.toml")):
-        if architecture in spec.load_spec(file).model.architectures:
-            return file
-    return None
+        spec = load_spec(file)
+        if name in spec.model.architectures:
+            return tiny_hf_config(spec)
+    return _generic_tiny_config(name)
 
 
 def _generic_tiny_config(architecture: str):
