@@ -1,13 +1,15 @@
 """Where an engine model departs from transformers, and which checkpoint tensors it mishandled.
 
-Localization: forward hooks record the output of the embedding, of every decoder layer and of each
-sub-layer inside it (norms, attention, MLP) on both sides for the same prefill. Engine models keep
-the HF checkpoint's module names, so one dotted name addresses the same sub-layer on both sides.
-The first point whose relative error passes the threshold is named ("layer 0 self_attn").
+Localization: forward hooks on both sides record, for one prefill of the same tokens, the input
+of decoder layer 0 (the embeddings), the output of every sub-layer (norms, attention, MLP) and of
+every layer, and what follows the layers (the final norm). Engine models keep the HF checkpoint's
+module names, so one dotted name addresses the same module on both sides. `localize` goes stage
+by stage and, inside the first layer that diverges, names its first diverging sub-layer.
 
-Our decoder layers return (hidden, residual) with the residual add deferred to the next norm, so a
-layer's true output is the sum of its tuple parts; any other module's output is its first part
-(a fused norm returns (normed, residual sum); HF attention returns (output, weights)).
+Our decoder layers take (positions, hidden, residual, ...) and return (update, residual) with the
+residual add deferred to the next norm, so a layer's true input and output are the sums of those
+parts; any other module's output is its first part (a fused norm returns (normed, residual sum);
+HF attention returns (output, weights)).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -23,7 +25,7 @@ from torch import nn
 from engine.loader import LoadTracker
 
 # HF sub-modules that produce no comparable hidden state
-_SKIP_PARTS = ("rotary", "dropout", "drop", "act")
+_SKIP_PARTS = ("rotary", "drop", "act")
 
 
 @contextlib.contextmanager
@@ -187,9 +189,6 @@ class Localization:
     first_divergence: str | None = None  # label of the first diverged point
     first_module: str | None = None  # its dotted name
     verdict: str = ""
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def point_label(name: str, layers: str | None) -> str:
