@@ -80,3 +80,48 @@ def throughput(model, preset, num_prompts, input_len, output_len, device, dtype,
     console.print(table)
     if "speedup" in report:
         console.print(f"engine / HF: {report['speedup']:.2f}x")
+
+
+@bench.command()
+@click.argument("model", required=False, type=click.Path(exists=True, file_okay=False))
+@click.option("--preset", default="llama-8b", show_default=True,
+              help="Without MODEL: random weights of this Llama shape (tiny, llama-1b, llama-8b).")
+@click.option("--tp", "tp_sizes", type=int, multiple=True,
+              help="Tensor-parallel size; repeat to compare (--tp 1 --tp 2). Default 1.")
+@click.option("--input-len", default=128, show_default=True)
+@click.option("--output-len", default=128, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--dtype", default="bfloat16", show_default=True)
+@click.option("--eager-too", is_flag=True, help="Also run without CUDA graphs.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False),
+              help="Append one JSON line per run to this file.")
+@handle_errors
+def latency(model, preset, tp_sizes, input_len, output_len, device, dtype, eager_too, json_path):
+    """Batch-1 decode latency (ms per token) at one or more tensor-parallel sizes.
+
+    With MODEL the checkpoint's weights are loaded; without it only a config is written and the
+    weights are random (nothing to download or save), so large shapes start in seconds.
+    """
+    from engine.benchmark import decode_latency, preset_config_dir
+
+    table = Table("TP", "CUDA graphs", "prefill ms", "decode ms (median)", "decode ms (mean)",
+                  "tok/s", "weights/rank GB")
+    with tempfile.TemporaryDirectory(prefix="aphro-bench-") as tmp:
+        path, load_format = ((model, "auto") if model is not None
+                             else (str(preset_config_dir(preset, tmp)), "dummy"))
+        for eager in (False, True) if eager_too else (False,):
+            for tp in tp_sizes or (1,):
+                r = decode_latency(path, tp, input_len, output_len, dtype=dtype, device=device,
+                                   load_format=load_format, enforce_eager=eager)
+                r["model"] = model or preset
+                if json_path:
+                    with open(json_path, "a") as f:
+                        f.write(json.dumps(r) + "\n")
+                console.print(f"tp={tp} graphs={r['cuda_graphs']}: decode median "
+                              f"{r['decode_ms_median']:.3f} ms", highlight=False)
+                table.add_row(str(tp), str(r["cuda_graphs"]), f"{r['prefill_ms']:.2f}",
+                              f"{r['decode_ms_median']:.3f}", f"{r['decode_ms_mean']:.3f}",
+                              f"{r['decode_tok_s']:.1f}", f"{r['weight_bytes_per_rank'] / 1e9:.2f}")
+    console.print(f"{model or preset} {dtype}: batch 1, {input_len} prompt tokens, "
+                  f"{output_len} generated")
+    console.print(table)

@@ -5,10 +5,15 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
+import os
 import sys
+import tempfile
+import traceback
+from typing import ClassVar
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
 from engine.errors import AphroError
 
@@ -17,18 +22,31 @@ err_console = Console(stderr=True)
 
 
 def handle_errors(fn):
-    """Print AphroError (and bad-input ValueErrors from the engine) as one red line, exit 2."""
+    """User errors (AphroError) print as one red line and exit 2. Anything else is a bug in aphro:
+    one line naming it and a file holding the traceback, exit 3 (APHRO_TRACEBACK=1 re-raises)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except AphroError as e:
-            err_console.print(f"[bold red]error:[/] {e}", highlight=False, markup=True)
+            err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
             sys.exit(2)
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]")
             sys.exit(130)
+        except (click.exceptions.Exit, click.ClickException, SystemExit):
+            raise
+        except Exception as e:
+            if os.environ.get("APHRO_TRACEBACK"):
+                raise
+            with tempfile.NamedTemporaryFile("w", prefix="aphro-traceback-", suffix=".txt",
+                                             delete=False) as f:
+                traceback.print_exc(file=f)
+            err_console.print(f"[bold red]internal error:[/] {escape(type(e).__name__)}: "
+                              f"{escape(str(e))}\n(traceback in {escape(f.name)}; "
+                              "APHRO_TRACEBACK=1 prints it)", highlight=False)
+            sys.exit(3)
 
     return wrapper
 
@@ -36,7 +54,7 @@ def handle_errors(fn):
 class LazyGroup(click.Group):
     """Subcommands live in their own modules, imported only when used (fast `aphro --help`)."""
 
-    commands_by_module = {
+    commands_by_module: ClassVar[dict[str, tuple[str, str]]] = {
         "generate": ("aphro_cli.generate", "generate"),
         "new-model": ("aphro_cli.new_model", "new_model"),
         "parity-check": ("aphro_cli.parity", "parity_check"),

@@ -18,4 +18,4 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
-__all__ = ["LLM", "LLMEngine", "SamplingParams", "AphroError", "register_model"]
+__all__ = ["LLM", "AphroError", "LLMEngine", "SamplingParams", "register_model"]

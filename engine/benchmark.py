@@ -69,8 +69,8 @@ def _hf_throughput(model, prompts, output_len, device, dtype, batch_size) -> dic
 
     hf = AutoModelForCausalLM.from_pretrained(model, dtype=dtype).to(device).eval()
     ids = torch.tensor(prompts, device=device)  # all prompts have one length: no padding
-    kwargs = dict(max_new_tokens=output_len, min_new_tokens=output_len, do_sample=False,
-                  pad_token_id=0)
+    kwargs = {"max_new_tokens": output_len, "min_new_tokens": output_len, "do_sample": False,
+                  "pad_token_id": 0}
     with torch.no_grad():
         hf.generate(ids[:2], max_new_tokens=4, do_sample=False, pad_token_id=0)
         _sync(device)
@@ -84,25 +84,98 @@ def _hf_throughput(model, prompts, output_len, device, dtype, batch_size) -> dic
     return {"hf_s": elapsed, "hf_output_tok_s": generated / elapsed, "hf_batch_size": batch_size}
 
 
-def make_random_checkpoint(out_dir: str | Path, preset: str = "llama-1b",
-                           dtype: torch.dtype = torch.bfloat16) -> Path:
-    """A random-weight Llama of a real shape (no download), for benchmarks on a GPU."""
+# Random-weight Llama shapes for benchmarks on a GPU (no download)
+PRESETS = {
+    "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512},
+    "llama-1b": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+                 "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 32768},
+    "llama-8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                 "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256},
+}
+
+
+def preset_config(preset: str):
     from transformers import LlamaConfig
 
-    from engine.tiny import make_tiny_checkpoint
-
-    shapes = {
-        "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, vocab_size=512),
-        "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                         num_attention_heads=32, num_key_value_heads=8, vocab_size=32768),
-        "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                         num_attention_heads=32, num_key_value_heads=8, vocab_size=128256),
-    }
-    if preset not in shapes:
+    if preset not in PRESETS:
         from engine.errors import ConfigError
 
-        raise ConfigError(f"preset {preset!r}: one of {', '.join(shapes)}")
-    config = LlamaConfig(**shapes[preset], max_position_embeddings=8192, rope_theta=500000.0,
-                         bos_token_id=0, eos_token_id=1, architectures=["LlamaForCausalLM"])
-    return make_tiny_checkpoint(config, Path(out_dir), dtype=dtype)
+        raise ConfigError(f"preset {preset!r}: one of {', '.join(PRESETS)}")
+    return LlamaConfig(**PRESETS[preset], max_position_embeddings=8192, rope_theta=500000.0,
+                       bos_token_id=0, eos_token_id=1, torch_dtype="bfloat16",
+                       architectures=["LlamaForCausalLM"])
+
+
+def make_random_checkpoint(out_dir: str | Path, preset: str = "llama-1b",
+                           dtype: torch.dtype = torch.bfloat16) -> Path:
+    """A random-weight Llama of a preset shape, saved as safetensors with a tokenizer."""
+    from engine.tiny import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(preset_config(preset), Path(out_dir), dtype=dtype)
+
+
+def preset_config_dir(preset: str, out_dir: str | Path) -> Path:
+    """A folder holding only the config.json of a preset shape (for load_format="dummy")."""
+    out = Path(out_dir)
+    preset_config(preset).save_pretrained(out)
+    return out
+
+
+def decode_latency(model_dir: str | Path, tp: int = 1, input_len: int = 128,
+                   output_len: int = 128, dtype: str = "bfloat16", device: str = "auto",
+                   load_format: str = "dummy", enforce_eager: bool = False,
+                   seed: int = 0) -> dict:
+    """One request (batch 1) of `input_len` random prompt tokens and `output_len` greedy tokens
+    at tensor_parallel_size=`tp`; the time of every engine step (scheduling, the broadcast to
+    the ranks, the model, sampling), CUDA-synchronised. With load_format="dummy" the weights
+    are random and only config.json is read. Also reports the weight bytes each rank streams
+    per decode step, for the memory roofline."""
+    import statistics
+
+    from engine.config import CacheConfig, SchedulerConfig
+    from engine.llm_engine import LLMEngine
+    from engine.worker import WorkerConfig
+
+    block = 16
+    max_len = input_len + output_len + block
+    batched = max(2048, input_len)
+    cfg = WorkerConfig(model=str(model_dir), dtype=dtype, device=device, max_model_len=max_len,
+                       max_num_seqs=1, max_num_batched_tokens=batched,
+                       tensor_parallel_size=tp, enforce_eager=enforce_eager,
+                       load_format=load_format, seed=seed)
+    engine = LLMEngine(cfg, SchedulerConfig(max_num_seqs=1, max_model_len=max_len,
+                                            max_num_batched_tokens=batched),
+                       CacheConfig(block_size=block, num_blocks=-(-max_len // block) + 2,
+                                   enable_prefix_caching=False))
+    try:
+        dev = str(engine.worker.device)
+        weight_bytes = sum(p.numel() * p.element_size()
+                           for p in engine.worker.model.parameters())
+        ids = random_prompts(1, input_len, engine.vocab_size, seed)[0]
+
+        def run(n: int) -> list[float]:
+            engine.add_request(prompt_token_ids=ids, sampling_params=SamplingParams(
+                temperature=0, max_tokens=n, ignore_eos=True))
+            times = []
+            while engine.has_unfinished_requests():
+                _sync(dev)
+                t0 = time.perf_counter()
+                engine.step()
+                _sync(dev)
+                times.append(time.perf_counter() - t0)
+            return times
+
+        run(8)  # warm-up: kernels compiled, graphs replayed once
+        times = run(output_len)
+        decode = times[1:]
+        return {"model": str(model_dir), "tp": tp, "dtype": dtype, "device": dev,
+                "input_len": input_len, "output_len": output_len,
+                "cuda_graphs": dev.startswith("cuda") and not enforce_eager,
+                "weight_bytes_per_rank": weight_bytes,
+                "prefill_ms": times[0] * 1e3,
+                "decode_ms_median": statistics.median(decode) * 1e3,
+                "decode_ms_mean": statistics.fmean(decode) * 1e3,
+                "decode_tok_s": len(decode) / sum(decode)}
+    finally:
+        engine.close()

@@ -80,8 +80,24 @@ class LLM:
 
     def _run(self, request_ids: list[str]) -> list[RequestOutput]:
         results: dict[str, RequestOutput] = {}
-        while self.engine.has_unfinished_requests():
-            for out in self.engine.step():
-                if out.finished:
-                    results[out.request_id] = out
+        try:
+            while self.engine.has_unfinished_requests():
+                for out in self.engine.step():
+                    if out.finished:
+                        results[out.request_id] = out
+        except BaseException:  # Ctrl-C or a failed step: free the blocks, keep the engine usable
+            for rid in request_ids:
+                if rid not in results:
+                    self.engine.abort_request(rid)
+            raise
         return [results[rid] for rid in request_ids]
+
+    def close(self) -> None:
+        """Stop tensor-parallel workers and free the KV cache; the LLM is unusable afterwards."""
+        self.engine.close()
+
+    def __enter__(self) -> LLM:  # noqa: PYI034 (Self needs Python 3.11)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -14,12 +14,12 @@ from engine.block_manager import BlockManager
 from engine.config import CacheConfig, SchedulerConfig
 from engine.detokenizer import IncrementalDetokenizer, find_stop_string, visible_text
 from engine.errors import ConfigError, RequestError
+from engine.executor import Executor
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.sampler import Sampler, SamplingMetadata
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence, SequenceStatus
-from engine.executor import Executor
 from engine.worker import WorkerConfig
 
 

@@ -6,11 +6,13 @@ and `.bin` files are only read through `torch.load(weights_only=True)`.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import os
 import pickle
 import struct
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -306,8 +308,23 @@ class WeightReport:
         return "\n".join(lines)
 
     def raise_if_errors(self, model_name: str) -> None:
-        if not self.ok:
-            raise CheckpointError(self.error_message(model_name))
+        if not self.ok and _strict_loading.get():
+            raise CheckpointError(self.error_message(model_name), report=self)
+
+
+_strict_loading = contextvars.ContextVar("aphro_strict_loading", default=True)
+
+
+@contextlib.contextmanager
+def non_strict_loading() -> Iterator[None]:
+    """Let load_weights finish on a checkpoint that does not match the model, so the tracker it
+    returns names every missing, unused and misshaped tensor (normally the mismatch raises
+    CheckpointError). Scoped to this context (and thread)."""
+    token = _strict_loading.set(False)
+    try:
+        yield
+    finally:
+        _strict_loading.reset(token)
 
 
 def check_loaded(expected: Mapping[str, tuple[int, ...]],
@@ -332,7 +349,11 @@ class LoadTracker:
     """
 
     def __init__(self, params: Iterable[str],
-                 shards: Mapping[str, list | tuple | set] | None = None) -> None:
+                 shards: Mapping[str, list | tuple | set] | None = None,
+                 shard_name: Callable[[str, Any], str | None] | None = None) -> None:
+        # shard_name(param, shard_id): the checkpoint tensor a missing shard comes from, so the
+        # report names what the checkpoint lacks ("...up_proj.weight"), not the fused parameter
+        self._shard_name = shard_name
         self._needed: dict[str, set] = {p: set() for p in params}
         for param, ids in (shards or {}).items():
             if param not in self._needed:
@@ -370,7 +391,10 @@ class LoadTracker:
             if done is None:
                 missing.append(param)
             else:
-                missing += [f"{param} (shard {s!r})" for s in sorted(shards - done, key=str)]
+                for shard in sorted(shards - done, key=str):
+                    name = self._shard_name(param, shard) if self._shard_name else None
+                    missing.append(f"{name} (part {shard!r} of {param})" if name
+                                   else f"{param} (shard {shard!r})")
         return WeightReport(missing=missing, unexpected=list(self._unused),
                             misshaped=list(self._misshaped))
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from engine.errors import AphroError
+from engine.loader import non_strict_loading
 from engine.parity_localize import (
     Capture,
     Localization,
@@ -30,7 +31,6 @@ from engine.parity_localize import (
     layer_list_name,
     load_hints,
     localize,
-    non_strict_loading,
     probe_names,
 )
 

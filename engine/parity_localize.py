@@ -14,31 +14,14 @@ HF attention returns (output, weights)).
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
-from engine.loader import LoadTracker
-
 # HF sub-modules that produce no comparable hidden state
 _SKIP_PARTS = ("rotary", "drop", "act")
-
-
-@contextlib.contextmanager
-def non_strict_loading() -> Iterator[None]:
-    """Let every model's load_weights finish on a checkpoint that does not match it, so the
-    tracker it returns names every missing, unused and misshaped tensor (normally the first
-    check raises CheckpointError). Scoped: the strict check is back on exit."""
-    strict = LoadTracker.raise_if_errors
-    LoadTracker.raise_if_errors = lambda self, model_name: None
-    try:
-        yield
-    finally:
-        LoadTracker.raise_if_errors = strict
 
 
 def layer_list_name(model: nn.Module, num_layers: int | None) -> str | None:

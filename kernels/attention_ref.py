@@ -21,7 +21,7 @@ def paged_attention_ref(
 ) -> torch.Tensor:
     """Each sequence's queries are its last query_len positions; each attends causally to the
     sequence's cached keys (and, with a sliding window W, only to the last W of them)."""
-    num_tokens, num_heads, head_dim = query.shape
+    num_tokens, num_heads, _ = query.shape
     block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
     num_seqs = context_lens.shape[0]
     device = query.device

@@ -219,6 +219,26 @@ def test_n_samples_and_abort(llm):
     eng.check_invariants()
 
 
+def test_failed_step_aborts_its_requests_and_keeps_the_engine_usable(tiny_llama_dir):
+    with LLM(str(tiny_llama_dir), device="cpu", num_kv_blocks=32) as llm:
+        eng, real_step, calls = llm.engine, llm.engine.step, []
+
+        def failing_step():
+            calls.append(1)
+            if len(calls) == 3:
+                raise KeyboardInterrupt
+            return real_step()
+
+        eng.step = failing_step
+        with pytest.raises(KeyboardInterrupt):
+            llm.generate(["one prompt", "another prompt"], greedy())
+        check_no_leak(llm)
+        eng.step = real_step
+        again = llm.generate(["one prompt"], greedy())
+        assert len(again[0].outputs[0].token_ids) == NEW_TOKENS
+        check_no_leak(llm)
+
+
 def test_prompt_too_long_and_bad_values(tiny_llama_dir):
     from engine.errors import RequestError
 
@@ -245,8 +265,11 @@ def test_missing_tensor_and_truncated_file(tiny_llama_dir, tmp_path):
     weights = load_file(bad / "model.safetensors")
     del weights["model.layers.1.mlp.up_proj.weight"]
     save_file(weights, bad / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(CheckpointError, match=r"model\.layers\.1\.mlp\.gate_up_proj"):
+    with pytest.raises(CheckpointError, match=r"missing: model\.layers\.1\.mlp\.up_proj\.weight "
+                       r"\(part 1 of model\.layers\.1\.mlp\.gate_up_proj\.weight\)") as err:
         LLM(str(bad), device="cpu", num_kv_blocks=16)
+    report = err.value.report
+    assert len(report.missing) == 1 and not report.unexpected and not report.misshaped
 
     cut = tmp_path / "truncated"
     shutil.copytree(tiny_llama_dir, cut)

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.distributed import REPLICATED, ShardSpec
 from kernels import ops
 
 
@@ -22,6 +23,9 @@ class RMSNorm(nn.Module):
         out, res = ops.rms_norm(x, self.weight, self.eps, residual, self.weight_offset)
         return out if residual is None else (out, res)
 
+    def tp_shard_spec(self, param_name: str) -> ShardSpec | None:
+        return REPLICATED if param_name == "weight" else None
+
 
 class LayerNorm(nn.LayerNorm):
     """torch LayerNorm with the same (x, residual) calling convention as RMSNorm."""
@@ -37,3 +41,6 @@ class LayerNorm(nn.LayerNorm):
             x = x + residual
             return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps), x
         return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+    def tp_shard_spec(self, param_name: str) -> ShardSpec | None:
+        return REPLICATED if param_name in ("weight", "bias") else None

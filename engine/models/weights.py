@@ -42,7 +42,15 @@ def load_params(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
         for fused, shard in packed_modules.values():
             if f".{fused}." in f".{name}":
                 needed.setdefault(name, set()).add(shard)
-    tracker = LoadTracker(params, needed)
+    pieces = {(fused, shard): piece for piece, (fused, shard) in packed_modules.items()}
+
+    def shard_name(param: str, shard) -> str | None:
+        for (fused, sid), piece in pieces.items():
+            if sid == shard and f".{fused}." in f".{param}":
+                return param.replace(f"{fused}.", f"{piece}.", 1)
+        return None
+
+    tracker = LoadTracker(params, needed, shard_name)
     tied = getattr(model, "tie_word_embeddings", False)
     head_name = getattr(model, "lm_head_weight_name", "lm_head.weight")
     tied_head: tuple[str, torch.Tensor] | None = None
