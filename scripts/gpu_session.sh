@@ -1,25 +1,76 @@
 #!/usr/bin/env bash
-# One batched GPU session (through the device tool): the whole test suite on CUDA, then the engine
-# beside HF generate on a random-weight Llama. Prints a short table last; logs go to $OUT.
+# One batched GPU session (through the device tool). STAGES picks what runs (default: all):
+#   check    the whole test suite on the GPU(s), and beside it (correctness only, no timing)
+#            `aphro parity-check --tp N` of every family in bf16 for N = 2 .. number of GPUs
+#   perf     `aphro bench throughput` (engine beside HF generate) for each of BENCH_PRESETS,
+#            then `aphro bench latency` at batch 1 on the Llama-3-8B shape, TP 1 .. GPUs
+# Logs and JSON go to $OUT; a short table is printed last.
 set -u
-export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 OUT=${OUT:-/tmp/aphro-gpu}; mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
-timeout ${PYTEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider ${PYTEST_ARGS:-tests} 2>&1 | tee "$OUT/pytest.log" | tail -15
-for preset in ${BENCH_PRESETS:-llama-1b}; do
-  timeout ${BENCH_TIMEOUT:-240} python3 -m aphro_cli.main bench throughput --preset "$preset" \
-    --num-prompts ${NUM_PROMPTS:-64} --input-len ${INPUT_LEN:-512} --output-len ${OUTPUT_LEN:-128} \
-    --json > "$OUT/bench-$preset.json" 2> "$OUT/bench-$preset.err" || tail -5 "$OUT/bench-$preset.err"
-  python3 - "$OUT/bench-$preset.json" <<'PY'
+STAGES=${STAGES:-check perf}
+GPUS=$(nvidia-smi -L | wc -l)
+APHRO="python3 -m aphro_cli.main"
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c "import torch, triton, transformers, sys; print('python', sys.version.split()[0],
+'torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+  git log -1 --format='commit %h %s' 2>/dev/null; date -u; } | tee "$OUT/machine.txt"
+
+summary=()
+if [[ " $STAGES " == *" check "* ]]; then
+  pids=()
+  for ((tp = 2; tp <= GPUS; tp++)); do
+    ( timeout "${PARITY_TIMEOUT:-480}" $APHRO parity-check --tp $tp --dtype bfloat16 --json \
+        > "$OUT/parity-tp$tp.json" 2> "$OUT/parity-tp$tp.err"; echo $? > "$OUT/parity-tp$tp.rc" ) &
+    pids+=($!)
+  done
+  timeout "${PYTEST_TIMEOUT:-500}" python3 -m pytest -q -rfEs -p no:cacheprovider --durations=15 \
+    ${PYTEST_ARGS:-tests} > "$OUT/pytest.log" 2>&1
+  summary+=("pytest (rc $?): $(grep -E '(passed|failed|error)' "$OUT/pytest.log" | tail -1)")
+  wait "${pids[@]}" 2>/dev/null
+  for ((tp = 2; tp <= GPUS; tp++)); do
+    summary+=("$(python3 - "$OUT/parity-tp$tp.json" "$(cat "$OUT/parity-tp$tp.rc")" $tp <<'PY'
 import json, sys
+path, rc, tp = sys.argv[1:]
 try:
-    r = json.loads(open(sys.argv[1]).read().split("\n", 0)[0][open(sys.argv[1]).read().index("{"):])
+    r = json.load(open(path))
 except Exception as e:
-    print("bench failed:", e); sys.exit(0)
-print(f"{r['model'][-20:]:20s} {r['dtype']} {r['num_prompts']}x{r['input_len']}+{r['output_len']}: "
-      f"engine {r['engine_output_tok_s']:.0f} tok/s ({r['engine_s']:.2f}s), "
-      f"HF {r['hf_output_tok_s']:.0f} tok/s ({r['hf_s']:.2f}s), speedup {r['speedup']:.2f}x, "
-      f"KV blocks {r['kv_blocks']}")
+    print(f"parity-check --tp {tp}: rc {rc}, no report ({e})"); sys.exit()
+ok = [x["model"] for x in r["reports"] if x["passed"]]
+bad = [x["model"] for x in r["reports"] if not x["passed"]] + list(r["errors"])
+shard = r.get("sharding", {})
+print(f"parity-check --tp {tp} bf16: {len(ok)}/{len(ok) + len(bad)} pass HF parity"
+      f"{' (failed: ' + ', '.join(bad) + ')' if bad else ''}; sharding ok "
+      f"{sum(s['ok'] for s in shard.values())}/{len(shard)}")
 PY
-done
+)")
+  done
+fi
+
+if [[ " $STAGES " == *" perf "* ]]; then
+  for preset in ${BENCH_PRESETS:-llama-1b}; do
+    timeout "${BENCH_TIMEOUT:-240}" $APHRO bench throughput --preset "$preset" \
+      --num-prompts "${NUM_PROMPTS:-64}" --input-len "${INPUT_LEN:-512}" \
+      --output-len "${OUTPUT_LEN:-128}" --json > "$OUT/bench-$preset.json" 2> "$OUT/bench-$preset.err"
+    summary+=("$(python3 - "$OUT/bench-$preset.json" <<'PY'
+import json, sys
+text = open(sys.argv[1]).read()
+try:
+    r = json.loads(text[text.index("{"):])
+except Exception as e:
+    print("bench throughput failed:", e); sys.exit()
+print(f"throughput {r['model'][-12:]} {r['dtype']} {r['num_prompts']}x{r['input_len']}+"
+      f"{r['output_len']}: engine {r['engine_output_tok_s']:.0f} tok/s ({r['engine_s']:.2f} s), "
+      f"HF {r['hf_output_tok_s']:.0f} tok/s ({r['hf_s']:.2f} s), {r['speedup']:.2f}x, "
+      f"KV {r['kv_blocks']} blocks")
+PY
+)")
+  done
+  tps=""; for ((tp = 1; tp <= GPUS; tp *= 2)); do tps+=" --tp $tp"; done
+  timeout "${LATENCY_TIMEOUT:-240}" $APHRO bench latency --preset llama-8b $tps \
+    --json "$OUT/latency.jsonl" > "$OUT/latency.log" 2>&1
+  summary+=("latency (rc $?): $(grep -E '^tp=' "$OUT/latency.log" | tr '\n' ';')")
+fi
+
+echo; echo "== summary"; printf '%s\n' "${summary[@]}"

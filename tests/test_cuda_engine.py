@@ -3,6 +3,8 @@ close to HF. Skipped without CUDA (run through the device tool)."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -18,11 +20,16 @@ def _tokens(llm: LLM, n: int = 24) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in outs]
 
 
-def test_cuda_float32_matches_cpu_and_graphs_match_eager(tiny_llama_dir):
-    cpu = _tokens(LLM(str(tiny_llama_dir), device="cpu", num_kv_blocks=64))
-    eager = _tokens(LLM(str(tiny_llama_dir), device="cuda", dtype="float32", num_kv_blocks=64,
+@pytest.mark.parametrize("which", ["untied", "tied"])
+def test_cuda_float32_matches_cpu_and_graphs_match_eager(which, request):
+    ckpt = str(request.getfixturevalue("tiny_llama_dir" if which == "untied"
+                                       else "tiny_llama_tied_dir"))
+    cpu = _tokens(LLM(ckpt, device="cpu", num_kv_blocks=32))
+    eager = _tokens(LLM(ckpt, device="cuda", dtype="float32", num_kv_blocks=32,
                         enforce_eager=True))
-    graphs = LLM(str(tiny_llama_dir), device="cuda", dtype="float32", num_kv_blocks=64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a capture that falls back to eager fails here
+        graphs = LLM(ckpt, device="cuda", dtype="float32", num_kv_blocks=32)
     assert graphs.engine.worker.runner.graphs is not None
     assert eager == cpu
     assert _tokens(graphs) == cpu
