@@ -260,7 +260,11 @@ class RankGroup:
             time.sleep(20e-6)
 
     def close(self, graceful: bool = True) -> None:
-        """Stop the workers and leave the group (idempotent)."""
+        """Stop the workers and leave the group (idempotent).
+
+        Leaving an NCCL group can be collective (every rank shuts its communicators down
+        together), so the driver leaves while the workers do, not after they have exited; and a
+        group with a dead rank is aborted, which is local, rather than shut down."""
         if self.closed:
             return
         self.closed = True
@@ -272,22 +276,34 @@ class RankGroup:
                 graceful = False
         if getattr(self, "driver", None) is not None:
             self.driver.release()
+        graceful = graceful and self.failure is None
+        leave = None
+        if dist.is_initialized():  # in a thread: a communicator stuck on a dead peer must not
+            leave = threading.Thread(target=self._leave, args=(graceful,),  # hang close()
+                                     name="aphro-tp-leave", daemon=True)
+            leave.start()
         for proc in self.procs:
             try:
                 proc.wait(timeout=30 if graceful else 0.5)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        if dist.is_initialized():  # in a thread: a communicator stuck on a dead peer must not
-            def destroy() -> None:  # turn a worker's failure into a hang here
-                with contextlib.suppress(RuntimeError, ValueError):
-                    dist.destroy_process_group()
-
-            leave = threading.Thread(target=destroy, name="aphro-tp-destroy", daemon=True)
-            leave.start()
+        if leave is not None:
             leave.join(timeout=30 if graceful else 5)
+            if leave.is_alive() or dist.is_initialized():  # still stuck: drop it locally
+                self._leave(graceful=False)
         set_tensor_parallel(0, 1, None)
         self.store = None
+
+    def _leave(self, graceful: bool) -> None:
+        abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
+        with contextlib.suppress(RuntimeError, ValueError, AssertionError):
+            if not dist.is_initialized():
+                return
+            if graceful or self.backend != "nccl" or abort is None:
+                dist.destroy_process_group()
+            else:
+                abort()
 
 
 class Executor:

@@ -37,8 +37,8 @@ try:
     r = json.load(open(path))
 except Exception as e:
     print(f"parity-check --tp {tp}: rc {rc}, no report ({e})"); sys.exit()
-ok = [x["model"] for x in r["reports"] if x["passed"]]
-bad = [x["model"] for x in r["reports"] if not x["passed"]] + list(r["errors"])
+bad = sorted({x["model"] for x in r["reports"] if not x["passed"]} | set(r["errors"]))
+ok = sorted({x["model"] for x in r["reports"] if x["passed"]} - set(bad))
 shard = r.get("sharding", {})
 print(f"parity-check --tp {tp} bf16: {len(ok)}/{len(ok) + len(bad)} pass HF parity"
       f"{' (failed: ' + ', '.join(bad) + ')' if bad else ''}; sharding ok "

@@ -442,5 +442,5 @@ def test_cuda_worker_failure_is_an_error_not_a_hang(shared, checkpoint, tmp_path
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.run([sys.executable, str(script), str(checkpoint("llama")),
                            str(Path(__file__).parent)], env=env, capture_output=True, text=True,
-                          timeout=240, check=False)
+                          timeout=150, check=False)
     assert "CAUGHT tensor-parallel worker rank 1" in proc.stdout, proc.stderr[-3000:]
