@@ -51,6 +51,7 @@ from engine.worker import (
     RankState,
     WorkerConfig,
     init_groups,
+    leave_group,
     load_config,
     resolve_device,
     send,
@@ -260,11 +261,9 @@ class RankGroup:
             time.sleep(20e-6)
 
     def close(self, graceful: bool = True) -> None:
-        """Stop the workers and leave the group (idempotent).
-
-        Leaving an NCCL group can be collective (every rank shuts its communicators down
-        together), so the driver leaves while the workers do, not after they have exited; and a
-        group with a dead rank is aborted, which is local, rather than shut down."""
+        """Stop the workers and leave the group (idempotent). Every rank leaves on its own
+        (engine.worker.leave_group: NCCL groups are aborted, a local operation), so a late or
+        dead rank cannot block the others."""
         if self.closed:
             return
         self.closed = True
@@ -276,34 +275,19 @@ class RankGroup:
                 graceful = False
         if getattr(self, "driver", None) is not None:
             self.driver.release()
-        graceful = graceful and self.failure is None
-        leave = None
-        if dist.is_initialized():  # in a thread: a communicator stuck on a dead peer must not
-            leave = threading.Thread(target=self._leave, args=(graceful,),  # hang close()
-                                     name="aphro-tp-leave", daemon=True)
-            leave.start()
         for proc in self.procs:
             try:
                 proc.wait(timeout=30 if graceful else 0.5)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        if leave is not None:
-            leave.join(timeout=30 if graceful else 5)
-            if leave.is_alive() or dist.is_initialized():  # still stuck: drop it locally
-                self._leave(graceful=False)
+        if dist.is_initialized():  # in a thread, so that a stuck communicator cannot hang us
+            leave = threading.Thread(target=leave_group, args=(self.backend,),
+                                     name="aphro-tp-leave", daemon=True)
+            leave.start()
+            leave.join(timeout=30)
         set_tensor_parallel(0, 1, None)
         self.store = None
-
-    def _leave(self, graceful: bool) -> None:
-        abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
-        with contextlib.suppress(RuntimeError, ValueError, AssertionError):
-            if not dist.is_initialized():
-                return
-            if graceful or self.backend != "nccl" or abort is None:
-                dist.destroy_process_group()
-            else:
-                abort()
 
 
 class Executor:

@@ -337,7 +337,22 @@ def serve(rank: int, world: int, local_rank: int, control, store=None) -> None:
                 store.set(ERROR_KEY.format(rank), text[-4000:])
         os._exit(1)
     state.release()
-    dist.destroy_process_group()
+    leave_group(dist.get_backend())
+
+
+def leave_group(backend: str) -> None:
+    """Leave the default group and its subgroups. NCCL groups are aborted, which is local:
+    shutting communicators down is collective in some NCCL versions and blocks when a rank
+    is late or gone (seen on 2x H200). gloo groups are destroyed."""
+    abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
+    with contextlib.suppress(RuntimeError, ValueError, AssertionError):
+        if not dist.is_initialized():
+            return
+        if backend == "nccl" and abort is not None:
+            torch.cuda.synchronize()  # none of this rank's work is in flight
+            abort()
+        else:
+            dist.destroy_process_group()
 
 
 def worker_main() -> None:

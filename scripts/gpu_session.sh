@@ -21,11 +21,11 @@ summary=()
 if [[ " $STAGES " == *" check "* ]]; then
   pids=()
   for ((tp = 2; tp <= GPUS; tp++)); do
-    ( timeout "${PARITY_TIMEOUT:-480}" $APHRO parity-check --tp $tp --dtype bfloat16 --json \
+    ( timeout -s ABRT "${PARITY_TIMEOUT:-480}" $APHRO parity-check --tp $tp --dtype bfloat16 --json \
         > "$OUT/parity-tp$tp.json" 2> "$OUT/parity-tp$tp.err"; echo $? > "$OUT/parity-tp$tp.rc" ) &
     pids+=($!)
   done
-  timeout "${PYTEST_TIMEOUT:-500}" python3 -m pytest -q -rfEs -p no:cacheprovider --durations=15 \
+  timeout -s ABRT "${PYTEST_TIMEOUT:-500}" python3 -m pytest -q -rfEs -p no:cacheprovider --durations=15 \
     ${PYTEST_ARGS:-tests} > "$OUT/pytest.log" 2>&1
   summary+=("pytest (rc $?): $(grep -E '(passed|failed|error)' "$OUT/pytest.log" | tail -1)")
   wait "${pids[@]}" 2>/dev/null
