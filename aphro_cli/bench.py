@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import tempfile
 
 import click
 from rich.table import Table
 
 from aphro_cli.main import console, handle_errors
+from engine.errors import AphroError
 
 
 @click.group()
@@ -86,42 +89,67 @@ def throughput(model, preset, num_prompts, input_len, output_len, device, dtype,
 @click.argument("model", required=False, type=click.Path(exists=True, file_okay=False))
 @click.option("--preset", default="llama-8b", show_default=True,
               help="Without MODEL: random weights of this Llama shape (tiny, llama-1b, llama-8b).")
-@click.option("--tp", "tp_sizes", type=int, multiple=True,
+@click.option("--tp", "tp_sizes", type=click.IntRange(min=1), multiple=True,
               help="Tensor-parallel size; repeat to compare (--tp 1 --tp 2). Default 1.")
 @click.option("--input-len", default=128, show_default=True)
 @click.option("--output-len", default=128, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--dtype", default="bfloat16", show_default=True)
 @click.option("--eager-too", is_flag=True, help="Also run without CUDA graphs.")
+@click.option("--eager", is_flag=True, hidden=True, help="Only without CUDA graphs.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False),
               help="Append one JSON line per run to this file.")
 @handle_errors
-def latency(model, preset, tp_sizes, input_len, output_len, device, dtype, eager_too, json_path):
+def latency(model, preset, tp_sizes, input_len, output_len, device, dtype, eager_too, eager,
+            json_path):
     """Batch-1 decode latency (ms per token) at one or more tensor-parallel sizes.
 
     With MODEL the checkpoint's weights are loaded; without it only a config is written and the
-    weights are random (nothing to download or save), so large shapes start in seconds.
+    weights are random (nothing to download or save), so large shapes start in seconds. Several
+    sizes run one after another, each in its own process (one process group per process).
     """
-    from engine.benchmark import decode_latency, preset_config_dir
-
+    runs = [(tp, e) for e in ((False, True) if eager_too else (eager,)) for tp in tp_sizes or (1,)]
+    rows = []
+    if len(runs) == 1:
+        rows.append(_latency_run(model, preset, runs[0][0], input_len, output_len, device, dtype,
+                                 runs[0][1]))
+    else:
+        with tempfile.TemporaryDirectory(prefix="aphro-bench-") as tmp:
+            for i, (tp, e) in enumerate(runs):
+                out = f"{tmp}/{i}.jsonl"
+                cmd = [sys.executable, "-m", "aphro_cli.main", "bench", "latency",
+                       *([model] if model else ["--preset", preset]), "--tp", str(tp),
+                       "--input-len", str(input_len), "--output-len", str(output_len),
+                       "--device", device, "--dtype", dtype, "--json", out,
+                       *(["--eager"] if e else [])]
+                proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+                    raise AphroError(f"bench latency --tp {tp} failed (exit "
+                                     f"{proc.returncode}): " + " / ".join(tail))
+                with open(out) as f:
+                    rows.append(json.loads(f.readline()))
     table = Table("TP", "CUDA graphs", "prefill ms", "decode ms (median)", "decode ms (mean)",
                   "tok/s", "weights/rank GB")
+    for r in rows:
+        if json_path:
+            with open(json_path, "a") as f:
+                f.write(json.dumps(r) + "\n")
+        table.add_row(str(r["tp"]), str(r["cuda_graphs"]), f"{r['prefill_ms']:.2f}",
+                      f"{r['decode_ms_median']:.3f}", f"{r['decode_ms_mean']:.3f}",
+                      f"{r['decode_tok_s']:.1f}", f"{r['weight_bytes_per_rank'] / 1e9:.2f}")
+    console.print(f"{model or preset} {dtype} on {rows[0]['device']}: batch 1, {input_len} "
+                  f"prompt tokens, {output_len} generated")
+    console.print(table)
+
+
+def _latency_run(model, preset, tp, input_len, output_len, device, dtype, eager) -> dict:
+    from engine.benchmark import decode_latency, preset_config_dir
+
     with tempfile.TemporaryDirectory(prefix="aphro-bench-") as tmp:
         path, load_format = ((model, "auto") if model is not None
                              else (str(preset_config_dir(preset, tmp)), "dummy"))
-        for eager in (False, True) if eager_too else (False,):
-            for tp in tp_sizes or (1,):
-                r = decode_latency(path, tp, input_len, output_len, dtype=dtype, device=device,
-                                   load_format=load_format, enforce_eager=eager)
-                r["model"] = model or preset
-                if json_path:
-                    with open(json_path, "a") as f:
-                        f.write(json.dumps(r) + "\n")
-                console.print(f"tp={tp} graphs={r['cuda_graphs']}: decode median "
-                              f"{r['decode_ms_median']:.3f} ms", highlight=False)
-                table.add_row(str(tp), str(r["cuda_graphs"]), f"{r['prefill_ms']:.2f}",
-                              f"{r['decode_ms_median']:.3f}", f"{r['decode_ms_mean']:.3f}",
-                              f"{r['decode_tok_s']:.1f}", f"{r['weight_bytes_per_rank'] / 1e9:.2f}")
-    console.print(f"{model or preset} {dtype}: batch 1, {input_len} prompt tokens, "
-                  f"{output_len} generated")
-    console.print(table)
+        r = decode_latency(path, tp, input_len, output_len, dtype=dtype, device=device,
+                           load_format=load_format, enforce_eager=eager)
+    r["model"] = model or preset
+    return r

@@ -85,5 +85,29 @@ def cli() -> None:
     """aphro: add an LLM architecture to a paged-attention engine, prove it right, serve it."""
 
 
+def main() -> None:
+    """The console script. A process that ran an NCCL tensor-parallel group leaves through
+    os._exit once its output is flushed: its workers have stopped, and tearing the driver's
+    communicators down at interpreter exit can block or abort (seen on 2x H200), which would
+    turn a finished command into a hang or a crash exit code."""
+    try:
+        cli()
+    except SystemExit as e:
+        code = e.code
+    else:
+        code = 0
+    executor = sys.modules.get("engine.executor")
+    if executor is None or not executor.nccl_used():
+        sys.exit(code)
+    if not isinstance(code, int):
+        if code is not None:
+            print(code, file=sys.stderr)
+        code = 0 if code is None else 1
+    executor.close_idle_groups(leave=False)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    cli()
+    main()

@@ -123,11 +123,17 @@ class RankGroup:
     """
 
     def __init__(self, size: int, device: str = "auto", timeout_s: float = 600.0) -> None:
+        close_idle_groups()  # a parked group of another size (torch allows one per process)
         if dist.is_initialized():
             raise ConfigError("a tensor-parallel group is already running in this process: "
-                              "close() its engine first")
+                              "close() its engine first"
+                              + ("; an NCCL group that could not be shut down stays until "
+                                 "the process exits" if _nccl_stuck else ""))
         self.size = size
         self.backend = "nccl" if resolve_device(device).type == "cuda" else "gloo"
+        if self.backend == "nccl":
+            global _nccl_used
+            _nccl_used = True
         self.procs: list[subprocess.Popen] = []
         self.store = None
         self.failure: str | None = None
@@ -260,10 +266,10 @@ class RankGroup:
                 self.check()
             time.sleep(20e-6)
 
-    def close(self, graceful: bool = True) -> None:
+    def close(self, graceful: bool = True, leave: bool = True) -> None:
         """Stop the workers and leave the group (idempotent). Every rank leaves on its own
         (engine.worker.leave_group: NCCL groups are aborted, a local operation), so a late or
-        dead rank cannot block the others."""
+        dead rank cannot block the others. leave=False stops the workers only."""
         if self.closed:
             return
         self.closed = True
@@ -281,13 +287,64 @@ class RankGroup:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        if dist.is_initialized():  # in a thread, so that a stuck communicator cannot hang us
+        if leave and dist.is_initialized():  # in a thread: a stuck communicator must not hang us
             leave = threading.Thread(target=leave_group, args=(self.backend,),
                                      name="aphro-tp-leave", daemon=True)
             leave.start()
             leave.join(timeout=30)
+            if dist.is_initialized():
+                global _nccl_stuck
+                _nccl_stuck = True
         set_tensor_parallel(0, 1, None)
         self.store = None
+
+
+# A closed engine's ranks are parked here, their models released, for the next engine of the
+# same size in this process (torch.distributed holds one default group per process, and NCCL
+# groups cannot always be torn down and rebuilt in one process); they stop at exit, or when a
+# group of another size is needed.
+_idle: list[RankGroup] = []
+_nccl_used = False
+_nccl_stuck = False
+
+
+def nccl_used() -> bool:
+    """Whether this process has run an NCCL group (see aphro_cli.main.main's exit)."""
+    return _nccl_used
+
+
+def close_idle_groups(leave: bool = True) -> None:
+    """Stop parked groups' workers; leave=False skips the driver's side of the teardown (for
+    a process about to exit)."""
+    while _idle:
+        _idle.pop().close(leave=leave)
+
+
+def _take_idle(size: int, backend: str) -> RankGroup | None:
+    while _idle:
+        group = _idle.pop()
+        if (not group.closed and group.failure is None and group.size == size
+                and group.backend == backend):
+            return group
+        group.close()
+    return None
+
+
+def _park(group: RankGroup, token: object) -> None:
+    """Release the ranks' models and keep the group for a later engine (or close it if it
+    failed)."""
+    if group.closed or group.owner is not token:
+        return
+    group.owner = None
+    try:
+        group.broadcast(("release",))
+        group.driver.release()
+    except Exception:  # noqa: BLE001 - a failed group is closed by broadcast; nothing to keep
+        group.close(graceful=False)
+        return
+    finally:
+        set_tensor_parallel(0, 1, None)
+    _idle.append(group)
 
 
 class Executor:
@@ -313,12 +370,16 @@ class Executor:
             raise ConfigError(f"the RankGroup given has {group.size} ranks"
                               f"{' and is closed' if group.closed else ''}; "
                               f"tensor_parallel_size={self.tp_size}")
-        self._owns_group = group is None
-        self._group = group or RankGroup(self.tp_size, cfg.device, cfg.distributed_timeout_s)
-        if self._owns_group:
-            self._finalizer = weakref.finalize(self, self._group.close)
-        self._state = self._group.driver
-        self._token = self._group.owner = object()  # a later Executor on the group takes over
+        self._pooled = group is None
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if group is None:
+            group = _take_idle(self.tp_size, backend) or RankGroup(
+                self.tp_size, cfg.device, cfg.distributed_timeout_s)
+        self._group = group
+        self._token = group.owner = object()  # a later Executor on the group takes over
+        if self._pooled:
+            self._finalizer = weakref.finalize(self, _park, group, self._token)
+        self._state = group.driver
         set_tensor_parallel(0, self.tp_size, dist.group.WORLD)
         try:
             self._group.broadcast(("init", cfg, rank_init))
@@ -387,7 +448,7 @@ class Executor:
         group, self._group = self._group, None
         if group is None:
             self._state.release()
-        elif self._owns_group:
+        elif self._pooled:
             self._finalizer()
         elif group.owner is self._token:
             group.owner = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import gc
 import os
 import sys
 import traceback
@@ -279,10 +280,15 @@ class RankState:
         return self.worker
 
     def release(self) -> None:
+        """Drop the model and KV cache (the ranks stay, ready for another init)."""
+        on_gpu = self.worker is not None and self.worker.device.type == "cuda"
         self.worker = None
         if self.undo is not None:
             undo, self.undo = self.undo, None
             undo()
+        if on_gpu:
+            gc.collect()
+            torch.cuda.empty_cache()
 
     def init_kv_cache(self, cache: CacheConfig) -> int:
         n = torch.tensor([self.worker.num_kv_blocks(cache)], dtype=torch.int64)
@@ -337,7 +343,11 @@ def serve(rank: int, world: int, local_rank: int, control, store=None) -> None:
                 store.set(ERROR_KEY.format(rank), text[-4000:])
         os._exit(1)
     state.release()
-    leave_group(dist.get_backend())
+    if dist.get_backend() == "nccl":  # leave by exiting: tearing NCCL down can block (see
+        sys.stdout.flush()            # leave_group); the driver aborts its side alone
+        sys.stderr.flush()
+        os._exit(0)
+    leave_group("gloo")
 
 
 def leave_group(backend: str) -> None:

@@ -444,3 +444,30 @@ def test_cuda_worker_failure_is_an_error_not_a_hang(shared, checkpoint, tmp_path
                            str(Path(__file__).parent)], env=env, capture_output=True, text=True,
                           timeout=150, check=False)
     assert "CAUGHT tensor-parallel worker rank 1" in proc.stdout, proc.stderr[-3000:]
+
+
+# -- parked groups -------------------------------------------------------------------------------
+def test_closed_engine_parks_its_ranks_for_the_next_engine(shared, checkpoint, tp1_tokens):
+    """Closing a TP engine keeps its worker processes (models released) for the next engine
+    of the same size in this process; a different size stops them first."""
+    from engine import executor
+
+    shared.close()
+    first = LLM(str(checkpoint("llama")), device="cpu", tensor_parallel_size=2, num_kv_blocks=64)
+    pids = [p.pid for p in first.engine.executor._group.procs]
+    first.close()
+    assert len(executor._idle) == 1 and dist.is_initialized()
+    with LLM(str(checkpoint("phi3")), device="cpu", tensor_parallel_size=2,
+             num_kv_blocks=64) as second:
+        assert [p.pid for p in second.engine.executor._group.procs] == pids
+        assert not executor._idle
+        got = [o.outputs[0].token_ids for o in second.generate(PROMPTS, greedy())]
+        assert got == tp1_tokens("phi3")
+    parked = executor._idle[0]
+    with LLM(str(checkpoint("llama")), device="cpu", tensor_parallel_size=4,
+             num_kv_blocks=64) as third:
+        assert parked.closed and all(p.poll() is not None for p in parked.procs)
+        assert [o.outputs[0].token_ids for o in third.generate(PROMPTS, greedy())] == \
+            tp1_tokens("llama")
+    executor.close_idle_groups()
+    assert not dist.is_initialized()
