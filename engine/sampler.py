@@ -63,9 +63,13 @@ class SamplingMetadata:
               eos_token_ids: list[int]) -> SamplingMetadata:
         """Batch the sampling settings of `seqs` (in the row order of the logits)."""
         ps = [s.sampling_params for s in seqs]
-
-        def vec(values: list, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype, device=device)
+        # the per-row settings travel as one [7, rows] tensor (one host-to-device copy)
+        settings = torch.tensor([[p.temperature for p in ps], [p.top_p for p in ps],
+                                 [p.min_p for p in ps], [p.repetition_penalty for p in ps],
+                                 [p.presence_penalty for p in ps],
+                                 [p.frequency_penalty for p in ps], [p.top_k for p in ps]],
+                                dtype=torch.float64).reshape(7, len(ps)).to(device)
+        floats = settings[:6].to(torch.float32)
 
         do_rep = any(p.repetition_penalty != 1.0 for p in ps)
         do_penalties = do_rep or any(p.presence_penalty or p.frequency_penalty for p in ps)
@@ -76,19 +80,16 @@ class SamplingMetadata:
                 ids = list(eos_token_ids) + list(s.sampling_params.stop_token_ids or [])
                 rows += [row] * len(ids)
                 tokens += ids
+        suppress = torch.tensor([rows, tokens], dtype=torch.int64).reshape(2, -1).to(device)
         return cls(
-            temperatures=vec([p.temperature for p in ps]),
-            top_ps=vec([p.top_p for p in ps]),
-            top_ks=vec([p.top_k for p in ps], torch.int64),
-            min_ps=vec([p.min_p for p in ps]),
-            repetition_penalties=vec([p.repetition_penalty for p in ps]),
-            presence_penalties=vec([p.presence_penalty for p in ps]),
-            frequency_penalties=vec([p.frequency_penalty for p in ps]),
-            prompt_tokens=_pad([s.prompt_token_ids if do_rep else [] for s in seqs], device),
-            output_tokens=_pad([s.output_token_ids if do_penalties else [] for s in seqs],
-                               device),
-            suppress_rows=vec(rows, torch.int64),
-            suppress_tokens=vec(tokens, torch.int64),
+            temperatures=floats[0], top_ps=floats[1], min_ps=floats[2],
+            repetition_penalties=floats[3], presence_penalties=floats[4],
+            frequency_penalties=floats[5], top_ks=settings[6].to(torch.int64),
+            prompt_tokens=_pad([s.prompt_token_ids for s in seqs] if do_rep else [], device,
+                               len(seqs)),
+            output_tokens=_pad([s.output_token_ids for s in seqs] if do_penalties else [],
+                               device, len(seqs)),
+            suppress_rows=suppress[0], suppress_tokens=suppress[1],
             seeds=[(row, s.seq_id, (s.sampling_params.seed + s.index) % 2**64)
                    for row, s in enumerate(seqs)
                    if s.sampling_params.seed is not None and not s.sampling_params.greedy],
@@ -101,7 +102,10 @@ class SamplingMetadata:
         )
 
 
-def _pad(lists: list[list[int]], device: torch.device | str) -> torch.Tensor:
+def _pad(lists: list[list[int]], device: torch.device | str, num_rows: int) -> torch.Tensor:
+    """[num_rows, longest] int64, -1 padded; no lists: [num_rows, 0] without a copy."""
+    if not lists:
+        return torch.empty((num_rows, 0), dtype=torch.int64, device=device)
     width = max((len(x) for x in lists), default=0)
     rows = [list(x) + [_PAD] * (width - len(x)) for x in lists]
     return torch.tensor(rows, dtype=torch.int64, device=device).reshape(len(lists), width)
