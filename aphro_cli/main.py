@@ -96,14 +96,14 @@ def main() -> None:
         code = e.code
     else:
         code = 0
-    executor = sys.modules.get("engine.executor")
-    if executor is None or not executor.nccl_used():
+    groups = sys.modules.get("engine.rank_group")
+    if groups is None or not groups.nccl_used():
         sys.exit(code)
     if not isinstance(code, int):
         if code is not None:
             print(code, file=sys.stderr)
         code = 0 if code is None else 1
-    executor.close_idle_groups(leave=False)
+    groups.close_idle_groups(leave=False)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

@@ -25,7 +25,8 @@ import torch
 
 from engine.config import CacheConfig
 from engine.distributed import ShardSpec
-from engine.executor import Executor, RankGroup
+from engine.executor import Executor
+from engine.rank_group import RankGroup
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
 from engine.worker import WorkerConfig

@@ -12,7 +12,7 @@ import time
 
 import torch.distributed as dist
 
-from engine import LLM, SamplingParams, executor
+from engine import LLM, SamplingParams, rank_group
 from engine.tiny import make_tiny_checkpoint, tiny_llama_config
 
 
@@ -25,9 +25,9 @@ def main() -> None:
                  max_num_seqs=4) as llm:
             tokens = llm.generate(["hi"], params)[0].outputs[0].token_ids
         print(f"engine {i}: {tokens}, made + run + closed in {time.perf_counter() - t:.1f} s, "
-              f"parked groups {len(executor._idle)}", flush=True)
+              f"parked groups {len(rank_group._idle)}", flush=True)
     t = time.perf_counter()
-    executor.close_idle_groups()
+    rank_group.close_idle_groups()
     print(f"teardown: {time.perf_counter() - t:.1f} s, default group still up: "
           f"{dist.is_initialized()}", flush=True)
 

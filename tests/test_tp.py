@@ -25,10 +25,11 @@ import torch.distributed as dist
 from engine import LLM, SamplingParams, llm_engine
 from engine.distributed import get_tp_rank
 from engine.errors import ConfigError
-from engine.executor import Executor, RankGroup, TPWorkerError, check_tp_config
+from engine.executor import Executor
 from engine.layers.linear import MergedColumnParallelLinear, RowParallelLinear, load_shard
 from engine.layers.vocab_embedding import VocabParallelEmbedding
 from engine.model_runner import ModelRunner
+from engine.rank_group import RankGroup, TPWorkerError, check_tp_config
 from engine.tiny import tiny_llama_config
 from engine.tp_check import verify_sharding
 from engine.worker import Worker
@@ -420,7 +421,8 @@ import sys
 sys.path.insert(0, sys.argv[2])
 from test_tp import _raise_in_step_on_rank_1
 from engine import LLM, SamplingParams, llm_engine
-from engine.executor import Executor, TPWorkerError
+from engine.executor import Executor
+from engine.rank_group import TPWorkerError
 llm_engine.Executor = lambda cfg: Executor(cfg, rank_init=_raise_in_step_on_rank_1)
 llm = LLM(sys.argv[1], device="cuda", tensor_parallel_size=2, num_kv_blocks=64, max_num_seqs=4)
 try:
@@ -450,24 +452,24 @@ def test_cuda_worker_failure_is_an_error_not_a_hang(shared, checkpoint, tmp_path
 def test_closed_engine_parks_its_ranks_for_the_next_engine(shared, checkpoint, tp1_tokens):
     """Closing a TP engine keeps its worker processes (models released) for the next engine
     of the same size in this process; a different size stops them first."""
-    from engine import executor
+    from engine import rank_group
 
     shared.close()
     first = LLM(str(checkpoint("llama")), device="cpu", tensor_parallel_size=2, num_kv_blocks=64)
     pids = [p.pid for p in first.engine.executor._group.procs]
     first.close()
-    assert len(executor._idle) == 1 and dist.is_initialized()
+    assert len(rank_group._idle) == 1 and dist.is_initialized()
     with LLM(str(checkpoint("phi3")), device="cpu", tensor_parallel_size=2,
              num_kv_blocks=64) as second:
         assert [p.pid for p in second.engine.executor._group.procs] == pids
-        assert not executor._idle
+        assert not rank_group._idle
         got = [o.outputs[0].token_ids for o in second.generate(PROMPTS, greedy())]
         assert got == tp1_tokens("phi3")
-    parked = executor._idle[0]
+    parked = rank_group._idle[0]
     with LLM(str(checkpoint("llama")), device="cpu", tensor_parallel_size=4,
              num_kv_blocks=64) as third:
         assert parked.closed and all(p.poll() is not None for p in parked.procs)
         assert [o.outputs[0].token_ids for o in third.generate(PROMPTS, greedy())] == \
             tp1_tokens("llama")
-    executor.close_idle_groups()
+    rank_group.close_idle_groups()
     assert not dist.is_initialized()
