@@ -3,7 +3,7 @@
 The dataclasses below are the schema. Each TOML table is one dataclass and each key one field:
 its type is the annotation, its allowed values a `Literal`, its default the field default, and a
 field without a default (metadata `required`) must be given. Generated models hold the same
-dataclasses as constants (`arch = Arch(...)`) and engine/models/blocks.py builds the network from
+dataclasses as constants (`arch = Arch(...)`) and engine/models/blocks/ builds the network from
 them, so a spec, a generated file and the running model cannot disagree.
 """
 

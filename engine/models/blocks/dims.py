@@ -1,0 +1,108 @@
+"""The numbers of one checkpoint (`Dims`), read from its HF config through the spec's [config]
+(`Arch.config`), and `make_norm`, the norm every block builds from them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from engine.errors import ConfigError
+from engine.layers.layernorm import LayerNorm, RMSNorm
+from engine.layers.rotary import rope_params_from_config
+from engine.spec import Arch, ConfigField, ConfigSource
+
+_MISSING: Any = object()
+
+
+def _read(config, source: ConfigSource, field: str, fallback: Any = _MISSING) -> Any:
+    """The value `source` names in the HF config; `fallback` when unmapped, absent or null."""
+    if isinstance(source, str):
+        source = ConfigField(key=source)
+    value = None
+    if source is not None:
+        value = source.value
+        if value is None:
+            value = getattr(config, source.key, None)
+        if value is None:
+            value = source.default
+    if value is None:
+        if fallback is _MISSING:
+            key = source.key if source is not None else field
+            raise ConfigError(f"the model config has no {key!r} (the spec reads {field} from it)")
+        value = fallback
+    return value
+
+
+@dataclass(frozen=True)
+class Dims:
+    """The numbers of one checkpoint, read from its HF config through the spec's [config]."""
+
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    max_position: int
+    norm_eps: float
+    activation: str
+    rotary_dim: int
+    rope: dict
+    sliding_window: int | None
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    num_experts: int
+    experts_per_token: int
+
+    @classmethod
+    def from_hf(cls, config, arch: Arch) -> Dims:
+        c = arch.config
+
+        def read(name: str, fallback: Any = _MISSING) -> Any:
+            return _read(config, getattr(c, name), name, fallback)
+
+        hidden, heads = int(read("hidden_size")), int(read("num_heads"))
+        kv_heads = {"mha": heads, "mqa": 1}.get(arch.attention.kind)
+        if kv_heads is None:
+            kv_heads = int(read("num_kv_heads", heads))
+        if heads <= 0 or hidden % heads and read("head_dim", None) is None:
+            raise ConfigError(f"hidden_size={hidden} is not a multiple of num_heads={heads}")
+        head_dim = int(read("head_dim", hidden // heads))
+        rope = rope_params_from_config(config) if arch.position.kind == "rope" else {}
+        partial = float(read("partial_rotary_factor", rope.get("partial_rotary_factor", 1.0)))
+        moe = arch.mlp.kind == "moe"
+        dims = cls(
+            hidden_size=hidden,
+            num_layers=int(read("num_layers")),
+            num_heads=heads,
+            num_kv_heads=kv_heads,
+            head_dim=head_dim,
+            intermediate_size=int(read("intermediate_size", 4 * hidden)),
+            vocab_size=int(read("vocab_size")),
+            max_position=int(read("max_position", 2048)),
+            norm_eps=float(read("norm_eps")),
+            activation=str(read("activation")),
+            rotary_dim=int(head_dim * partial),
+            rope=rope,
+            sliding_window=read("sliding_window", None),
+            tie_word_embeddings=bool(read("tie_word_embeddings", False)),
+            qkv_bias=bool(read("qkv_bias", False)),
+            o_bias=bool(read("o_bias", False)),
+            mlp_bias=bool(read("mlp_bias", False)),
+            num_experts=int(read("num_experts")) if moe else 0,
+            experts_per_token=int(read("experts_per_token")) if moe else 0,
+        )
+        if heads % kv_heads:
+            raise ConfigError(f"num_heads={heads} is not a multiple of num_kv_heads={kv_heads}")
+        return dims
+
+
+def make_norm(arch: Arch, dims: Dims, size: int) -> nn.Module:
+    if arch.norm.kind == "layer":
+        return LayerNorm(size, dims.norm_eps, bias=arch.norm.bias)
+    return RMSNorm(size, dims.norm_eps, weight_offset=float(arch.norm.kind == "rms_one_plus"))
