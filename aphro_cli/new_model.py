@@ -58,7 +58,7 @@ def new_model(specs, like, architecture, all_specs, specs_dir, out_dir, force):
         paths += generator.spec_paths(specs_dir)
     if not paths:
         raise AphroError("no spec given: aphro new-model model_specs/NAME.toml (or --all)")
-    from engine.spec import load_spec
+    from engine.spec_loader import load_spec
 
     loaded = [load_spec(p) for p in dict.fromkeys(paths)]  # every spec valid before any write
     for spec in loaded:

@@ -192,7 +192,7 @@ def tiny_config_for(model: str | Path):
     path, a name in model_specs/, or a registered architecture a spec declares), else a
     generic tiny config of the architecture's HF model type."""
     from engine.models.registry import supported_architectures
-    from engine.spec import load_spec, tiny_hf_config
+    from engine.spec_loader import load_spec, tiny_hf_config
 
     path, name = Path(model), str(model)
     if path.suffix == ".toml":

@@ -12,7 +12,7 @@ from engine.layers.attention import PagedAttention
 from engine.models import registry
 from engine.models.blocks import DecoderOnlyForCausalLM, packed_modules_for
 from engine.parity import SPECS_DIR, run_parity
-from engine.spec import parse_spec
+from engine.spec_loader import parse_spec
 
 CPU = {"device": "cpu", "dtype": "float32", "chunked_prefill": False, "max_new_tokens": 4}
 LLAMA_SPEC = (SPECS_DIR / "llama.toml").read_text()
