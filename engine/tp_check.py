@@ -381,7 +381,7 @@ def verify_model_sharding(model: str | Path, tp: int, device: str = "auto",
     dtype = _default_dtype(device) if dtype in (None, "auto") else dtype
     if Path(model).is_dir():
         return verify_sharding(model, tp, device, dtype=dtype)
-    from engine.parity import tiny_checkpoint_for
+    from engine.parity_tiny import tiny_checkpoint_for
 
     with tempfile.TemporaryDirectory(prefix="aphro-tp-") as tmp:
         ckpt = tiny_checkpoint_for(model, Path(tmp) / "ckpt", seed=seed)

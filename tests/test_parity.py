@@ -14,8 +14,10 @@ from click.testing import CliRunner
 
 from aphro_cli.main import cli
 from engine.errors import AphroError
-from engine.parity import Tolerances, _judge_greedy, default_tolerances, run_parity
+from engine.parity import run_parity
+from engine.parity_compare import _judge_greedy
 from engine.parity_localize import localize
+from engine.parity_report import Tolerances, default_tolerances
 
 CPU = {"device": "cpu", "dtype": "float32"}
 

@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def family_config(name: str):
-    from engine.parity import tiny_config_for
+    from engine.parity_tiny import tiny_config_for
 
     cfg = tiny_llama_config() if name == "llama" else tiny_config_for(name)
     cfg.vocab_size = VOCAB
