@@ -20,7 +20,7 @@ from engine.config import CacheConfig
 from engine.distributed import set_tensor_parallel, tensor_parallel
 from engine.errors import ConfigError
 from engine.model_runner import ModelInput
-from engine.rank_group import RankGroup, _park, _take_idle, check_tp_config
+from engine.rank_group import RankGroup, _park, _take_idle, check_tp_config, release_ranks
 from engine.sequence import Sequence
 from engine.worker import RankState, WorkerConfig, load_config, resolve_device, to_wire
 
@@ -122,16 +122,14 @@ class Executor:
         return out
 
     def close(self) -> None:
-        """Stop this executor's workers (or release a shared group's ranks); idempotent."""
+        """Release the model and KV cache on every rank; idempotent. A group this executor
+        started is parked for the next executor of its size (engine.rank_group); a group it
+        was given stays with whoever gave it."""
         group, self._group = self._group, None
         if group is None:
             self._state.release()
         elif self._pooled:
-            self._finalizer()
-        elif group.owner is self._token:
-            group.owner = None
-            if not group.closed:
-                group.broadcast(("release",))
-            self._state.release()
-            set_tensor_parallel(0, 1, None)
+            self._finalizer()  # _park
+        else:
+            release_ranks(group, self._token)
         self.driver = None

@@ -93,7 +93,9 @@ class LLM:
         return [results[rid] for rid in request_ids]
 
     def close(self) -> None:
-        """Stop tensor-parallel workers and free the KV cache; the LLM is unusable afterwards."""
+        """Free the model and KV cache on every rank; the LLM is unusable afterwards.
+        Tensor-parallel workers stay parked for the next LLM of the same size in this process
+        and stop at exit (engine.rank_group.close_idle_groups stops them now)."""
         self.engine.close()
 
     def __enter__(self) -> LLM:  # noqa: PYI034 (Self needs Python 3.11)

@@ -205,7 +205,8 @@ class LLMEngine:
         return out
 
     def close(self) -> None:
-        """Stop the tensor-parallel workers (also done on garbage collection and at exit)."""
+        """Free the model and KV cache on every rank (also on garbage collection); see
+        LLM.close."""
         self.executor.close()
 
     def check_invariants(self) -> None:

@@ -320,18 +320,23 @@ def _take_idle(size: int, backend: str) -> RankGroup | None:
     return None
 
 
-def _park(group: RankGroup, token: object) -> None:
-    """Release the ranks' models and keep the group for a later engine (or close it if it
-    failed)."""
-    if group.closed or group.owner is not token:
-        return
+def release_ranks(group: RankGroup, token: object) -> bool:
+    """Drop the model and KV cache of the executor holding `token` on every rank (the ranks
+    stay). True when the group is still usable afterwards."""
+    if group.owner is not token:  # a later executor has taken the group over
+        return False
     group.owner = None
-    try:
-        group.broadcast(("release",))
-        group.driver.release()
-    except Exception:  # noqa: BLE001 - a failed group is closed by broadcast; nothing to keep
-        group.close(graceful=False)
-        return
+    try:  # a failed group is closed by broadcast; releasing goes on regardless
+        with contextlib.suppress(Exception):
+            if not group.closed:
+                group.broadcast(("release",))
     finally:
+        group.driver.release()
         set_tensor_parallel(0, 1, None)
-    _idle.append(group)
+    return not group.closed
+
+
+def _park(group: RankGroup, token: object) -> None:
+    """Release the ranks and keep the group for the next executor of its size."""
+    if release_ranks(group, token):
+        _idle.append(group)
