@@ -9,20 +9,21 @@ set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 OUT=${OUT:-/tmp/aphro-gpu}; mkdir -p "$OUT"
+TMP=$(mktemp -d)  # exit codes and stderr: the device tool brings back at most 8 files of $OUT
 STAGES=${STAGES:-check perf}
 GPUS=$(nvidia-smi -L | wc -l)
 APHRO="python3 -m aphro_cli.main"
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c "import torch, triton, transformers, sys; print('python', sys.version.split()[0],
 'torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
-  git log -1 --format='commit %h %s' 2>/dev/null; date -u; } | tee "$OUT/machine.txt"
+  date -u; }  # (the device copy's .git can be stale: take the commit from the caller's side) | tee "$OUT/machine.txt"
 
 summary=()
 if [[ " $STAGES " == *" check "* ]]; then
   pids=()
   for ((tp = 2; tp <= GPUS; tp++)); do
     ( timeout -s ABRT "${PARITY_TIMEOUT:-480}" $APHRO parity-check --tp $tp --dtype bfloat16 --json \
-        > "$OUT/parity-tp$tp.json" 2> "$OUT/parity-tp$tp.err"; echo $? > "$OUT/parity-tp$tp.rc" ) &
+        > "$OUT/parity-tp$tp.json" 2> "$TMP/parity-tp$tp.err"; echo $? > "$TMP/parity-tp$tp.rc" ) &
     pids+=($!)
   done
   timeout -s ABRT "${PYTEST_TIMEOUT:-500}" python3 -m pytest -q -rfEs -p no:cacheprovider --durations=15 \
@@ -30,7 +31,7 @@ if [[ " $STAGES " == *" check "* ]]; then
   summary+=("pytest (rc $?): $(grep -E '(passed|failed|error)' "$OUT/pytest.log" | tail -1)")
   wait "${pids[@]}" 2>/dev/null
   for ((tp = 2; tp <= GPUS; tp++)); do
-    summary+=("$(python3 - "$OUT/parity-tp$tp.json" "$(cat "$OUT/parity-tp$tp.rc")" $tp <<'PY'
+    summary+=("$(python3 - "$OUT/parity-tp$tp.json" "$(cat "$TMP/parity-tp$tp.rc")" $tp <<'PY'
 import json, sys
 path, rc, tp = sys.argv[1:]
 try:
@@ -52,7 +53,7 @@ if [[ " $STAGES " == *" perf "* ]]; then
   for preset in ${BENCH_PRESETS:-llama-1b}; do
     timeout "${BENCH_TIMEOUT:-240}" $APHRO bench throughput --preset "$preset" \
       --num-prompts "${NUM_PROMPTS:-64}" --input-len "${INPUT_LEN:-512}" \
-      --output-len "${OUTPUT_LEN:-128}" --json > "$OUT/bench-$preset.json" 2> "$OUT/bench-$preset.err"
+      --output-len "${OUTPUT_LEN:-128}" --json > "$OUT/bench-$preset.json" 2> "$TMP/bench-$preset.err"
     summary+=("$(python3 - "$OUT/bench-$preset.json" <<'PY'
 import json, sys
 text = open(sys.argv[1]).read()
@@ -70,7 +71,12 @@ PY
   tps=""; for ((tp = 1; tp <= GPUS; tp *= 2)); do tps+=" --tp $tp"; done
   timeout "${LATENCY_TIMEOUT:-240}" $APHRO bench latency --preset llama-8b $tps \
     --json "$OUT/latency.jsonl" > "$OUT/latency.log" 2>&1
-  summary+=("latency (rc $?): $(grep -E '^tp=' "$OUT/latency.log" | tr '\n' ';')")
+  summary+=("latency (rc $?): $(python3 -c "
+import json, sys
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    print(f\"tp={r['tp']} decode {r['decode_ms_median']:.3f} ms, prefill {r['prefill_ms']:.1f} ms;\", end=' ')
+" "$OUT/latency.jsonl" 2>&1)")
 fi
 
 echo; echo "== summary"; printf '%s\n' "${summary[@]}"
