@@ -70,7 +70,7 @@ def _hf_throughput(model, prompts, output_len, device, dtype, batch_size) -> dic
     hf = AutoModelForCausalLM.from_pretrained(model, dtype=dtype).to(device).eval()
     ids = torch.tensor(prompts, device=device)  # all prompts have one length: no padding
     kwargs = {"max_new_tokens": output_len, "min_new_tokens": output_len, "do_sample": False,
-                  "pad_token_id": 0}
+              "pad_token_id": 0}
     with torch.no_grad():
         hf.generate(ids[:2], max_new_tokens=4, do_sample=False, pad_token_id=0)
         _sync(device)

@@ -278,10 +278,10 @@ class RankGroup:
                 proc.kill()
                 proc.wait()
         if leave and dist.is_initialized():  # in a thread: a stuck communicator must not hang us
-            leave = threading.Thread(target=leave_group, args=(self.backend,),
-                                     name="aphro-tp-leave", daemon=True)
-            leave.start()
-            leave.join(timeout=30)
+            thread = threading.Thread(target=leave_group, args=(self.backend,),
+                                      name="aphro-tp-leave", daemon=True)
+            thread.start()
+            thread.join(timeout=30)
             if dist.is_initialized():
                 global _nccl_stuck
                 _nccl_stuck = True
@@ -311,12 +311,13 @@ def close_idle_groups(leave: bool = True) -> None:
 
 
 def _take_idle(size: int, backend: str) -> RankGroup | None:
-    while _idle:
-        group = _idle.pop()
-        if (not group.closed and group.failure is None and group.size == size
-                and group.backend == backend):
+    """The parked group of this size and backend, if it is still healthy; any other parked
+    group stays until RankGroup() needs the process's one default group."""
+    for group in _idle:
+        if (group.size, group.backend) == (size, backend) and not group.closed \
+                and group.failure is None:
+            _idle.remove(group)
             return group
-        group.close()
     return None
 
 
