@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One batched GPU session (through the device tool). STAGES picks what runs (default: all):
 #   check    the whole test suite on the GPU(s), and beside it (correctness only, no timing)
-#            `aphro parity-check --tp N` of every family in bf16 for N = 2 .. number of GPUs
+#            `aphro parity-check --tp N` of every family in bf16 for N = 2, 4, .. up to the GPUs
 #   perf     `aphro bench throughput` (engine beside HF generate) for each of BENCH_PRESETS,
 #            then `aphro bench latency` at batch 1 on the Llama-3-8B shape, TP 1 .. GPUs
 # Logs and JSON go to $OUT; a short table is printed last.
@@ -21,7 +21,7 @@ APHRO="python3 -m aphro_cli.main"
 summary=()
 if [[ " $STAGES " == *" check "* ]]; then
   pids=()
-  for ((tp = 2; tp <= GPUS; tp++)); do
+  for ((tp = 2; tp <= GPUS; tp *= 2)); do
     ( timeout -s ABRT "${PARITY_TIMEOUT:-480}" $APHRO parity-check --tp $tp --dtype bfloat16 --json \
         > "$OUT/parity-tp$tp.json" 2> "$TMP/parity-tp$tp.err"; echo $? > "$TMP/parity-tp$tp.rc" ) &
     pids+=($!)
@@ -30,7 +30,7 @@ if [[ " $STAGES " == *" check "* ]]; then
     ${PYTEST_ARGS:-tests} > "$OUT/pytest.log" 2>&1
   summary+=("pytest (rc $?): $(grep -E '(passed|failed|error)' "$OUT/pytest.log" | tail -1)")
   wait "${pids[@]}" 2>/dev/null
-  for ((tp = 2; tp <= GPUS; tp++)); do
+  for ((tp = 2; tp <= GPUS; tp *= 2)); do
     summary+=("$(python3 - "$OUT/parity-tp$tp.json" "$(cat "$TMP/parity-tp$tp.rc")" $tp <<'PY'
 import json, sys
 path, rc, tp = sys.argv[1:]
