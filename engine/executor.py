@@ -95,6 +95,8 @@ class Executor:
         return self._group.run(self._state.init_kv_cache, cache)
 
     def prepare(self, scheduled: list[tuple[Sequence, int]]) -> ModelInput:
+        if self._group is not None:
+            self._group.check()  # a failed group has released the driver's cache already
         model_input = self.driver.prepare(scheduled)
         if self._group is not None:
             self._group.broadcast(("step", to_wire(model_input)))

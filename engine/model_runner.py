@@ -111,6 +111,13 @@ class ModelRunner:
             warnings.warn(f"CUDA graph capture failed, decoding eagerly: {e}", stacklevel=2)
             self.graphs = None
 
+    def release(self) -> None:
+        """Drop the CUDA graphs and the KV cache (the runner is unusable afterwards)."""
+        if self.graphs is not None:
+            self.graphs.reset()
+            self.graphs = None
+        self.kv_caches = []
+
     @torch.inference_mode()
     def execute(self, inp: ModelInput) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Returns logits [len(sample_seqs), vocab] and, per prompt_logprob_rows entry, logits
@@ -175,6 +182,14 @@ class CUDAGraphs:
 
     def fits(self, num_seqs: int) -> bool:
         return num_seqs <= self.sizes[-1]
+
+    def reset(self) -> None:
+        """Free the graphs and their memory pool now, whoever still holds this object (a
+        graph that captured NCCL all-reduces holds the communicator; see Worker.release)."""
+        for graph in self.graphs.values():
+            graph.reset()
+        self.graphs.clear()
+        self.outputs.clear()
 
     def run(self, inp: ModelInput) -> torch.Tensor:
         m = inp.attn_metadata

@@ -201,6 +201,13 @@ class Worker:
         total = torch.cuda.get_device_properties(self.device).total_memory
         return max(0, int(total * utilization) - peak)
 
+    def release(self) -> None:
+        """Free the CUDA graphs and KV cache now, not when the last reference goes: the
+        engine, a test or a caller may still hold this worker after its engine closed."""
+        if self.runner is not None:
+            self.runner.release()
+            self.runner = None
+
     def prepare(self, scheduled) -> ModelInput:
         return self.runner.prepare(scheduled)
 
@@ -282,6 +289,8 @@ class RankState:
     def release(self) -> None:
         """Drop the model and KV cache (the ranks stay, ready for another init)."""
         on_gpu = self.worker is not None and self.worker.device.type == "cuda"
+        if self.worker is not None:
+            self.worker.release()
         self.worker = None
         if self.undo is not None:
             undo, self.undo = self.undo, None

@@ -8,6 +8,10 @@ Variants (what each rank does after one all_reduce):
   destroy        destroy_process_group() on both ranks
   destroy-gloo   as destroy, with a gloo subgroup made after init (as aphro's workers have)
   graph          an all_reduce captured in a CUDA graph and replayed, graph dropped, then destroy
+  graph-alive    as graph, the graph still alive at destroy
+  graph-alive-abort  as graph-alive, then abort
+  lazy           destroy, the group made without device_id (communicator made at first use)
+  thread-abort   abort from a thread other than the main one (as aphro's driver did)
   abort          _abort_process_group() on both ranks
   exit-destroy   rank 1 exits without leaving, rank 0 destroys
   exit-abort     rank 1 exits without leaving, rank 0 aborts
@@ -25,7 +29,8 @@ import subprocess
 import sys
 import time
 
-VARIANTS = ["destroy", "destroy-gloo", "graph", "abort", "exit-destroy", "exit-abort", "reinit"]
+VARIANTS = ["destroy", "destroy-gloo", "graph", "graph-alive", "graph-alive-abort", "lazy",
+            "thread-abort", "abort", "exit-destroy", "exit-abort", "reinit"]
 
 
 def rank_main(variant: str, rank: int, port: int, limit: float) -> None:
@@ -38,7 +43,8 @@ def rank_main(variant: str, rank: int, port: int, limit: float) -> None:
 
     def join(p: int) -> None:
         store = dist.TCPStore("127.0.0.1", p, 2, rank == 0, timeout=datetime.timedelta(seconds=30))
-        dist.init_process_group("nccl", store=store, rank=rank, world_size=2, device_id=dev,
+        dist.init_process_group("nccl", store=store, rank=rank, world_size=2,
+                                device_id=None if variant == "lazy" else dev,
                                 timeout=datetime.timedelta(seconds=60))
         x = torch.ones(4, device=dev)
         dist.all_reduce(x)
@@ -48,7 +54,7 @@ def rank_main(variant: str, rank: int, port: int, limit: float) -> None:
     join(port)
     if variant == "destroy-gloo":
         dist.new_group(backend="gloo")
-    if variant == "graph":
+    if variant.startswith("graph"):
         y = torch.ones(1 << 20, device=dev)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -60,15 +66,21 @@ def rank_main(variant: str, rank: int, port: int, limit: float) -> None:
             dist.all_reduce(y)
         g.replay()
         torch.cuda.synchronize()
-        del g
+        if variant == "graph":
+            del g
     if variant.startswith("exit") and rank == 1:
         sys.stdout.flush()
         os._exit(0)
     if variant.startswith("exit"):
         time.sleep(1.0)  # rank 1 is gone
     t = time.perf_counter()
-    if variant in ("abort", "exit-abort"):
+    if variant in ("abort", "exit-abort", "graph-alive-abort"):
         dist.distributed_c10d._abort_process_group()
+    elif variant == "thread-abort":
+        import threading
+        th = threading.Thread(target=dist.distributed_c10d._abort_process_group)
+        th.start()
+        th.join()
     else:
         dist.destroy_process_group()
     print(f"{variant} rank {rank}: left in {time.perf_counter() - t:.2f} s", flush=True)
