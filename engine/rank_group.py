@@ -12,8 +12,10 @@ The ranks start in one of two ways, then speak the same protocol (engine.worker.
   shuts down. Several machines are torchrun's rendezvous, nothing more.
 
 Failures: a local worker that raises leaves its traceback in the store and exits; a monitor
-thread sees any worker exit and aborts an NCCL group the driver may be blocked in (gloo notices a
-dead peer by itself); the driver raises TPWorkerError naming the rank. Collectives wait at most
+thread sees any worker exit, the driver (which waits for each step's GPU work by polling, and
+gloo notices a dead peer by itself) raises TPWorkerError naming the rank. A failed NCCL group
+cannot be torn down (its last collective waits for the dead rank), so it is abandoned and the
+process leaves at exit without teardown. Collectives wait at most
 WorkerConfig.distributed_timeout_s.
 
 Lifetime: torch.distributed holds one default group per process, and tearing an NCCL group
@@ -128,6 +130,7 @@ class RankGroup:
         self.store = None
         self.failure: str | None = None
         self.closed = False
+        self.wedged = False  # a failed NCCL group, abandoned (close, _abandon)
         self.owner: object | None = None  # the token of the Executor using the ranks now
         timeout = datetime.timedelta(seconds=timeout_s)
         env = _torchrun_env()
@@ -194,11 +197,9 @@ class RankGroup:
                 return
             self.failure = (f"tensor-parallel worker rank {rank} (pid {proc.pid}) exited with "
                             f"code {code}")
-            if self.backend == "nccl":  # unblock the driver if it waits in a collective
-                abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
-                with contextlib.suppress(RuntimeError, ValueError):
-                    if abort is not None and dist.is_initialized():
-                        abort()
+            # NCCL: no abort here. Aborting a communicator that the driver's CUDA graphs
+            # captured blocks (scripts/nccl_teardown_diag.py on 4x H200), and the driver is
+            # not blocked in it: it polls for the step's end (wait_device) and sees `failure`.
 
         threading.Thread(target=wait, name=f"aphro-tp-watch-{rank}", daemon=True).start()
 
@@ -264,6 +265,9 @@ class RankGroup:
             return
         self.closed = True
         atexit.unregister(self.close)
+        if self.backend == "nccl" and self.failure is not None:
+            self._abandon()
+            return
         if graceful and self.failure is None and getattr(self, "control", None) is not None:
             try:
                 send(("stop",), self.control)
@@ -288,6 +292,31 @@ class RankGroup:
         set_tensor_parallel(0, 1, None)
         self.store = None
 
+
+    def _abandon(self) -> None:
+        """A failed NCCL group: the driver's last step waits on the GPU for a dead rank, so
+        neither its memory nor the communicator can be released (both block). Keep everything
+        referenced, stop the other workers, and leave the process without teardown at exit."""
+        self.wedged = True
+        _wedged.append(self)
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+        global _nccl_stuck
+        _nccl_stuck = True
+        atexit.register(_exit_without_teardown)
+        set_tensor_parallel(0, 1, None)
+
+
+def _exit_without_teardown() -> None:
+    print("aphro: a tensor-parallel worker failed; leaving without tearing down the NCCL group "
+          "(it would block)", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
+
+
+_wedged: list[RankGroup] = []  # failed NCCL groups, never released (RankGroup._abandon)
 
 # A closed engine's ranks are parked here, their models released, for the next engine of the
 # same size in this process (torch.distributed holds one default group per process, and NCCL
@@ -332,7 +361,8 @@ def release_ranks(group: RankGroup, token: object) -> bool:
             if not group.closed:
                 group.broadcast(("release",))
     finally:
-        group.driver.release()
+        if not group.wedged:
+            group.driver.release()
         set_tensor_parallel(0, 1, None)
     return not group.closed
 

@@ -446,6 +446,8 @@ def test_cuda_worker_failure_is_an_error_not_a_hang(shared, checkpoint, tmp_path
                            str(Path(__file__).parent)], env=env, capture_output=True, text=True,
                           timeout=150, check=False)
     assert "CAUGHT tensor-parallel worker rank 1" in proc.stdout, proc.stderr[-3000:]
+    # the failed NCCL group cannot be torn down: the process leaves without it, exit code 1
+    assert proc.returncode == 1 and "without tearing down" in proc.stderr, proc.stderr[-3000:]
 
 
 # -- parked groups -------------------------------------------------------------------------------
