@@ -54,6 +54,10 @@ from engine.worker import (
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 _WORKER_CODE = "from engine.worker import worker_main; worker_main()"
 _POLL_S = 0.05
+# A driver inside a group operation when a worker dies raises at its next check; one still
+# inside after this long is blocked where no check runs (on the GPU, behind a collective that
+# waits for the dead rank), and the monitor ends the process with the error instead of a hang.
+FAILURE_GRACE_S = float(os.environ.get("APHRO_TP_FAILURE_GRACE_S", "20"))
 
 
 class TPWorkerError(RuntimeError):
@@ -131,6 +135,7 @@ class RankGroup:
         self.failure: str | None = None
         self.closed = False
         self.wedged = False  # a failed NCCL group, abandoned (close, _abandon)
+        self.busy = 0  # depth of the driver's group operations (run) in progress
         self.owner: object | None = None  # the token of the Executor using the ranks now
         timeout = datetime.timedelta(seconds=timeout_s)
         env = _torchrun_env()
@@ -198,10 +203,24 @@ class RankGroup:
             self.failure = (f"tensor-parallel worker rank {rank} (pid {proc.pid}) exited with "
                             f"code {code}")
             # NCCL: no abort here. Aborting a communicator that the driver's CUDA graphs
-            # captured blocks (scripts/nccl_teardown_diag.py on 4x H200), and the driver is
-            # not blocked in it: it polls for the step's end (wait_device) and sees `failure`.
+            # captured blocks (scripts/nccl_teardown_diag.py on 4x H200); a driver that polls
+            # for the step's end (wait_device) or waits on gloo sees `failure` by itself.
+            self._exit_if_stuck()
 
         threading.Thread(target=wait, name=f"aphro-tp-watch-{rank}", daemon=True).start()
+
+    def _exit_if_stuck(self) -> None:
+        """(Monitor thread.) Give a driver inside a group operation FAILURE_GRACE_S to raise the
+        failure; if it is still inside, it is blocked for good: print the error and exit 1."""
+        deadline = time.monotonic() + FAILURE_GRACE_S
+        while self.busy and not self.closed and time.monotonic() < deadline:
+            time.sleep(_POLL_S)
+        if not self.busy or self.closed:
+            return
+        print(f"aphro: {self.error()}\naphro: the driver is blocked waiting for that rank "
+              f"(more than {FAILURE_GRACE_S:g} s); exiting", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)
 
     def error(self, wait_s: float = 0.0) -> TPWorkerError | None:
         """A worker's failure as an exception, waiting up to wait_s for the monitor to see the
@@ -231,14 +250,17 @@ class RankGroup:
         """fn(*args) on the driver; a failure here or in a worker closes the group and is raised
         as the worker's error when a worker failed."""
         self.check()
+        self.busy += 1
         try:
             out = fn(*args)
         except BaseException as e:
+            self.busy -= 1
             err = self.error(wait_s=5.0 if isinstance(e, RuntimeError) else 0.0)
             self.close(graceful=False)
             if err is not None:
                 raise err from e
             raise
+        self.busy -= 1
         self.check()
         return out
 
