@@ -26,8 +26,10 @@ if [[ " $STAGES " == *" check "* ]]; then
         > "$OUT/parity-tp$tp.json" 2> "$TMP/parity-tp$tp.err"; echo $? > "$TMP/parity-tp$tp.rc" ) &
     pids+=($!)
   done
+  per_test=""  # pytest-timeout (in the GPU image): a hung test fails alone, with its stacks
+  python3 -c "import pytest_timeout" 2>/dev/null && per_test="--timeout ${TEST_TIMEOUT:-200}"
   timeout -s ABRT "${PYTEST_TIMEOUT:-500}" python3 -m pytest -q -rfEs -p no:cacheprovider --durations=15 \
-    ${PYTEST_ARGS:-tests} > "$OUT/pytest.log" 2>&1
+    $per_test ${PYTEST_ARGS:-tests} > "$OUT/pytest.log" 2>&1
   summary+=("pytest (rc $?): $(grep -E '(passed|failed|error)' "$OUT/pytest.log" | tail -1)")
   wait "${pids[@]}" 2>/dev/null
   for ((tp = 2; tp <= GPUS; tp *= 2)); do
