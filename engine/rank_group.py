@@ -18,10 +18,10 @@ cannot be torn down (its last collective waits for the dead rank), so it is aban
 process leaves at exit without teardown. Collectives wait at most
 WorkerConfig.distributed_timeout_s.
 
-Lifetime: torch.distributed holds one default group per process, and tearing an NCCL group
-down could hang on 2x H200 (docs/VALIDATION.md). So a closed engine's group is parked here, its
-models released, for the next engine of the same size; parked workers stop at exit or when a
-group of another size is needed.
+Lifetime: torch.distributed holds one default group per process, and starting ranks costs
+seconds, so a closed engine's group is parked here, its models released, for the next engine of
+the same size; parked workers stop at exit or when a group of another size is needed (the
+teardown takes under a second once the CUDA graphs are freed; docs/VALIDATION.md).
 """
 
 from __future__ import annotations

@@ -352,17 +352,18 @@ def serve(rank: int, world: int, local_rank: int, control, store=None) -> None:
                 store.set(ERROR_KEY.format(rank), text[-4000:])
         os._exit(1)
     state.release()
-    if dist.get_backend() == "nccl":  # leave by exiting: tearing NCCL down can block (see
-        sys.stdout.flush()            # leave_group); the driver aborts its side alone
+    if dist.get_backend() == "nccl":  # leave by exiting, the quickest way (the driver
+        sys.stdout.flush()            # aborts its side alone, leave_group)
         sys.stderr.flush()
         os._exit(0)
     leave_group("gloo")
 
 
 def leave_group(backend: str) -> None:
-    """Leave the default group and its subgroups. NCCL groups are aborted, which is local:
-    shutting communicators down is collective in some NCCL versions and blocks when a rank
-    is late or gone (seen on 2x H200). gloo groups are destroyed."""
+    """Leave the default group and its subgroups. NCCL groups are aborted, which is local (a
+    rank may be gone already). Both abort and destroy block while a CUDA graph that captured
+    the group's collectives is alive (4x H200, scripts/nccl_teardown_diag.py): release the
+    workers first (Worker.release frees the graphs). gloo groups are destroyed."""
     abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
     with contextlib.suppress(RuntimeError, ValueError, AssertionError):
         if not dist.is_initialized():
