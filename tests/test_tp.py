@@ -428,6 +428,15 @@ def test_cuda_verify_sharding_bf16(family, tp, shared, checkpoint):
     assert report.ok, (report.logits_max_abs, report.argmax_breaks)
 
 
+def _run_script(text: str, ckpt: Path, tmp_path: Path, grace_s: float, timeout: float):
+    """Run a failure script (argv: checkpoint, tests folder) in its own process."""
+    script = tmp_path / "script.py"
+    script.write_text(text)
+    env = dict(os.environ, PYTHONPATH=str(REPO), APHRO_TP_FAILURE_GRACE_S=str(grace_s))
+    return subprocess.run([sys.executable, str(script), str(ckpt), str(Path(__file__).parent)],
+                          env=env, capture_output=True, text=True, timeout=timeout, check=False)
+
+
 BLOCKED_DRIVER_SCRIPT = """
 import sys
 sys.path.insert(0, sys.argv[2])
@@ -444,12 +453,8 @@ print("NOT REACHED", flush=True)
 def test_blocked_driver_exits_with_the_workers_error(checkpoint, tmp_path):
     """A driver that cannot reach a check (blocked, as on a GPU behind a collective waiting for
     the dead rank) is ended by the monitor after the grace period, with the worker's error."""
-    script = tmp_path / "blocked.py"
-    script.write_text(BLOCKED_DRIVER_SCRIPT)
-    env = dict(os.environ, PYTHONPATH=str(REPO), APHRO_TP_FAILURE_GRACE_S="2")
-    proc = subprocess.run([sys.executable, str(script), str(checkpoint("llama")),
-                           str(Path(__file__).parent)], env=env, capture_output=True, text=True,
-                          timeout=120, check=False)
+    proc = _run_script(BLOCKED_DRIVER_SCRIPT, checkpoint("llama"), tmp_path, grace_s=2,
+                       timeout=120)
     assert proc.returncode == 1 and "NOT REACHED" not in proc.stdout, proc.stderr[-3000:]
     assert re.search(r"aphro: tensor-parallel worker rank 1 .*exited with code 1(.|\n)*"
                      r"planted failure(.|\n)*blocked waiting for that rank", proc.stderr), \
@@ -480,12 +485,8 @@ def test_cuda_worker_failure_is_an_error_not_a_hang(shared, checkpoint, tmp_path
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 GPUs")
     shared.close()
-    script = tmp_path / "crash.py"
-    script.write_text(CUDA_CRASH_SCRIPT)
-    env = dict(os.environ, PYTHONPATH=str(REPO), APHRO_TP_FAILURE_GRACE_S="10")
-    proc = subprocess.run([sys.executable, str(script), str(checkpoint("llama")),
-                           str(Path(__file__).parent)], env=env, capture_output=True, text=True,
-                          timeout=150, check=False)
+    proc = _run_script(CUDA_CRASH_SCRIPT, checkpoint("llama"), tmp_path, grace_s=10,
+                       timeout=150)
     # the failed NCCL group cannot be torn down: the process leaves without it, exit code 1;
     # a driver blocked on the GPU behind the dead rank is ended by the monitor instead
     assert proc.returncode == 1, proc.stderr[-3000:]
