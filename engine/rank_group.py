@@ -314,7 +314,6 @@ class RankGroup:
         set_tensor_parallel(0, 1, None)
         self.store = None
 
-
     def _abandon(self) -> None:
         """A failed NCCL group: the driver's last step waits on the GPU for a dead rank, so
         neither its memory nor the communicator can be released (both block). Keep everything
@@ -341,9 +340,8 @@ def _exit_without_teardown() -> None:
 _wedged: list[RankGroup] = []  # failed NCCL groups, never released (RankGroup._abandon)
 
 # A closed engine's ranks are parked here, their models released, for the next engine of the
-# same size in this process (torch.distributed holds one default group per process, and NCCL
-# groups cannot always be torn down and rebuilt in one process); they stop at exit, or when a
-# group of another size is needed.
+# same size in this process (torch.distributed holds one default group per process, and ranks
+# take seconds to start); they stop at exit, or when a group of another size is needed.
 _idle: list[RankGroup] = []
 _nccl_used = False
 _nccl_stuck = False
