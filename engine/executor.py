@@ -96,7 +96,7 @@ class Executor:
 
     def prepare(self, scheduled: list[tuple[Sequence, int]]) -> ModelInput:
         if self._group is not None:
-            self._group.check()  # a failed group has released the driver's cache already
+            self._group.check()  # a failed group's driver may have no model left to prepare
         model_input = self.driver.prepare(scheduled)
         if self._group is not None:
             self._group.broadcast(("step", to_wire(model_input)))

@@ -134,7 +134,6 @@ class RankGroup:
         self.store = None
         self.failure: str | None = None
         self.closed = False
-        self.wedged = False  # a failed NCCL group, abandoned (close, _abandon)
         self.busy = 0  # depth of the driver's group operations (run) in progress
         self.owner: object | None = None  # the token of the Executor using the ranks now
         timeout = datetime.timedelta(seconds=timeout_s)
@@ -287,7 +286,7 @@ class RankGroup:
             return
         self.closed = True
         atexit.unregister(self.close)
-        if self.backend == "nccl" and self.failure is not None:
+        if self.wedged:
             self._abandon()
             return
         if graceful and self.failure is None and getattr(self, "control", None) is not None:
@@ -314,11 +313,15 @@ class RankGroup:
         set_tensor_parallel(0, 1, None)
         self.store = None
 
+    @property
+    def wedged(self) -> bool:
+        """A failed NCCL group: abandoned by close(), never released (_abandon)."""
+        return self.backend == "nccl" and self.failure is not None
+
     def _abandon(self) -> None:
         """A failed NCCL group: the driver's last step waits on the GPU for a dead rank, so
         neither its memory nor the communicator can be released (both block). Keep everything
         referenced, stop the other workers, and leave the process without teardown at exit."""
-        self.wedged = True
         _wedged.append(self)
         for proc in self.procs:
             if proc.poll() is None:
