@@ -462,7 +462,8 @@ def test_blocked_driver_exits_with_the_workers_error(checkpoint, tmp_path):
 
 
 CUDA_CRASH_SCRIPT = """
-import sys
+import faulthandler, sys
+faulthandler.dump_traceback_later(120, exit=True)  # a hang shows every thread's stack
 sys.path.insert(0, sys.argv[2])
 from test_tp import _raise_in_step_on_rank_1
 from engine import LLM, SamplingParams, llm_engine
@@ -489,13 +490,13 @@ def test_cuda_worker_failure_is_an_error_not_a_hang(shared, checkpoint, tmp_path
                        timeout=150)
     # the failed NCCL group cannot be torn down: the process leaves without it, exit code 1;
     # a driver blocked on the GPU behind the dead rank is ended by the monitor instead
-    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert proc.returncode == 1, proc.stderr[-8000:]
     if "CAUGHT" in proc.stdout:
         assert "CAUGHT tensor-parallel worker rank 1" in proc.stdout
-        assert "without tearing down" in proc.stderr, proc.stderr[-3000:]
+        assert "without tearing down" in proc.stderr, proc.stderr[-8000:]
     else:
         assert re.search(r"aphro: tensor-parallel worker rank 1 (.|\n)*blocked waiting",
-                         proc.stderr), proc.stderr[-3000:]
+                         proc.stderr), proc.stderr[-8000:]
 
 
 # -- parked groups -------------------------------------------------------------------------------
