@@ -482,7 +482,7 @@ except TPWorkerError as e:
 def test_cuda_worker_failure_is_an_error_not_a_hang(shared, checkpoint, tmp_path):
     """Rank 1 raises inside a step while the driver's all-reduce waits for it: the driver
     raises, or, blocked on the GPU, is ended by the monitor with the error (in a subprocess:
-    a hang fails by timeout). Not yet seen passing on a GPU (docs/VALIDATION.md)."""
+    a hang fails by timeout). Passes on 2x H200 (docs/VALIDATION.md)."""
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 GPUs")
     shared.close()
