@@ -19,7 +19,7 @@ import torch.distributed as dist
 from engine.config import CacheConfig
 from engine.distributed import set_tensor_parallel, tensor_parallel
 from engine.errors import ConfigError
-from engine.model_runner import ModelInput
+from engine.model_runner import ModelInput, to_device
 from engine.rank_group import RankGroup, _park, _take_idle, check_tp_config, release_ranks
 from engine.sequence import Sequence
 from engine.worker import RankState, WorkerConfig, load_config, resolve_device, to_wire
@@ -97,10 +97,11 @@ class Executor:
     def prepare(self, scheduled: list[tuple[Sequence, int]]) -> ModelInput:
         if self._group is not None:
             self._group.check()  # a failed group's driver may have no model left to prepare
-        model_input = self.driver.prepare(scheduled)
-        if self._group is not None:
-            self._group.broadcast(("step", to_wire(model_input)))
-        return model_input
+        if self._group is None:
+            return self.driver.prepare(scheduled)
+        host = self.driver.prepare_host(scheduled)  # sent as built: no copy back from the GPU
+        self._group.broadcast(("step", to_wire(host)))
+        return to_device(host, self.driver.device)
 
     def execute(self, model_input: ModelInput):
         """(logits, prompt_logits) on the driver; every other rank runs the same step."""

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,6 +24,30 @@ class ModelInput:
     sample_indices: torch.Tensor  # [len(sample_seqs)] rows of the hidden states to sample from
     # (seq, first prompt position scored, row indices) for sequences that asked prompt_logprobs
     prompt_logprob_rows: list[tuple[Sequence, int, torch.Tensor]]
+
+
+def map_tensors(obj: Any, fn: Callable[[Any], Any], drop_seqs: bool = False) -> Any:
+    """Apply fn to every tensor/array in a ModelInput (dataclasses, lists, tuples); with
+    drop_seqs, Sequence objects become None (what the other TP ranks are sent)."""
+    if isinstance(obj, (torch.Tensor, np.ndarray)):
+        return fn(obj)
+    if isinstance(obj, Sequence):
+        return None if drop_seqs else obj
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.replace(obj, **{f.name: map_tensors(getattr(obj, f.name), fn,
+                                                               drop_seqs)
+                                           for f in dataclasses.fields(obj) if f.init})
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(map_tensors(x, fn, drop_seqs) for x in obj)
+    return obj
+
+
+def to_device(inp: ModelInput, device: torch.device) -> ModelInput:
+    """A host ModelInput (CPU tensors or numpy arrays) on `device`."""
+    def move(t):
+        t = torch.from_numpy(t) if isinstance(t, np.ndarray) else t
+        return t.to(device, non_blocking=True)
+    return map_tensors(inp, move)
 
 
 class ModelRunner:
@@ -43,7 +70,11 @@ class ModelRunner:
                           for _ in range(m.num_layers)]
 
     def prepare(self, scheduled: list[tuple[Sequence, int]]) -> ModelInput:
-        """Flatten the batch. `scheduled` holds prefill chunks first, then decodes."""
+        return to_device(self.prepare_host(scheduled), self.device)
+
+    def prepare_host(self, scheduled: list[tuple[Sequence, int]]) -> ModelInput:
+        """Flatten the batch into CPU tensors (what a TP driver sends its ranks before moving
+        its own copy to the GPU). `scheduled` holds prefill chunks first, then decodes."""
         bs = self.block_size
         ids, pos, slots, q_lens, ctx_lens, tables = [], [], [], [], [], []
         sample_seqs, sample_rows, prompt_rows = [], [], []
@@ -80,10 +111,9 @@ class ModelRunner:
         block_tables = np.zeros((len(tables), max_blocks), dtype=np.int32)
         for i, t in enumerate(tables):
             block_tables[i, : len(t)] = t
-        dev = self.device
 
         def tensor(a, dtype):
-            return torch.from_numpy(np.asarray(a)).to(dtype).to(dev, non_blocking=True)
+            return torch.from_numpy(np.asarray(a)).to(dtype)
 
         meta = AttentionMetadata(
             slot_mapping=tensor(slots, torch.int64),

@@ -19,16 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from engine.config import CacheConfig
 from engine.distributed import set_tensor_parallel
 from engine.errors import CheckpointError, ConfigError
-from engine.model_runner import ModelInput, ModelRunner
+from engine.model_runner import ModelInput, ModelRunner, map_tensors, to_device
 from engine.models.registry import load_model_class
-from engine.sequence import Sequence
 
 CPU_KV_BYTES = 1 << 30
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
@@ -211,6 +209,9 @@ class Worker:
     def prepare(self, scheduled) -> ModelInput:
         return self.runner.prepare(scheduled)
 
+    def prepare_host(self, scheduled) -> ModelInput:
+        return self.runner.prepare_host(scheduled)
+
     def execute(self, model_input: ModelInput):
         return self.runner.execute(model_input)
 
@@ -230,29 +231,9 @@ def rank_device(device: str, local_rank: int) -> str:
     return f"cuda:{local_rank}"
 
 
-def _map_tensors(obj: Any, fn: Callable[[Any], Any], drop_seqs: bool) -> Any:
-    """Apply fn to every tensor/array in a ModelInput (dataclasses, lists, tuples)."""
-    if isinstance(obj, (torch.Tensor, np.ndarray)):
-        return fn(obj)
-    if isinstance(obj, Sequence):
-        return None if drop_seqs else obj
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return dataclasses.replace(obj, **{f.name: _map_tensors(getattr(obj, f.name), fn,
-                                                                drop_seqs)
-                                           for f in dataclasses.fields(obj) if f.init})
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_map_tensors(x, fn, drop_seqs) for x in obj)
-    return obj
-
-
 def to_wire(model_input: ModelInput) -> ModelInput:
-    """The step as the other ranks need it: numpy arrays, no Sequence objects."""
-    return _map_tensors(model_input, lambda t: t.cpu().numpy(), drop_seqs=True)
-
-
-def from_wire(model_input: ModelInput, device: torch.device) -> ModelInput:
-    return _map_tensors(model_input, lambda a: torch.from_numpy(a).to(device, non_blocking=True),
-                        drop_seqs=False)
+    """A host ModelInput as the other ranks need it: numpy arrays, no Sequence objects."""
+    return map_tensors(model_input, lambda t: t.numpy(), drop_seqs=True)
 
 
 def send(msg: tuple, group) -> None:
@@ -305,7 +286,7 @@ class RankState:
         return self.worker.init_kv_cache(cache, int(n.item()))
 
     def step(self, wire: ModelInput) -> None:
-        self.worker.execute(from_wire(wire, self.worker.device))
+        self.worker.execute(to_device(wire, self.worker.device))
 
     def call(self, fn: str | Callable, args: tuple) -> Any:
         return fn(self.worker, *args) if callable(fn) else getattr(self.worker, fn)(*args)

@@ -7,7 +7,7 @@
   python3 -m scripts.tp_step_profile step [--tp 1 --tp 2] [--preset llama-8b]
       batch-1 decode through LLMEngine.step, host time per phase on the driver (prepare, to_wire,
       broadcast, model launch, wait for the GPU, the rest: scheduler, sampler, detokenizer) and
-      on rank 1 (waiting for the message, from_wire + launch). No CUDA synchronisation is added
+      on rank 1 (waiting for the message, to_device + launch). No CUDA synchronisation is added
       inside a step: a phase that waits for the GPU shows that wait.
 Run with PYTHONPATH at the repository root (python3 -m scripts.tp_step_profile ...).
 """
@@ -151,7 +151,7 @@ def worker_timers():
 
     old_recv, old_step = w.recv, w.RankState.step
     w.recv = _timed("rank1 wait for message", old_recv)
-    w.RankState.step = _timed("rank1 from_wire + model", old_step)
+    w.RankState.step = _timed("rank1 to_device + model", old_step)
     rank = get_tp_rank()
 
     def undo():
