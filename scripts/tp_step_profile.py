@@ -115,7 +115,8 @@ def _allreduce_rank(rank: int, world: int, port: int, out_path: str) -> None:
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world, device_id=torch.device("cuda", rank))
-    rows = []
+    rows = [{"rank": rank, "peer_access": [torch.cuda.can_device_access_peer(rank, r)
+                                           for r in range(world) if r != rank]}]
     name = dist.group.WORLD.group_name
     symm = None
     try:
