@@ -178,6 +178,20 @@ def step_profile(tp: int, preset: str, steps: int) -> dict:
     for obj, attr in patches:
         setattr(obj, attr, _timed(f"{obj.__name__}.{attr}", getattr(obj, attr)))
     executor.to_wire = _timed("to_wire", executor.to_wire)
+    events: list[tuple] = []
+    if torch.cuda.is_available():  # the decode graph's own GPU time (driver), by CUDA events
+        from engine.model_runner import CUDAGraphs
+        saved.append((CUDAGraphs, "run", CUDAGraphs.run))
+        graph_run = CUDAGraphs.run
+
+        def run_with_events(self, inp):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = graph_run(self, inp)
+            end.record()
+            events.append((start, end))
+            return out
+        CUDAGraphs.run = run_with_events
     if tp > 1:
         real = llm_engine.Executor
         llm_engine.Executor = lambda cfg: real(cfg, rank_init=this.worker_timers)
@@ -189,6 +203,10 @@ def step_profile(tp: int, preset: str, steps: int) -> dict:
         for obj, attr, old in saved:
             setattr(obj, attr, old)
     decode = {k: statistics.median(v[-(steps - 1):]) * 1e3 for k, v in _TIMES.items()}
+    if events:
+        torch.cuda.synchronize()
+        decode["decode graph, GPU time (events)"] = statistics.median(
+            s.elapsed_time(e) for s, e in events[-(steps - 1):])
     rank1 = Path(out + ".rank1")
     for _ in range(100):
         if rank1.exists():
