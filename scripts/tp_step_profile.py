@@ -5,7 +5,7 @@
       inside a CUDA graph (64 in a row, as a decode step of a 32-layer model has), and torch's
       symmetric-memory one-shot / two-shot all-reduce where this torch has them.
   python3 -m scripts.tp_step_profile step [--tp 1 --tp 2] [--preset llama-8b]
-      batch-1 decode through LLMEngine.step, host time per phase on the driver (prepare, to_wire,
+      batch-1 decode through LLMEngine.step, host time per phase on the driver (prepare_host, to_wire,
       broadcast, model launch, wait for the GPU, the rest: scheduler, sampler, detokenizer) and
       on rank 1 (waiting for the message, to_device + launch). No CUDA synchronisation is added
       inside a step: a phase that waits for the GPU shows that wait.
@@ -18,7 +18,6 @@ import argparse
 import collections
 import json
 import os
-import socket
 import statistics
 import tempfile
 import time
@@ -26,6 +25,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from scripts.nccl_teardown_diag import free_port
 
 _TIMES: dict[str, list[float]] = collections.defaultdict(list)
 
@@ -41,12 +42,6 @@ def _timed(name: str, fn):
 
 
 # -- all-reduce ----------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _per_op_us(fn, ops: int, graph: bool, iters: int = 30) -> float:
     """Microseconds per call of fn, `ops` calls in a row (eagerly, or replaying one graph)."""
     if graph:
@@ -138,8 +133,8 @@ def _allreduce_rank(rank: int, world: int, port: int, out_path: str) -> None:
 def allreduce(world: int) -> list[dict]:
     import torch.multiprocessing as mp
 
-    out = tempfile.mktemp(suffix=".json")
-    mp.spawn(_allreduce_rank, args=(world, _free_port(), out), nprocs=world, join=True)
+    out = os.path.join(tempfile.mkdtemp(), "allreduce.json")
+    mp.spawn(_allreduce_rank, args=(world, free_port(), out), nprocs=world, join=True)
     return json.loads(Path(out).read_text())
 
 
@@ -168,16 +163,17 @@ def step_profile(tp: int, preset: str, steps: int) -> dict:
     from engine.worker import Worker
 
     _TIMES.clear()
-    os.environ["APHRO_PROFILE_OUT"] = out = tempfile.mktemp()
+    os.environ["APHRO_PROFILE_OUT"] = out = os.path.join(tempfile.mkdtemp(), "times")
     import scripts.tp_step_profile as this  # by module name: the workers unpickle rank_init
-    patches = [(Worker, "prepare"), (Worker, "execute"), (RankGroup, "broadcast"),
+    patches = [(Worker, "prepare"), (Worker, "prepare_host"), (Worker, "execute"), (RankGroup, "broadcast"),
                (RankGroup, "wait_device"), (llm_engine.LLMEngine, "step")]
     saved = [(obj, attr, getattr(obj, attr)) for obj, attr in patches]
-    saved.append((executor, "to_wire", executor.to_wire))
+    saved += [(executor, "to_wire", executor.to_wire), (executor, "to_device", executor.to_device)]
     saved.append((llm_engine, "Executor", llm_engine.Executor))
     for obj, attr in patches:
         setattr(obj, attr, _timed(f"{obj.__name__}.{attr}", getattr(obj, attr)))
     executor.to_wire = _timed("to_wire", executor.to_wire)
+    executor.to_device = _timed("driver to_device", executor.to_device)
     events: list[tuple] = []
     if torch.cuda.is_available():  # the decode graph's own GPU time (driver), by CUDA events
         from engine.model_runner import CUDAGraphs
