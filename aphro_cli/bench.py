@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import tempfile
 
 import click
 from rich.table import Table
 
 from aphro_cli.main import console, handle_errors
-from engine.errors import AphroError
 
 
 @click.group()
@@ -29,7 +26,7 @@ def kernels(device, dtype, as_json):
     """Time every Triton kernel: GB/s vs device copy bandwidth, or TFLOP/s vs torch SDPA."""
     import torch
 
-    from kernels.bench import run_kernel_bench
+    from engine.bench.kernels import run_kernel_bench
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -63,7 +60,7 @@ def kernels(device, dtype, as_json):
 def throughput(model, preset, num_prompts, input_len, output_len, device, dtype, no_baseline,
                as_json):
     """Offline generation throughput of the engine beside HF transformers' generate."""
-    from engine.benchmark import make_random_checkpoint, run_throughput
+    from engine.bench.engine_bench import make_random_checkpoint, run_throughput
 
     with tempfile.TemporaryDirectory(prefix="aphro-bench-") as tmp:
         if model is None:
@@ -106,29 +103,11 @@ def latency(model, preset, tp_sizes, input_len, output_len, device, dtype, eager
 
     With MODEL the checkpoint's weights are loaded; without it only a config is written and the
     weights are random (nothing to download or save), so large shapes start in seconds. Several
-    sizes run one after another, each in its own process (one process group per process).
+    sizes run one after another.
     """
     runs = [(tp, e) for e in ((False, True) if eager_too else (eager,)) for tp in tp_sizes or (1,)]
-    rows = []
-    if len(runs) == 1:
-        rows.append(_latency_run(model, preset, runs[0][0], input_len, output_len, device, dtype,
-                                 runs[0][1]))
-    else:
-        with tempfile.TemporaryDirectory(prefix="aphro-bench-") as tmp:
-            for i, (tp, e) in enumerate(runs):
-                out = f"{tmp}/{i}.jsonl"
-                cmd = [sys.executable, "-m", "aphro_cli.main", "bench", "latency",
-                       *([model] if model else ["--preset", preset]), "--tp", str(tp),
-                       "--input-len", str(input_len), "--output-len", str(output_len),
-                       "--device", device, "--dtype", dtype, "--json", out,
-                       *(["--eager"] if e else [])]
-                proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
-                if proc.returncode != 0:
-                    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-                    raise AphroError(f"bench latency --tp {tp} failed (exit "
-                                     f"{proc.returncode}): " + " / ".join(tail))
-                with open(out) as f:
-                    rows.append(json.loads(f.readline()))
+    rows = [_latency_run(model, preset, tp, input_len, output_len, device, dtype, e)
+            for tp, e in runs]  # one engine after another, in this process
     table = Table("TP", "CUDA graphs", "prefill ms", "decode ms (median)", "decode ms (mean)",
                   "tok/s", "weights/rank GB")
     for r in rows:
@@ -144,7 +123,7 @@ def latency(model, preset, tp_sizes, input_len, output_len, device, dtype, eager
 
 
 def _latency_run(model, preset, tp, input_len, output_len, device, dtype, eager) -> dict:
-    from engine.benchmark import decode_latency, preset_config_dir
+    from engine.bench.engine_bench import decode_latency, preset_config_dir
 
     with tempfile.TemporaryDirectory(prefix="aphro-bench-") as tmp:
         path, load_format = ((model, "auto") if model is not None

@@ -61,6 +61,7 @@ class LazyGroup(click.Group):
         "bench": ("aphro_cli.bench", "bench"),
         "serve": ("aphro_cli.serve", "serve"),
         "models": ("aphro_cli.generate", "models"),
+        "worker": ("aphro_cli.worker", "worker"),
     }
 
     def list_commands(self, ctx):
@@ -86,27 +87,8 @@ def cli() -> None:
 
 
 def main() -> None:
-    """The console script. A process that ran an NCCL tensor-parallel group leaves through
-    os._exit once its output is flushed: its workers have stopped, and tearing the driver's
-    communicators down at interpreter exit can block or abort (seen on 2x H200), which would
-    turn a finished command into a hang or a crash exit code."""
-    try:
-        cli()
-    except SystemExit as e:
-        code = e.code
-    else:
-        code = 0
-    groups = sys.modules.get("engine.rank_group")
-    if groups is None or not groups.nccl_used():
-        sys.exit(code)
-    if not isinstance(code, int):
-        if code is not None:
-            print(code, file=sys.stderr)
-        code = 0 if code is None else 1
-    groups.close_idle_groups(leave=False)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    """The console script."""
+    cli()
 
 
 if __name__ == "__main__":

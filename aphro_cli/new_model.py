@@ -38,7 +38,7 @@ def new_model(specs, like, architecture, all_specs, specs_dir, out_dir, force):
     """Generate engine/models/<name>.py from each SPEC (a model_specs/*.toml path or a family
     name) and register its architectures. With --like FAMILY, SPEC is the NAME of a new spec to
     start from FAMILY's."""
-    from engine import generator
+    from engine.spec import generator
 
     specs_dir = specs_dir or generator.DEFAULT_SPECS_DIR
     out_dir = out_dir or generator.DEFAULT_OUT_DIR
@@ -58,7 +58,7 @@ def new_model(specs, like, architecture, all_specs, specs_dir, out_dir, force):
         paths += generator.spec_paths(specs_dir)
     if not paths:
         raise AphroError("no spec given: aphro new-model model_specs/NAME.toml (or --all)")
-    from engine.spec_loader import load_spec
+    from engine.spec.loader import load_spec
 
     loaded = [load_spec(p) for p in dict.fromkeys(paths)]  # every spec valid before any write
     for spec in loaded:

@@ -62,7 +62,7 @@ def parity_check(model, dtype, device, prompts_file, max_new_tokens, seed, tp, k
     1 when any fails, 2 on a usage error.
     """
     from engine.models.registry import supported_architectures
-    from engine.parity import run_parity
+    from engine.validate.parity import run_parity
 
     prompts = None
     if prompts_file:
@@ -86,7 +86,7 @@ def parity_check(model, dtype, device, prompts_file, max_new_tokens, seed, tp, k
             try:
                 reports.append(run_parity(name, progress=say, **kwargs))
                 if tp > 1:  # the shards of every parameter, reassembled (engine/tp_check.py)
-                    from engine.tp_check import verify_model_sharding
+                    from engine.validate.sharding import verify_model_sharding
 
                     say(f"{name}: sharding over {tp} ranks")
                     shardings[name] = verify_model_sharding(name, tp, device, dtype, seed)

@@ -11,7 +11,7 @@ class ConfigError(AphroError):
 
 class CheckpointError(AphroError):
     """A checkpoint folder that cannot be loaded: missing, unexpected, misshaped or truncated.
-    `report` is the engine.loader.WeightReport when the tensors did not match the model."""
+    `report` is the engine.checkpoint.files.WeightReport when the tensors did not match the model."""
 
     def __init__(self, message: str, report=None) -> None:
         super().__init__(message)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.tiny import make_tiny_checkpoint, tiny_llama_config
+from engine.validate.tiny import make_tiny_checkpoint, tiny_llama_config
 
 
 @pytest.fixture(scope="session")

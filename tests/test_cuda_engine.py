@@ -30,7 +30,7 @@ def test_cuda_float32_matches_cpu_and_graphs_match_eager(which, request):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a capture that falls back to eager fails here
         graphs = LLM(ckpt, device="cuda", dtype="float32", num_kv_blocks=32)
-    assert graphs.engine.worker.runner.graphs is not None
+    assert graphs.engine.executor.graphs is not None
     assert eager == cpu
     assert _tokens(graphs) == cpu
 

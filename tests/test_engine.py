@@ -31,7 +31,7 @@ def hf_model(tiny_llama_dir):
 @pytest.fixture(scope="module")
 def hf_reference(hf_model, tiny_llama_dir):
     """Per prompt: HF greedy continuation and its log-softmax at every generated step."""
-    from engine.loader import load_tokenizer
+    from engine.checkpoint.files import load_tokenizer
 
     tok = load_tokenizer(tiny_llama_dir)
     refs = []
@@ -64,7 +64,7 @@ def check_no_leak(llm: LLM) -> None:
     eng = llm.engine
     eng.check_invariants()
     assert not eng.has_unfinished_requests()
-    assert eng.block_manager.num_free_blocks == eng.cache_config.num_blocks
+    assert eng.block_manager.num_free_blocks == eng.num_kv_blocks
 
 
 def test_batched_greedy_matches_hf(tiny_llama_dir, hf_reference):
@@ -85,7 +85,7 @@ def test_chunked_prefill_matches_hf(tiny_llama_dir, hf_reference):
 
 
 def test_prefix_caching_reuses_blocks(tiny_llama_dir, hf_model):
-    from engine.loader import load_tokenizer
+    from engine.checkpoint.files import load_tokenizer
 
     tok = load_tokenizer(tiny_llama_dir)
     shared = list(range(10, 10 + 40))  # 40 tokens: two full 16-token blocks are shareable

@@ -28,7 +28,7 @@ ATOL = 1e-4
 
 def check_family(spec_path: Path) -> None:
     """Parity of one spec's generated model, asserting every position and the continuation."""
-    from engine.parity import run_parity
+    from engine.validate.parity import run_parity
 
     report = run_parity(
         spec_path,

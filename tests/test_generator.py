@@ -14,10 +14,10 @@ import pytest
 from click.testing import CliRunner
 
 from aphro_cli.main import cli
-from engine import generator
-from engine.generator import HEADER_PREFIX, generate, read_registry, spec_paths
+from engine.spec import generator
+from engine.spec.generator import HEADER_PREFIX, generate, read_registry, spec_paths
 from engine.models import registry
-from engine.spec_loader import load_spec
+from engine.spec.loader import load_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "engine" / "models"
@@ -190,7 +190,7 @@ def test_like_variant_end_to_end(tmp_path, monkeypatch):
     # the engine reads the renamed key (a plain config, without HF's attribute_map)
     from transformers import PretrainedConfig
 
-    from engine.spec_loader import tiny_hf_config
+    from engine.spec.loader import tiny_hf_config
 
     spec = load_spec(path)
     raw = tiny_hf_config(spec).to_dict()

@@ -1,4 +1,4 @@
-"""engine.loader: config, eos ids, tokenizer, weights (single, sharded, .bin), LoadTracker."""
+"""engine.checkpoint.files: config, eos ids, tokenizer, weights (single, sharded, .bin), LoadTracker."""
 
 from __future__ import annotations
 
@@ -11,17 +11,16 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from engine.errors import CheckpointError
-from engine.loader import (
-    LoadTracker,
-    check_loaded,
+from engine.checkpoint.files import (
     eos_token_ids,
     iterate_weights,
     load_generation_config,
     load_hf_config,
     load_tokenizer,
 )
-from engine.tiny import BOS_ID, EOS_ID, tiny_llama_config
+from engine.checkpoint.report import LoadTracker, check_loaded
+from engine.errors import CheckpointError
+from engine.validate.tiny import BOS_ID, EOS_ID, tiny_llama_config
 
 
 @pytest.fixture(scope="module")

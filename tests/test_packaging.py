@@ -49,7 +49,7 @@ def test_bench_latency_reports_every_tp_size_and_the_weights_per_rank(tmp_path):
     import json
 
     from aphro_cli.main import cli
-    from engine.benchmark import PRESETS
+    from engine.bench.engine_bench import PRESETS
 
     out = tmp_path / "lat.jsonl"
     result = CliRunner().invoke(cli, ["bench", "latency", "--preset", "tiny", "--tp", "1",

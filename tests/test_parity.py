@@ -14,10 +14,10 @@ from click.testing import CliRunner
 
 from aphro_cli.main import cli
 from engine.errors import AphroError
-from engine.parity import run_parity
-from engine.parity_compare import _judge_greedy
-from engine.parity_localize import localize
-from engine.parity_report import Tolerances, default_tolerances
+from engine.validate.parity import run_parity
+from engine.validate.compare import judge_greedy
+from engine.validate.localize import localize
+from engine.validate.report import Tolerances, default_tolerances
 
 CPU = {"device": "cpu", "dtype": "float32"}
 
@@ -80,16 +80,16 @@ def test_greedy_rules():
     ref[1, 3], ref[1, 4] = 5.0, 5.0 - 1e-6  # HF: a tie between 3 and 4 at position 1
     ours[1, 4], ours[1, 3] = 6.0, 5.0
     exact = Tolerances(1e-4, 0.0, 1e-6, "exact", 0.0, 1e-4)
-    ok, note = _judge_greedy(0, [4, 0], [3, 0], ours, ref, 2, exact)
+    ok, note = judge_greedy(0, [4, 0], [3, 0], ours, ref, 2, exact)
     assert ok and "tie" in note
     ref[1, 4] = 4.0  # no longer a tie
-    assert not _judge_greedy(0, [4, 0], [3, 0], ours, ref, 2, exact)[0]
+    assert not judge_greedy(0, [4, 0], [3, 0], ours, ref, 2, exact)[0]
     top5 = Tolerances(0.1, 0.05, 0.05, "top5", 0.01, 0.1)
-    assert _judge_greedy(0, [4, 0], [3, 0], ours, ref, 2, top5)[0]  # 4 in HF top-5 and back
+    assert judge_greedy(0, [4, 0], [3, 0], ours, ref, 2, top5)[0]  # 4 in HF top-5 and back
     ref[1] = torch.arange(10.0)  # 4 is HF's 6th: outside its top 5
     ref[1, 3] = 20.0
-    assert not _judge_greedy(0, [4, 0], [3, 0], ours, ref, 2, top5)[0]
-    assert _judge_greedy(None, [1, 2], [1, 2], ours, ref, 2, exact) == (True, "2/2 tokens equal")
+    assert not judge_greedy(0, [4, 0], [3, 0], ours, ref, 2, top5)[0]
+    assert judge_greedy(None, [1, 2], [1, 2], ours, ref, 2, exact) == (True, "2/2 tokens equal")
 
 
 def captured(points: dict) -> SimpleNamespace:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from engine.errors import RequestError
-from engine.sampling_params import SamplingParams
+from engine.core.sampling_params import SamplingParams
 
 INVALID = [
     ("n", {"n": 0}), ("n", {"n": 1.5}),

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from aphro_cli.main import cli
 from engine.errors import SpecError
 from engine.spec import TABLE_CLASSES, ConfigField
-from engine.spec_loader import load_spec, parse_spec
+from engine.spec.loader import load_spec, parse_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = sorted((ROOT / "model_specs").glob("*.toml"))

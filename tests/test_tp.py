@@ -30,10 +30,10 @@ from engine.errors import ConfigError
 from engine.executor import Executor
 from engine.layers.linear import MergedColumnParallelLinear, RowParallelLinear, load_shard
 from engine.layers.vocab_embedding import VocabParallelEmbedding
-from engine.model_runner import ModelRunner
+from engine.runner.model_runner import ModelRunner
 from engine.rank_group import RankGroup, TPWorkerError, check_tp_config
-from engine.tiny import tiny_llama_config
-from engine.tp_check import verify_sharding
+from engine.validate.tiny import tiny_llama_config
+from engine.validate.sharding import verify_sharding
 from engine.worker import Worker
 
 FAMILIES = ["llama", "phi3", "gpt_neox", "mixtral"]
@@ -45,7 +45,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def family_config(name: str):
-    from engine.parity_tiny import tiny_config_for
+    from engine.validate.tiny import tiny_config_for
 
     cfg = tiny_llama_config() if name == "llama" else tiny_config_for(name)
     cfg.vocab_size = VOCAB
@@ -241,13 +241,13 @@ def test_parity_check_cli_shows_the_sharding_table(tp, group, monkeypatch):
     """`aphro parity-check MODEL --tp N`: the engine-vs-HF tables, then the sharding table."""
     from click.testing import CliRunner
 
-    import engine.tp_check
+    import engine.validate.sharding
     from aphro_cli.main import cli
 
     monkeypatch.setattr(llm_engine, "Executor", lambda cfg: Executor(cfg) if
                         cfg.tensor_parallel_size == 1 else Executor(cfg, group=group))
-    monkeypatch.setattr(engine.tp_check, "verify_sharding",
-                        functools.partial(engine.tp_check.verify_sharding, group=group))
+    monkeypatch.setattr(engine.validate.sharding, "verify_sharding",
+                        functools.partial(engine.validate.sharding.verify_sharding, group=group))
     result = CliRunner().invoke(cli, ["parity-check", "llama", "--tp", str(tp), "--device",
                                       "cpu", "--no-chunked", "--max-new-tokens", "2"])
     assert result.exit_code == 0, result.output

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from engine.attention_metadata import AttentionMetadata
+from engine.layers.attention_metadata import AttentionMetadata
 from kernels import ops
 
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.distributed import REPLICATED, ShardSpec
+from engine.layers.sharding import REPLICATED, ShardSpec
 from kernels import ops
 
 

@@ -12,18 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.distributed import (
-    REPLICATED,
-    ShardPart,
-    ShardSpec,
-    divide,
-    get_tp_rank,
-    get_tp_size,
-    split_spec,
-    tp_all_gather,
-    tp_all_reduce,
-)
+from engine.distributed.parallel_state import get_tp_rank, get_tp_size, tp_all_gather, tp_all_reduce
 from engine.errors import ShapeMismatchError
+from engine.layers.sharding import REPLICATED, ShardPart, ShardSpec, divide, split_spec
 
 
 class LinearMethod:
@@ -91,7 +82,7 @@ class LinearBase(nn.Module):
 
     def tp_shard_spec(self, param_name: str) -> ShardSpec | None:
         """How parameter `param_name` of this layer is split across ranks (read by
-        engine.tp_check); None for a parameter the layer does not describe."""
+        engine.validate.sharding); None for a parameter the layer does not describe."""
         return None
 
 

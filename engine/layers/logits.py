@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine.distributed import tp_all_gather
+from engine.distributed.parallel_state import tp_all_gather
 from engine.layers.vocab_embedding import VocabParallelEmbedding
 
 

@@ -16,18 +16,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine.distributed import (
-    ShardPart,
-    ShardSpec,
-    divide,
-    get_tp_rank,
-    get_tp_size,
-    split_spec,
-    tp_all_reduce,
-)
+from engine.distributed.parallel_state import get_tp_rank, get_tp_size, tp_all_reduce
 from engine.errors import ShapeMismatchError
 from engine.layers.activation import get_gated_act
 from engine.layers.linear import load_shard
+from engine.layers.sharding import ShardPart, ShardSpec, divide, split_spec
 
 
 def select_experts(
@@ -158,7 +151,7 @@ class FusedMoE(nn.Module):
 
     def tp_shard_spec(self, param_name: str) -> ShardSpec | None:
         """w13 is split along its rows (gate and up each cut in tp pieces), w2 along its
-        columns; read by engine.tp_check."""
+        columns; read by engine.validate.sharding."""
         size, per_rank = self.intermediate_size, self.per_rank
         if param_name == "w13_weight":
             return ShardSpec(

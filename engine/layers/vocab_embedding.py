@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine.distributed import ShardSpec, get_tp_rank, get_tp_size, split_spec, tp_all_reduce
+from engine.distributed.parallel_state import get_tp_rank, get_tp_size, tp_all_reduce
 from engine.errors import ShapeMismatchError
 from engine.layers.linear import copy_checked
+from engine.layers.sharding import ShardSpec, split_spec
 
 PAD_MULTIPLE = 64
 
@@ -45,7 +46,7 @@ class VocabParallelEmbedding(nn.Module):
             copy_checked(param.data[:rows], loaded[self.vocab_start:self.vocab_start + rows])
 
     def tp_shard_spec(self, param_name: str) -> ShardSpec | None:
-        """Rows of the padded vocabulary, split evenly; padding rows are zero (engine.tp_check)."""
+        """Rows of the padded vocabulary, split evenly; padding rows are zero (engine.validate.sharding)."""
         if param_name not in ("weight", "bias"):
             return None
         return split_spec(0, self.num_embeddings_padded, self.tp_size,

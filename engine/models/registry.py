@@ -43,22 +43,36 @@ def resolve(architecture: str) -> str | type:
     return target
 
 
-def load_model_class(architectures: list[str]) -> type:
-    """The class for the first supported name in a config's `architectures`. An import error in
-    the model's module is raised as the ImportError it is."""
+def resolve_class_path(architectures: list[str]) -> str | type:
+    """What serves the first supported name in a config's `architectures`: "module:Class", or
+    the class registered as an object (tensor-parallel workers receive it pickled, by name)."""
     if not architectures:
         raise ModelNotSupportedError("config.json has no 'architectures' list")
     for arch in architectures:
         try:
-            target = resolve(arch)
+            return resolve(arch)
         except ModelNotSupportedError:
             continue
-        if isinstance(target, type):
-            return target
-        module_name, _, cls_name = target.partition(":")
-        module = importlib.import_module(module_name)
-        try:
-            return getattr(module, cls_name)
-        except AttributeError:
-            raise ImportError(f"{module_name} has no class {cls_name} (registered for {arch})")
-    return resolve(architectures[0])  # raises with the list of supported names
+    resolve(architectures[0])  # raises with the list of supported names
+    raise AssertionError("unreachable")
+
+
+def load_class(target: str | type) -> type:
+    """Import "module:Class" (or take the class given). An import error in the model's module
+    is raised as the ImportError it is."""
+    if isinstance(target, type):
+        return target
+    module_name, _, cls_name = target.partition(":")
+    module = importlib.import_module(module_name)
+    obj = module
+    try:
+        for part in cls_name.split("."):
+            obj = getattr(obj, part)
+    except AttributeError:
+        raise ImportError(f"{module_name} has no class {cls_name}") from None
+    return obj
+
+
+def load_model_class(architectures: list[str]) -> type:
+    """The class for the first supported name in a config's `architectures`."""
+    return load_class(resolve_class_path(architectures))

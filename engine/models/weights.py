@@ -1,5 +1,5 @@
 """Generic load_weights: map checkpoint names onto (possibly fused) parameters; every tensor
-that is missing, unused or shaped wrong is reported by name (engine.loader.LoadTracker)."""
+that is missing, unused or shaped wrong is reported by name (engine.checkpoint.files.LoadTracker)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from engine.checkpoint.report import LoadTracker
 from engine.errors import ShapeMismatchError
 from engine.layers.linear import copy_checked
-from engine.loader import LoadTracker
 
 # (name, tensor) -> (name, tensor), (name, tensor, shard_id) or None (drop the tensor)
 Transform = Callable[[str, torch.Tensor], "tuple | None"]

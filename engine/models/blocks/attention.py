@@ -7,9 +7,9 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from engine.attention_metadata import AttentionMetadata
-from engine.distributed import get_tp_rank
+from engine.distributed.parallel_state import get_tp_rank
 from engine.layers.attention import PagedAttention, alibi_slopes
+from engine.layers.attention_metadata import AttentionMetadata
 from engine.layers.linear import LinearMethod, QKVParallelLinear, RowParallelLinear
 from engine.layers.rotary import get_rope
 from engine.models.blocks.dims import Dims, make_norm

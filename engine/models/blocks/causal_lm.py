@@ -12,12 +12,12 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from engine.attention_metadata import AttentionMetadata
+from engine.checkpoint.report import LoadTracker
+from engine.layers.attention_metadata import AttentionMetadata
 from engine.layers.linear import LinearMethod
 from engine.layers.logits import LogitsProcessor
 from engine.layers.moe import FusedMoE
 from engine.layers.vocab_embedding import ParallelLMHead
-from engine.loader import LoadTracker
 from engine.models.blocks.decoder import DecoderModel
 from engine.models.blocks.dims import Dims
 from engine.models.weights import load_params

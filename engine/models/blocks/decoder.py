@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.attention_metadata import AttentionMetadata
-from engine.distributed import REPLICATED, ShardSpec
+from engine.layers.attention_metadata import AttentionMetadata
 from engine.layers.linear import LinearMethod
+from engine.layers.sharding import REPLICATED, ShardSpec
 from engine.layers.vocab_embedding import VocabParallelEmbedding
 from engine.models.blocks.attention import Attention
 from engine.models.blocks.dims import Dims, make_norm

@@ -1,0 +1,6 @@
+"""Benchmarks: figures, never tests. Each prints the workload, the hardware and the baseline
+measured beside it.
+
+    engine_bench.py  offline throughput (beside HF transformers), batch-1 decode latency
+    kernels.py       the Triton kernels against copy bandwidth / torch SDPA
+"""

@@ -1,0 +1,55 @@
+"""Incremental detokenization and stop-string handling for one sequence."""
+
+from __future__ import annotations
+
+from engine.core.sequence import Sequence
+
+
+class IncrementalDetokenizer:
+    """Decodes only a short window of tokens per step; emits text once it stops changing
+    (no trailing replacement character from a partial UTF-8 sequence)."""
+
+    def __init__(self, tokenizer, skip_special_tokens: bool = True) -> None:
+        self.tokenizer, self.skip_special = tokenizer, skip_special_tokens
+        self.prefix_offset = 0
+        self.read_offset = 0
+
+    def step(self, output_ids: list[int]) -> str:
+        """New text for output_ids (which grew by at least one token since the last call)."""
+        decode = self.tokenizer.decode
+        prefix = decode(output_ids[self.prefix_offset:self.read_offset],
+                        skip_special_tokens=self.skip_special)
+        full = decode(output_ids[self.prefix_offset:], skip_special_tokens=self.skip_special)
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            self.prefix_offset, self.read_offset = self.read_offset, len(output_ids)
+            return full[len(prefix):]
+        return ""
+
+
+def find_stop_string(seq: Sequence, new_chars: int) -> str | None:
+    """If a stop string appears in the text added by the last `new_chars` characters, cut the
+    text there (keeping the stop string only if asked) and return it."""
+    params = seq.sampling_params
+    text = seq.output_text
+    for stop in params.stop_strs:
+        start = max(0, len(text) - new_chars - len(stop) + 1)
+        idx = text.find(stop, start)
+        if idx != -1:
+            end = idx + len(stop) if params.include_stop_str_in_output else idx
+            seq.output_text = text[:end]
+            return stop
+    return None
+
+
+def visible_text(seq: Sequence) -> str:
+    """Text safe to show while running: holds back a tail that could begin a stop string."""
+    text = seq.output_text
+    if seq.is_finished or not seq.sampling_params.stop_strs:
+        return text
+    hold = 0
+    for stop in seq.sampling_params.stop_strs:
+        for k in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:k]):
+                hold = max(hold, k)
+                break
+    return text[: len(text) - hold]

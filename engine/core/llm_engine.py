@@ -1,0 +1,209 @@
+"""LLMEngine: requests in, one scheduling + model step at a time, outputs out.
+
+`step()` is the whole loop body; LLM (offline) and the async engine of the server both drive it:
+
+    scheduler.schedule()        which sequences run, and how many tokens each
+    build_batch(...)            the step as flat host arrays (engine.core.batch)
+    executor.execute(batch)     every rank runs the model; rank 0 samples: tokens (+ logprobs)
+    scheduler.update_from_output / apply the tokens, stop checks, outputs
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+from engine.checkpoint.files import eos_token_ids, load_tokenizer
+from engine.config import EngineConfig
+from engine.core.batch import RunnerOutput, build_batch
+from engine.core.block_manager import BlockManager
+from engine.core.detokenizer import IncrementalDetokenizer, find_stop_string, visible_text
+from engine.core.outputs import CompletionOutput, RequestOutput
+from engine.core.sampling_params import SamplingParams
+from engine.core.scheduler import Scheduler
+from engine.core.sequence import Sequence, SequenceStatus
+from engine.errors import ConfigError, RequestError
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    seqs: list[Sequence]
+    detoks: list[IncrementalDetokenizer | None] = field(default_factory=list)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, stream_outputs: bool = True) -> None:
+        # stream_outputs: step() reports every request that advanced, with its text so far;
+        # otherwise only finished requests, and text is decoded once at the end (unless stop
+        # strings need it as it grows)
+        from engine.distributed import create_executor
+
+        self.config, self.stream_outputs = config, stream_outputs
+        self.tokenizer = load_tokenizer(config.model)
+        self.eos_token_ids = eos_token_ids(config.model)
+        self.vocab_size = config.vocab_size
+        self.executor = create_executor(config)  # the runner (TP=1) or the worker processes
+        try:
+            self.num_kv_blocks = self.executor.determine_num_blocks()
+            block = config.cache.block_size
+            needed = -(-config.max_model_len // block)
+            if self.num_kv_blocks < needed:
+                raise ConfigError(f"the KV cache holds {self.num_kv_blocks} blocks of {block} "
+                                  f"tokens, fewer than one sequence of max_model_len="
+                                  f"{config.max_model_len} needs ({needed}): raise the KV budget "
+                                  "or lower max_model_len")
+            self.executor.init_kv_cache(self.num_kv_blocks)
+        except BaseException:
+            self.executor.close()
+            raise
+        self.block_manager = BlockManager(self.num_kv_blocks, block,
+                                          config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        self.requests: dict[str, _Request] = {}
+        self._finished_seq_ids: list[int] = []  # the sampler forgets them at the next step
+        self._ids = itertools.count()
+
+    @property
+    def load_report(self) -> dict | None:
+        """Rank 0's report of the checkpoint tensors (missing, unexpected, misshaped)."""
+        return self.executor.load_report
+
+    # -- requests ---------------------------------------------------------------------------
+    def add_request(self, prompt: str | None = None, sampling_params: SamplingParams | None = None,
+                    prompt_token_ids: list[int] | None = None,
+                    request_id: str | None = None) -> str:
+        params = sampling_params or SamplingParams()
+        request_id = request_id if request_id is not None else str(next(self._ids))
+        if request_id in self.requests:
+            raise RequestError(f"request_id {request_id!r} is already in use")
+        if prompt_token_ids is None:
+            if prompt is None:
+                raise RequestError("give a prompt or prompt_token_ids")
+            if self.tokenizer is None:
+                raise RequestError("this checkpoint has no tokenizer: pass prompt_token_ids")
+            prompt_token_ids = self.tokenizer.encode(prompt)
+        prompt_token_ids = list(prompt_token_ids)
+        self._validate_prompt(prompt_token_ids, params)
+        seqs = [Sequence(request_id, prompt_token_ids, params, index=i) for i in range(params.n)]
+        detoks = [IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
+                  if self.tokenizer is not None else None for _ in seqs]
+        self.requests[request_id] = _Request(request_id, prompt, prompt_token_ids, seqs, detoks)
+        for seq in seqs:
+            self.scheduler.add_seq(seq)
+        return request_id
+
+    def _validate_prompt(self, ids: list[int], params: SamplingParams) -> None:
+        max_len = self.config.max_model_len
+        if not ids:
+            raise RequestError("the prompt is empty")
+        if len(ids) >= max_len:
+            raise RequestError(f"the prompt has {len(ids)} tokens; max_model_len={max_len} "
+                               "leaves no room to generate: shorten the prompt or raise "
+                               "max_model_len")
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise RequestError(f"prompt token ids {bad[:5]} are outside the vocabulary "
+                               f"[0, {self.vocab_size})")
+
+    def abort_request(self, request_id: str) -> None:
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return
+        self.scheduler.abort(request_id)
+        self._finished_seq_ids.extend(seq.seq_id for seq in req.seqs)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- the loop body ----------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if not sched.scheduled:
+            return []
+        batch, prompt_seqs = build_batch(
+            sched.scheduled, self.config.cache.block_size, self.eos_token_ids,
+            self._finished_seq_ids)
+        self._finished_seq_ids = []
+        out: RunnerOutput = self.executor.execute(batch)
+        for seq, rows, entries in zip(prompt_seqs, batch.prompt_logprobs, out.prompt_logprobs):
+            self._record_prompt_logprobs(seq, rows.first_position, entries)
+        row_of = {seq_id: i for i, seq_id in enumerate(batch.sampling.seq_ids.tolist())}
+        touched: dict[str, _Request] = {}
+        for seq in self.scheduler.update_from_output(sched):  # they sampled a token
+            row = row_of[seq.seq_id]
+            seq.append_token(out.token_ids[row])
+            if seq.sampling_params.logprobs is not None and out.logprobs is not None:
+                seq.output_logprobs.append(out.logprobs[row])
+            req = self.requests[seq.request_id]
+            self._check_stop(seq, req.detoks[seq.index])
+            if self.stream_outputs or seq.is_finished:
+                touched[req.request_id] = req
+        return [o for req in touched.values() if (o := self._output(req)) is not None]
+
+    @staticmethod
+    def _record_prompt_logprobs(seq: Sequence, first_pos: int,
+                                entries: list[dict[int, float]]) -> None:
+        if not seq.prompt_logprobs:
+            seq.prompt_logprobs.append(None)  # the first prompt token has no logprob
+        if len(seq.prompt_logprobs) == first_pos:  # else recomputed after preemption: have it
+            seq.prompt_logprobs.extend(entries)
+
+    def _check_stop(self, seq: Sequence, detok: IncrementalDetokenizer | None) -> None:
+        p = seq.sampling_params
+        token = seq.output_token_ids[-1]
+        incremental = detok is not None and (self.stream_outputs or p.stop_strs)
+        new_text = detok.step(seq.output_token_ids) if incremental else ""
+        seq.output_text += new_text
+        status = None
+        if seq.num_output_tokens >= p.min_tokens:
+            if not p.ignore_eos and token in self.eos_token_ids:
+                status = SequenceStatus.FINISHED_STOPPED
+            elif token in p.stop_token_ids:
+                status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, token
+            elif new_text and (stop := find_stop_string(seq, len(new_text))) is not None:
+                status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, stop
+        if status is None and (
+                (p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens)
+                or len(seq) >= self.config.max_model_len):
+            status = SequenceStatus.FINISHED_LENGTH
+        if status is not None:
+            self.scheduler.finish(seq, status)
+            self._finished_seq_ids.append(seq.seq_id)
+            if detok is not None and not incremental:
+                seq.output_text = self.tokenizer.decode(seq.output_token_ids,
+                                                        skip_special_tokens=p.skip_special_tokens)
+
+    def _output(self, req: _Request) -> RequestOutput | None:
+        finished = all(s.is_finished for s in req.seqs)
+        if not (finished or self.stream_outputs):
+            return None
+        outs = [CompletionOutput(
+            index=s.index, text=visible_text(s), token_ids=list(s.output_token_ids),
+            finish_reason=s.finish_reason, stop_reason=s.stop_reason,
+            logprobs=list(s.output_logprobs) if s.sampling_params.logprobs is not None else None)
+            for s in req.seqs]
+        params = req.seqs[0].sampling_params
+        out = RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs,
+                            prompt_logprobs=(req.seqs[0].prompt_logprobs
+                                             if params.prompt_logprobs is not None else None),
+                            finished=finished,
+                            metrics={"num_cached_tokens": max(s.num_cached_tokens
+                                                              for s in req.seqs),
+                                     "num_preemptions": sum(s.num_preemptions
+                                                            for s in req.seqs)})
+        if finished:
+            del self.requests[req.request_id]
+        return out
+
+    def close(self) -> None:
+        """Free the model and KV cache; with tensor parallelism stop and join the workers.
+        Idempotent; the engine is unusable afterwards."""
+        self.executor.close()
+
+    def check_invariants(self) -> None:
+        """Every block free or owned, ref counts consistent (tests call this)."""
+        live = [s for r in self.requests.values() for s in r.seqs if not s.is_finished]
+        self.block_manager.check_invariants(live)

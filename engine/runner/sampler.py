@@ -1,0 +1,226 @@
+"""Turn one step's logits into next tokens, for the whole batch in one pass of tensor math.
+
+Order (vLLM's): repetition / frequency / presence penalties -> min_tokens mask -> greedy rows take
+the argmax; the others: temperature -> top-k -> top-p -> min-p -> sample.
+
+Sampling is the exponential race: argmax(probs / q) with q ~ Exp(1) per vocab entry draws a token
+with probability exactly `probs`. A seeded row takes its q from a torch.Generator of its own,
+seeded with `(seed + index) mod 2**64` (index = which of the request's n samples) and kept across
+steps in the Sampler until `free(seq_id)`, so its tokens do not depend on what else is in the
+batch. Unseeded rows draw from torch's global generator.
+
+Logprobs are those of the raw model distribution: log_softmax of the logits as the model gave them,
+before penalties, temperature and filtering (vLLM's default). They are computed here and nowhere
+else, for sampled tokens and for prompt tokens alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from engine.core.batch import PromptLogprobRows, SamplingInputs
+from engine.core.sequence import Sequence
+
+
+@dataclass
+class SamplingMetadata:
+    """Sampling inputs of one step on the logits' device, one row per sequence that samples a
+    token this step (engine.core.batch.SamplingInputs moved to the device)."""
+
+    temperatures: torch.Tensor  # [num_seqs] float32, 0 = greedy
+    top_ps: torch.Tensor  # [num_seqs] float32, 1 = off
+    top_ks: torch.Tensor  # [num_seqs] int64, <= 0 = off
+    min_ps: torch.Tensor  # [num_seqs] float32, 0 = off
+    repetition_penalties: torch.Tensor  # [num_seqs] float32, 1 = off
+    presence_penalties: torch.Tensor  # [num_seqs] float32, 0 = off
+    frequency_penalties: torch.Tensor  # [num_seqs] float32, 0 = off
+    prompt_tokens: torch.Tensor  # [num_seqs, max_prompt_len] int64, -1 padded (width 0: unused)
+    output_tokens: torch.Tensor  # [num_seqs, max_output_len] int64, -1 padded (width 0: unused)
+    suppress_rows: torch.Tensor  # [num_pairs] int64: (row, token) pairs min_tokens sets to -inf
+    suppress_tokens: torch.Tensor  # [num_pairs] int64
+    seeds: list[tuple[int, int, int]]  # (row, seq_id, generator seed) of seeded non-greedy rows
+    num_logprobs: list[int | None]  # per row: SamplingParams.logprobs
+    all_greedy: bool
+    do_penalties: bool
+    do_top_k: bool
+    do_top_p: bool
+    do_min_p: bool
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.num_logprobs)
+
+    @property
+    def max_logprobs(self) -> int:
+        """The largest `logprobs` asked for in the batch; -1 when no row asked."""
+        return max((k for k in self.num_logprobs if k is not None), default=-1)
+
+    @classmethod
+    def from_inputs(cls, inp: SamplingInputs, device: torch.device | str) -> SamplingMetadata:
+        # the per-row settings travel as one [7, rows] tensor (one host-to-device copy)
+        settings = torch.from_numpy(inp.settings).to(device)
+        floats = settings[:6].to(torch.float32)
+        suppress = torch.from_numpy(inp.suppress).to(device)
+
+        def tokens(a: np.ndarray) -> torch.Tensor:
+            if a.shape[1] == 0:
+                return torch.empty(a.shape, dtype=torch.int64, device=device)
+            return torch.from_numpy(a).to(device)
+
+        return cls(
+            temperatures=floats[0], top_ps=floats[1], min_ps=floats[2],
+            repetition_penalties=floats[3], presence_penalties=floats[4],
+            frequency_penalties=floats[5], top_ks=settings[6].to(torch.int64),
+            prompt_tokens=tokens(inp.prompt_tokens), output_tokens=tokens(inp.output_tokens),
+            suppress_rows=suppress[0], suppress_tokens=suppress[1], seeds=list(inp.seeds),
+            num_logprobs=list(inp.num_logprobs), all_greedy=inp.all_greedy,
+            do_penalties=inp.do_penalties, do_top_k=inp.do_top_k, do_top_p=inp.do_top_p,
+            do_min_p=inp.do_min_p)
+
+    @classmethod
+    def build(cls, seqs: list[Sequence], device: torch.device | str,
+              eos_token_ids: list[int]) -> SamplingMetadata:
+        """Batch the sampling settings of `seqs` (in the row order of the logits)."""
+        return cls.from_inputs(SamplingInputs.build(seqs, eos_token_ids), device)
+
+
+def _spill(tokens: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Send pad and out-of-vocab ids to column `vocab`, which callers slice away."""
+    return torch.where((tokens < 0) | (tokens >= vocab), vocab, tokens)
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]  # one per row
+    logprobs: list[dict[int, float] | None] | None  # None when no row asked for logprobs
+
+
+def apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    """Repetition (prompt and output tokens), then frequency and presence (output tokens)."""
+    num_seqs, vocab = logits.shape
+    out = _spill(meta.output_tokens, vocab)  # [num_seqs, max_output_len]
+    counts = torch.zeros(num_seqs, vocab + 1, dtype=logits.dtype, device=logits.device)
+    counts = counts.scatter_add_(1, out, torch.ones_like(out, dtype=logits.dtype))[:, :vocab]
+    in_output = counts > 0  # [num_seqs, vocab]
+    seen = in_output
+    if meta.prompt_tokens.shape[1]:
+        prompt = _spill(meta.prompt_tokens, vocab)
+        in_prompt = torch.zeros(num_seqs, vocab + 1, dtype=torch.bool, device=logits.device)
+        seen = seen | in_prompt.scatter_(1, prompt, True)[:, :vocab]
+    rep = meta.repetition_penalties.unsqueeze(1)
+    logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
+    logits = logits - meta.frequency_penalties.unsqueeze(1) * counts
+    return logits - meta.presence_penalties.unsqueeze(1) * in_output.to(logits.dtype)
+
+
+def apply_top_k_top_p_min_p(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    """Return `logits` (already divided by temperature) with the tokens the filters drop at -inf.
+
+    top-k keeps every token whose logit is >= the k-th largest (ties at the k-th are all kept);
+    top-p keeps the smallest highest-first set whose mass reaches top_p (the top token always);
+    min-p then drops tokens whose probability is below min_p times the largest one's.
+    Rows whose filters are off come back unchanged.
+    """
+    vocab = logits.shape[1]
+    neg_inf = float("-inf")
+    if meta.do_top_k or meta.do_top_p:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)  # [num_seqs, vocab]
+        if meta.do_top_k:
+            k = meta.top_ks
+            k = torch.where((k <= 0) | (k > vocab), vocab, k)
+            kth = sorted_logits.gather(1, (k - 1).unsqueeze(1))  # [num_seqs, 1]
+            sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, neg_inf)
+        if meta.do_top_p:
+            probs = sorted_logits.softmax(dim=-1)
+            mass_above = torch.nn.functional.pad(probs.cumsum(dim=-1)[:, :-1], (1, 0))
+            top_p = meta.top_ps.unsqueeze(1)
+            sorted_logits = sorted_logits.masked_fill((mass_above >= top_p) & (top_p < 1),
+                                                      neg_inf)
+        logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)
+    if meta.do_min_p:
+        probs = logits.softmax(dim=-1)
+        floor = meta.min_ps.unsqueeze(1) * probs.amax(dim=-1, keepdim=True)
+        logits = logits.masked_fill(probs < floor, neg_inf)
+    return logits
+
+
+class Sampler(torch.nn.Module):
+    """Samples one token per row; owns the generators of seeded sequences (see module doc)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._generators: dict[int, torch.Generator] = {}
+
+    def free(self, seq_id: int) -> None:
+        """Forget a finished or aborted sequence's generator."""
+        self._generators.pop(seq_id, None)
+
+    def forward(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
+        """logits: [num_seqs, vocab], rows in the order `meta` was built from."""
+        if logits.shape[0] != meta.num_seqs:
+            raise ValueError(f"logits has {logits.shape[0]} rows, metadata {meta.num_seqs}")
+        logprobs = torch.log_softmax(logits.float(), dim=-1) if meta.max_logprobs >= 0 else None
+        logits = logits.to(torch.float32, copy=True)
+        vocab = logits.shape[1]
+        if meta.do_penalties:
+            logits = apply_penalties(logits, meta)
+        if meta.suppress_rows.numel():
+            ok = meta.suppress_tokens < vocab
+            logits[meta.suppress_rows[ok], meta.suppress_tokens[ok]] = float("-inf")
+        token_ids = logits.argmax(dim=-1)  # [num_seqs]
+        if not meta.all_greedy:
+            greedy = meta.temperatures == 0
+            temps = torch.where(greedy, 1.0, meta.temperatures).unsqueeze(1)
+            probs = apply_top_k_top_p_min_p(logits / temps, meta).softmax(dim=-1)
+            sampled = probs.div_(self._exponentials(probs, meta)).argmax(dim=-1)
+            token_ids = torch.where(greedy, token_ids, sampled)
+        ids = token_ids.tolist()
+        return SamplerOutput(ids, None if logprobs is None else _gather_logprobs(
+            logprobs, token_ids, ids, meta))
+
+    def _exponentials(self, probs: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+        q = torch.empty_like(probs).exponential_()  # [num_seqs, vocab], global generator
+        for row, seq_id, seed in meta.seeds:
+            gen = self._generators.get(seq_id)
+            if gen is None:
+                gen = self._generators[seq_id] = torch.Generator(probs.device).manual_seed(seed)
+            q[row].exponential_(generator=gen)
+        return q.clamp_min_(torch.finfo(q.dtype).tiny)  # an exact 0 would make 0/0 = nan win
+
+
+def _gather_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, ids: list[int],
+                     meta: SamplingMetadata) -> list[dict[int, float] | None]:
+    """Per row that asked: {sampled token: logprob, then the top-k tokens: logprob}."""
+    k = min(meta.max_logprobs, logprobs.shape[1])
+    top_vals, top_ids = logprobs.topk(k, dim=-1)  # [num_seqs, k]
+    chosen = logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1).tolist()
+    top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
+    out: list[dict[int, float] | None] = []
+    for row, n in enumerate(meta.num_logprobs):
+        if n is None:
+            out.append(None)
+            continue
+        entry = {ids[row]: chosen[row]}
+        entry.update(zip(top_ids[row][:n], top_vals[row][:n]))
+        out.append(entry)
+    return out
+
+
+def prompt_logprobs(logits: torch.Tensor, rows: PromptLogprobRows) -> list[dict[int, float]]:
+    """Per row of `logits` (the rows of one PromptLogprobRows entry): {prompt token: logprob,
+    then the top-k tokens: logprob}."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    targets = torch.tensor(rows.target_ids, device=lp.device).unsqueeze(1)
+    chosen = lp.gather(1, targets).squeeze(1).tolist()
+    k = min(rows.num_logprobs, lp.shape[1])
+    top_vals, top_ids = ([t.tolist() for t in lp.topk(k, dim=-1)] if k
+                         else ([[]] * len(chosen), [[]] * len(chosen)))
+    out = []
+    for row, tok in enumerate(rows.target_ids):
+        entry = {tok: chosen[row]}
+        entry.update(zip(top_ids[row], top_vals[row]))
+        out.append(entry)
+    return out
