@@ -1,40 +1,38 @@
-"""Tensor parallel on the CPU (gloo): greedy output at TP=2 and TP=4 equals TP=1 for a GQA
-family (llama; KV heads replicated at TP=4), fused-checkpoint families (phi3, gpt_neox) and the
-MoE family (mixtral); every parameter's shards reassemble bit for bit (verify_sharding); planted
-sharding bugs are caught and named; a failing worker is an error in the driver, never a hang;
-torchrun's rendezvous starts the same workers; unshardable sizes are ConfigErrors.
+"""Tensor parallel on the CPU (gloo), every rank in a worker process: greedy output at TP=2 and
+TP=4 equals TP=1 for a GQA family (llama; KV heads replicated at TP=4), fused-checkpoint families
+(phi3, gpt_neox) and the MoE family (mixtral); every parameter's shards reassemble bit for bit
+(verify_sharding); planted sharding bugs are caught and named; a failing or killed worker is a
+TPWorkerError in the caller, which goes on and opens a new engine; engines of different sizes
+follow one another in one process; SIGTERM leaves no orphaned worker; workers started by
+torchrun serve a driver; unshardable sizes are ConfigErrors.
 
-Starting ranks costs seconds, so the TP=2 and TP=4 process groups are started once and shared
-by every case of that size (pytest runs a module-scoped parameter's cases together).
+Bugs are planted in the worker processes through tests/tp_plants.py (a sitecustomize the
+workers import at start-up), never in the engine's code.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
-import textwrap
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
+from tp_plants import plant_in_workers
 
-from engine import LLM, SamplingParams, llm_engine
-from engine.distributed import get_tp_rank
+from engine import LLM, SamplingParams
+from engine.config import check_tp_config
+from engine.distributed.multiproc_executor import TPWorkerError
 from engine.errors import ConfigError
-from engine.executor import Executor
-from engine.layers.linear import MergedColumnParallelLinear, RowParallelLinear, load_shard
-from engine.layers.vocab_embedding import VocabParallelEmbedding
-from engine.runner.model_runner import ModelRunner
-from engine.rank_group import RankGroup, TPWorkerError, check_tp_config
-from engine.validate.tiny import tiny_llama_config
 from engine.validate.sharding import verify_sharding
-from engine.worker import Worker
+from engine.validate.tiny import tiny_llama_config
 
 FAMILIES = ["llama", "phi3", "gpt_neox", "mixtral"]
 VOCAB = 300  # padded to 384 rows at TP=2 and 512 at TP=4: padding rows exist
@@ -68,6 +66,10 @@ def greedy() -> SamplingParams:
     return SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
 
 
+def tokens_of(llm: LLM) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, greedy())]
+
+
 @pytest.fixture(scope="module")
 def tp1_tokens(checkpoint):
     """Per family: TP=1 greedy tokens of PROMPTS (computed once)."""
@@ -75,39 +77,11 @@ def tp1_tokens(checkpoint):
 
     def get(name: str) -> list[list[int]]:
         if name not in done:
-            llm = LLM(str(checkpoint(name)), device="cpu", num_kv_blocks=64)
-            done[name] = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, greedy())]
-            llm.engine.close()
+            with LLM(str(checkpoint(name)), device="cpu", num_kv_blocks=64) as llm:
+                done[name] = tokens_of(llm)
         return done[name]
 
     return get
-
-
-class SharedGroup:
-    """One live RankGroup at a time (torch.distributed has one default group per process)."""
-
-    def __init__(self) -> None:
-        self.group: RankGroup | None = None
-
-    def get(self, size: int, device: str = "cpu") -> RankGroup:
-        backend = "nccl" if device == "cuda" else "gloo"
-        if (self.group is None or self.group.size != size or self.group.closed
-                or self.group.backend != backend):
-            self.close()
-            self.group = RankGroup(size, device)
-        return self.group
-
-    def close(self) -> None:
-        if self.group is not None:
-            self.group.close()
-            self.group = None
-
-
-@pytest.fixture(scope="module")
-def shared():
-    s = SharedGroup()
-    yield s
-    s.close()
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda n: f"tp{n}")
@@ -115,44 +89,34 @@ def tp(request) -> int:
     return request.param
 
 
-@pytest.fixture
-def group(tp, shared) -> RankGroup:
-    return shared.get(tp)
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie (exited, not yet reaped by its parent) counts as gone
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
-@pytest.fixture
-def engines(group, monkeypatch):
-    """LLMs of tensor_parallel_size > 1 run on the shared group (rank_init optional)."""
-    made = []
-
-    def make(ckpt: Path, rank_init=None, **kwargs) -> LLM:
-        def executor(cfg):
-            if cfg.tensor_parallel_size == 1:
-                return Executor(cfg)
-            return Executor(cfg, rank_init=rank_init, group=group)
-
-        monkeypatch.setattr(llm_engine, "Executor", executor)
-        llm = LLM(str(ckpt), device="cpu", tensor_parallel_size=group.size,
-                  **({"num_kv_blocks": 64} | kwargs))
-        made.append(llm)
-        return llm
-
-    yield make
-    for llm in made:
-        llm.engine.close()
+def _kv_heads(runner) -> int:
+    return runner.kv_caches[0].shape[3]
 
 
 # -- greedy output and sharding, every family ---------------------------------------------------
 @pytest.mark.parametrize("family", FAMILIES)
-def test_greedy_matches_tp1(family, tp, engines, checkpoint, tp1_tokens):
-    llm = engines(checkpoint(family))
-    got = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, greedy())]
-    assert got == tp1_tokens(family)
-    # the KV cache holds this rank's KV heads only (replicated when fewer heads than ranks)
-    cfg = family_config(family)
-    kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    assert llm.engine.worker.runner.kv_caches[0].shape[3] == max(1, kv // tp)
-    llm.engine.check_invariants()
+def test_greedy_matches_tp1(family, tp, checkpoint, tp1_tokens):
+    with LLM(str(checkpoint(family)), device="cpu", tensor_parallel_size=tp,
+             num_kv_blocks=64) as llm:
+        assert tokens_of(llm) == tp1_tokens(family)
+        # the KV cache holds each rank's KV heads only (replicated when fewer heads than ranks)
+        cfg = family_config(family)
+        kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        assert llm.engine.executor.collective_rpc(_kv_heads) == [max(1, kv // tp)] * tp
+        llm.engine.check_invariants()
 
 
 # groups each family must report (beyond the common ones)
@@ -161,8 +125,8 @@ EXPECTED_GROUPS = {"llama": {"gate_up", "down"}, "phi3": {"gate_up", "down"},
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_verify_sharding(family, tp, group, checkpoint):
-    report = verify_sharding(checkpoint(family), tp, group=group)
+def test_verify_sharding(family, tp, checkpoint):
+    report = verify_sharding(checkpoint(family), tp)
     assert report.ok, [(p.name, p.problem) for p in report.failures()]
     groups = {g.group: g for g in report.groups()}
     assert {"embedding", "qkv", "o_proj", "norms", "lm_head"} <= groups.keys()
@@ -175,79 +139,33 @@ def test_verify_sharding(family, tp, group, checkpoint):
 
 
 # -- planted bugs: caught and named --------------------------------------------------------------
-_ROW_LOADER = RowParallelLinear.weight_loader
-_MERGED_LOADER = MergedColumnParallelLinear.weight_loader
-_VOCAB_LOADER = VocabParallelEmbedding.weight_loader
-
-
-def _row_cuts_wrong_dim(self, param, loaded, shard_id=None):
-    if param.dim() == 2 and loaded.shape[0] == loaded.shape[1]:  # square: no shape error
-        load_shard(param.data, loaded.t(), 1, self.tp_rank, self.input_size)
-    else:
-        _ROW_LOADER(self, param, loaded, shard_id)
-
-
-def _merged_takes_wrong_rank(self, param, loaded, shard_id=None):
-    if shard_id != 1:
-        return _MERGED_LOADER(self, param, loaded, shard_id)
-    tp, full = self.tp_size, self.output_sizes[1]
-    load_shard(param.data.narrow(0, self.output_sizes[0] // tp, full // tp), loaded, 0,
-               tp - 1 - self.tp_rank, full)
-
-
-def _vocab_padding_not_zero(self, param, loaded, shard_id=None):
-    _VOCAB_LOADER(self, param, loaded, shard_id)
-    rows = max(0, min(self.vocab_end, self.num_embeddings) - self.vocab_start)
-    param.data[rows:] = 1.0
-
-
-def _patch(cls, fn):
-    old = cls.weight_loader
-    cls.weight_loader = fn
-    return functools.partial(setattr, cls, "weight_loader", old)
-
-
-def plant_row_wrong_dim():
-    return _patch(RowParallelLinear, _row_cuts_wrong_dim)
-
-
-def plant_merged_wrong_rank():
-    return _patch(MergedColumnParallelLinear, _merged_takes_wrong_rank)
-
-
-def plant_vocab_padding():
-    return _patch(VocabParallelEmbedding, _vocab_padding_not_zero)
-
-
 @pytest.mark.parametrize("plant, group_name, words, logits_differ", [
-    (plant_row_wrong_dim, "o_proj", "transposed: the loader cut the wrong dimension", True),
-    (plant_merged_wrong_rank, "gate_up", "of part 1 instead", True),
-    (plant_vocab_padding, "embedding", "differs", False),  # logits cannot see padding rows
+    ("row_wrong_dim", "o_proj", "transposed: the loader cut the wrong dimension", True),
+    ("merged_wrong_rank", "gate_up", "of part 1 instead", True),
+    ("vocab_padding", "embedding", "differs", False),  # logits cannot see padding rows
 ], ids=["row-wrong-dim", "merged-wrong-rank", "vocab-padding"])
-def test_planted_bug_is_caught(plant, group_name, words, logits_differ, tp, group, checkpoint):
-    report = verify_sharding(checkpoint("llama"), tp, group=group, rank_init=plant)
+def test_planted_bug_is_caught(plant, group_name, words, logits_differ, tp, checkpoint,
+                               monkeypatch, tmp_path):
+    plant_in_workers(monkeypatch, tmp_path, plant)
+    report = verify_sharding(checkpoint("llama"), tp)
     assert not report.ok
     rows = {g.group: g for g in report.groups()}
     assert not rows[group_name].ok and words in rows[group_name].problem
     bad = {p.group for p in report.failures()}
     assert bad == ({group_name, "lm_head"} if group_name == "embedding" else {group_name})
     assert (not report.logits_ok) == logits_differ
-    # the bug was removed again on every rank: the same group now verifies clean
-    if plant is plant_row_wrong_dim:
-        assert verify_sharding(checkpoint("llama"), tp, group=group).ok
+    # the bug lived in those workers only: new ones verify clean
+    if plant == "row_wrong_dim":
+        monkeypatch.delenv("APHRO_TEST_PLANT")
+        assert verify_sharding(checkpoint("llama"), tp).ok
 
 
-def test_parity_check_cli_shows_the_sharding_table(tp, group, monkeypatch):
+def test_parity_check_cli_shows_the_sharding_table(tp):
     """`aphro parity-check MODEL --tp N`: the engine-vs-HF tables, then the sharding table."""
     from click.testing import CliRunner
 
-    import engine.validate.sharding
     from aphro_cli.main import cli
 
-    monkeypatch.setattr(llm_engine, "Executor", lambda cfg: Executor(cfg) if
-                        cfg.tensor_parallel_size == 1 else Executor(cfg, group=group))
-    monkeypatch.setattr(engine.validate.sharding, "verify_sharding",
-                        functools.partial(engine.validate.sharding.verify_sharding, group=group))
     result = CliRunner().invoke(cli, ["parity-check", "llama", "--tp", str(tp), "--device",
                                       "cpu", "--no-chunked", "--max-new-tokens", "2"])
     assert result.exit_code == 0, result.output
@@ -255,101 +173,190 @@ def test_parity_check_cli_shows_the_sharding_table(tp, group, monkeypatch):
     assert "[q | k | v]" in result.output and "argmax breaks none" in result.output
 
 
-def _few_blocks_on_rank_1():
-    if get_tp_rank() != 1:
-        return None
-    old = Worker.num_kv_blocks
-    Worker.num_kv_blocks = lambda self, cache: 7
-    return functools.partial(setattr, Worker, "num_kv_blocks", old)
+def test_kv_blocks_are_the_minimum_over_ranks(tp, checkpoint, monkeypatch, tmp_path):
+    plant_in_workers(monkeypatch, tmp_path, "few_blocks_on_rank_1")
+    with LLM(str(checkpoint("llama")), device="cpu", tensor_parallel_size=tp,
+             max_model_len=64) as llm:
+        assert llm.engine.num_kv_blocks == 7
+        assert llm.generate(["hello"], greedy())[0].outputs[0].token_ids
 
 
-def test_kv_blocks_are_the_minimum_over_ranks(tp, engines, checkpoint):
-    llm = engines(checkpoint("llama"), rank_init=_few_blocks_on_rank_1, max_model_len=64)
-    assert llm.engine.cache_config.num_blocks == 7
-    assert llm.generate(["hello"], greedy())[0].outputs[0].token_ids
+# -- failures: an error in the caller, who goes on -------------------------------------------
+def _exit_on_rank_1(runner):
+    from engine.distributed.parallel_state import get_tp_rank
 
-
-# -- failures ------------------------------------------------------------------------------------
-def _raise_in_step_on_rank_1():
-    if get_tp_rank() != 1:
-        return None
-    old = ModelRunner.execute
-
-    def execute(self, inp):
-        raise ValueError("planted failure in rank 1's step")
-
-    ModelRunner.execute = execute
-    return functools.partial(setattr, ModelRunner, "execute", old)
-
-
-def _block_driver_and_fail_rank_1():
-    """Rank 1 raises in its step while the driver is stuck inside its own (as a driver waiting
-    on the GPU behind a collective that needs rank 1 would be)."""
-    if get_tp_rank() == 1:
-        return _raise_in_step_on_rank_1()
-    old = ModelRunner.execute
-    ModelRunner.execute = lambda self, inp: time.sleep(600)
-    return functools.partial(setattr, ModelRunner, "execute", old)
-
-
-def _exit_on_rank_1(worker):
     if get_tp_rank() == 1:
         os._exit(3)
 
 
-def test_worker_exception_is_an_error_in_the_driver(shared, checkpoint, monkeypatch):
-    shared.close()  # this test needs its own group: the failure closes it
-    monkeypatch.setattr(llm_engine, "Executor",
-                        lambda cfg: Executor(cfg, rank_init=_raise_in_step_on_rank_1))
+def test_worker_exception_is_an_error_in_the_caller(checkpoint, tp1_tokens, monkeypatch,
+                                                     tmp_path):
+    plant_in_workers(monkeypatch, tmp_path, "raise_on_rank_1")
     llm = LLM(str(checkpoint("llama")), device="cpu", tensor_parallel_size=2, num_kv_blocks=64)
-    group = llm.engine.executor._group
-    with pytest.raises(TPWorkerError, match=r"rank 1 .*exited with code 1(.|\n)*planted failure"):
+    pids = llm.engine.executor.worker_pids()
+    with pytest.raises(TPWorkerError, match=r"rank 1 (.|\n)*planted failure"):
         llm.generate(PROMPTS, greedy())
-    assert group.closed and all(p.poll() is not None for p in group.procs)
-    assert not dist.is_initialized()
+    assert not any(alive(p) for p in pids)  # every worker is gone
+    assert not dist.is_initialized()  # and this process never held a group
+    assert not llm.engine.requests  # the failed step's requests were aborted
     with pytest.raises(TPWorkerError):  # the engine stays failed
         llm.generate(PROMPTS, greedy())
+    llm.close()
+    monkeypatch.delenv("APHRO_TEST_PLANT")
+    with LLM(str(checkpoint("llama")), device="cpu", tensor_parallel_size=2,
+             num_kv_blocks=64) as again:  # the caller opens a new engine
+        assert tokens_of(again) == tp1_tokens("llama")
 
 
-def test_worker_exit_is_an_error_in_the_driver(shared, checkpoint):
-    shared.close()
-    from engine.worker import WorkerConfig
-
-    ex = Executor(WorkerConfig(str(checkpoint("llama")), device="cpu", tensor_parallel_size=2))
-    with pytest.raises(TPWorkerError, match="rank 1 .*exited with code 3"):
-        ex.collective_rpc(_exit_on_rank_1)
+def test_worker_exit_is_an_error_in_the_caller(checkpoint):
+    with LLM(str(checkpoint("llama")), device="cpu", tensor_parallel_size=2,
+             num_kv_blocks=64) as llm:
+        with pytest.raises(TPWorkerError, match="rank 1 .*exited with code 3"):
+            llm.engine.executor.collective_rpc(_exit_on_rank_1)
     assert not dist.is_initialized()
-    ex.close()
 
 
-# -- torchrun ------------------------------------------------------------------------------------
-TORCHRUN_SCRIPT = """
-import json, sys
+def test_worker_killed_mid_generation(checkpoint, tp1_tokens):
+    """SIGKILL to a worker while generate() runs: TPWorkerError naming the rank in the caller,
+    the other workers stopped; a new engine then works."""
+    llm = LLM(str(checkpoint("llama")), device="cpu", tensor_parallel_size=2, num_kv_blocks=64)
+    pids = llm.engine.executor.worker_pids()
+    killer = threading.Timer(1.0, os.kill, (pids[1], signal.SIGKILL))
+    killer.start()
+    long = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
+    with pytest.raises(TPWorkerError, match=rf"rank 1 \(pid {pids[1]}\) exited"):
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # bounded: each call generates 400 tokens
+            llm.generate(["hello"] * 4, long)
+    killer.join()
+    assert not any(alive(p) for p in pids)
+    llm.close()
+    with LLM(str(checkpoint("llama")), device="cpu", tensor_parallel_size=2,
+             num_kv_blocks=64) as again:
+        assert tokens_of(again) == tp1_tokens("llama")
+
+
+def _run_script(text: str, args: list[str], timeout: float, **kwargs):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]))
+    return subprocess.run([sys.executable, "-c", text, *args], env=env, capture_output=True,
+                          text=True, timeout=timeout, check=False, **kwargs)
+
+
+BLOCKED_RANK_SCRIPT = """
+import sys
 from engine import LLM, SamplingParams
+from engine.distributed.multiproc_executor import TPWorkerError
 llm = LLM(sys.argv[1], device="cpu", tensor_parallel_size=2, num_kv_blocks=64)
-# only rank 0 gets here: the other ranks serve it inside LLM() and leave when it closes
-out = llm.generate(json.loads(sys.argv[2]), SamplingParams(temperature=0, max_tokens={n},
-                                                           ignore_eos=True))
-print("TOKENS", json.dumps([o.outputs[0].token_ids for o in out]), flush=True)
-llm.engine.close()
+try:
+    llm.generate(["hello there"], SamplingParams(temperature=0, max_tokens=4))
+except TPWorkerError as e:
+    print("CAUGHT", str(e).splitlines()[0], flush=True)
 """
 
 
-def test_torchrun_rendezvous(checkpoint, tp1_tokens, tmp_path):
-    script = tmp_path / "tp_torchrun.py"
-    script.write_text(textwrap.dedent(TORCHRUN_SCRIPT.format(n=NEW_TOKENS)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get(
-        "PYTHONPATH", "")]))
+def test_failure_while_rank_0_is_blocked_is_an_error_not_a_hang(checkpoint, tmp_path):
+    """Rank 1 fails while rank 0 is stuck in its step (as on a GPU behind a collective that
+    waits for the dead rank): the caller gets rank 1's error, rank 0 is killed, and the process
+    exits normally (in a subprocess: a hang fails by timeout)."""
+    (tmp_path / "plant").mkdir()
+    (tmp_path / "plant" / "sitecustomize.py").write_text(
+        __import__("tp_plants").SITECUSTOMIZE)
+    env = dict(os.environ, APHRO_TEST_PLANT="rank_0_blocks_rank_1_raises",
+               PYTHONPATH=os.pathsep.join([str(tmp_path / "plant"), str(REPO)]))
+    proc = subprocess.run([sys.executable, "-c", BLOCKED_RANK_SCRIPT, str(checkpoint("llama"))],
+                          env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "CAUGHT tensor-parallel worker rank 1 failed" in proc.stdout, proc.stderr[-3000:]
+
+
+# -- lifecycle: one engine after another, SIGTERM -------------------------------------------------
+SIZES_SCRIPT = """
+import json, os, sys
+from engine import LLM, SamplingParams
+pids = []
+for tp in (2, 4, 2):
+    with LLM(sys.argv[1], device="cpu", tensor_parallel_size=tp, num_kv_blocks=64) as llm:
+        pids += llm.engine.executor.worker_pids()
+        out = llm.generate(json.loads(sys.argv[2]), SamplingParams(temperature=0, max_tokens={n},
+                                                                   ignore_eos=True))
+        print("TOKENS", tp, json.dumps([o.outputs[0].token_ids for o in out]), flush=True)
+print("PIDS", json.dumps(pids), flush=True)
+"""
+
+
+def test_engines_of_different_sizes_one_after_another(checkpoint, tp1_tokens):
+    proc = _run_script(SIZES_SCRIPT.format(n=NEW_TOKENS),
+                       [str(checkpoint("llama")), json.dumps(PROMPTS)], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    runs = [ln.split(" ", 2) for ln in lines if ln.startswith("TOKENS ")]
+    assert [r[1] for r in runs] == ["2", "4", "2"]
+    assert all(json.loads(r[2]) == tp1_tokens("llama") for r in runs)
+    pids = json.loads(next(ln for ln in lines if ln.startswith("PIDS "))[5:])
+    assert len(pids) == 8 and not any(alive(p) for p in pids)
+
+
+SIGTERM_SCRIPT = """
+import sys, time
+from engine import LLM, SamplingParams
+llm = LLM(sys.argv[1], device="cpu", tensor_parallel_size=2, num_kv_blocks=64)
+print("PIDS", *llm.engine.executor.worker_pids(), flush=True)
+while True:
+    llm.generate(["hello"], SamplingParams(temperature=0, max_tokens=64, ignore_eos=True))
+"""
+
+
+def test_sigterm_leaves_no_orphaned_workers(checkpoint):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-c", SIGTERM_SCRIPT, str(checkpoint("llama"))],
+                            env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()  # blocks until the engine is up (or the script died)
+        assert line.startswith("PIDS"), line
+        pids = [int(p) for p in line.split()[1:]]
+        time.sleep(1.0)  # generating
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 10  # workers notice their driver is gone within 0.5 s
+        while any(alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(alive(p) for p in pids)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+# -- several machines: workers started by torchrun --------------------------------------------
+def test_torchrun_workers_serve_a_driver(checkpoint, tp1_tokens, monkeypatch):
+    """`torchrun ... aphro worker --connect HOST:PORT` on each machine, the driver given
+    worker_address: here both ends on this machine, gloo."""
+    from engine.distributed.multiproc_executor import _free_port
+
+    port = _free_port()
+    monkeypatch.setenv("APHRO_WORKER_KEY", os.urandom(16).hex())
+    env = dict(os.environ, PYTHONPATH=str(REPO))
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
-    proc = subprocess.run(
+    workers = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         str(script), str(checkpoint("llama")), json.dumps(PROMPTS)],
-        env=env, capture_output=True, text=True, timeout=300, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("TOKENS ")]
-    assert len(lines) == 1  # rank 0 alone
-    assert json.loads(lines[0][len("TOKENS "):]) == tp1_tokens("llama")
+         "-m", "aphro_cli.main", "worker", "--connect", f"127.0.0.1:{port}"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        with LLM(str(checkpoint("llama")), device="cpu", tensor_parallel_size=2,
+                 num_kv_blocks=64, worker_address=f"127.0.0.1:{port}") as llm:
+            assert tokens_of(llm) == tp1_tokens("llama")
+        _, err = workers.communicate(timeout=60)
+        assert workers.returncode == 0, err[-3000:]
+    finally:
+        if workers.poll() is None:
+            workers.kill()
+
+
+def test_worker_address_needs_a_key(checkpoint, monkeypatch):
+    monkeypatch.delenv("APHRO_WORKER_KEY", raising=False)
+    with pytest.raises(ConfigError, match="APHRO_WORKER_KEY"):
+        LLM(str(checkpoint("llama")), device="cpu", tensor_parallel_size=2,
+            worker_address="127.0.0.1:1")
 
 
 # -- sizes that cannot shard -----------------------------------------------------------------------
@@ -378,10 +385,9 @@ def test_llm_refuses_before_starting_processes(checkpoint):
 
 
 # -- CUDA (NCCL), through the device tool ---------------------------------------------------------
-def _cuda_group(shared, tp: int) -> RankGroup:
+def _needs_gpus(tp: int) -> None:
     if torch.cuda.device_count() < tp:
         pytest.skip(f"needs {tp} GPUs")
-    return shared.get(tp, "cuda")
 
 
 @pytest.fixture(scope="module")
@@ -390,10 +396,9 @@ def cuda_tp1_tokens(checkpoint):
 
     def get(name: str) -> list[list[int]]:
         if name not in done:
-            llm = LLM(str(checkpoint(name)), device="cuda", dtype="float32", max_num_seqs=8,
-                      num_kv_blocks=64)
-            done[name] = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, greedy())]
-            llm.engine.close()
+            with LLM(str(checkpoint(name)), device="cuda", dtype="float32", max_num_seqs=8,
+                     num_kv_blocks=64) as llm:
+                done[name] = tokens_of(llm)
         return done[name]
 
     return get
@@ -401,25 +406,20 @@ def cuda_tp1_tokens(checkpoint):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("family", FAMILIES)
-def test_cuda_greedy_matches_tp1(family, tp, shared, checkpoint, cuda_tp1_tokens, monkeypatch):
+def test_cuda_greedy_matches_tp1(family, tp, checkpoint, cuda_tp1_tokens):
     """float32 on the GPU (CUDA graphs, NCCL): the same tokens as TP=1."""
-    group = _cuda_group(shared, tp)
+    _needs_gpus(tp)
     ref = cuda_tp1_tokens(family)
-    monkeypatch.setattr(llm_engine, "Executor", lambda cfg: Executor(cfg, group=group))
-    llm = LLM(str(checkpoint(family)), device="cuda", dtype="float32", max_num_seqs=8,
-              num_kv_blocks=64, tensor_parallel_size=tp)
-    try:
-        assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS, greedy())] == ref
-    finally:
-        llm.engine.close()
+    with LLM(str(checkpoint(family)), device="cuda", dtype="float32", max_num_seqs=8,
+             num_kv_blocks=64, tensor_parallel_size=tp) as llm:
+        assert tokens_of(llm) == ref
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("family", FAMILIES)
-def test_cuda_verify_sharding_bf16(family, tp, shared, checkpoint):
-    group = _cuda_group(shared, tp)
-    report = verify_sharding(checkpoint(family), tp, device="cuda", dtype="bfloat16",
-                             group=group)
+def test_cuda_verify_sharding_bf16(family, tp, checkpoint):
+    _needs_gpus(tp)
+    report = verify_sharding(checkpoint(family), tp, device="cuda", dtype="bfloat16")
     if os.environ.get("APHRO_TP_REPORT"):  # the device run keeps the figures
         with open(os.environ["APHRO_TP_REPORT"], "a") as f:
             f.write(json.dumps({"family": family} | report.to_dict()) + "\n")
@@ -428,99 +428,37 @@ def test_cuda_verify_sharding_bf16(family, tp, shared, checkpoint):
     assert report.ok, (report.logits_max_abs, report.argmax_breaks)
 
 
-def _run_script(text: str, ckpt: Path, tmp_path: Path, grace_s: float, timeout: float):
-    """Run a failure script (argv: checkpoint, tests folder) in its own process."""
-    script = tmp_path / "script.py"
-    script.write_text(text)
-    env = dict(os.environ, PYTHONPATH=str(REPO), APHRO_TP_FAILURE_GRACE_S=str(grace_s))
-    return subprocess.run([sys.executable, str(script), str(ckpt), str(Path(__file__).parent)],
-                          env=env, capture_output=True, text=True, timeout=timeout, check=False)
-
-
-BLOCKED_DRIVER_SCRIPT = """
-import sys
-sys.path.insert(0, sys.argv[2])
-from test_tp import _block_driver_and_fail_rank_1
-from engine import LLM, SamplingParams, llm_engine
-from engine.executor import Executor
-llm_engine.Executor = lambda cfg: Executor(cfg, rank_init=_block_driver_and_fail_rank_1)
-llm = LLM(sys.argv[1], device="cpu", tensor_parallel_size=2, num_kv_blocks=64)
-llm.generate(["hello there"], SamplingParams(temperature=0, max_tokens=4))
-print("NOT REACHED", flush=True)
-"""
-
-
-def test_blocked_driver_exits_with_the_workers_error(checkpoint, tmp_path):
-    """A driver that cannot reach a check (blocked, as on a GPU behind a collective waiting for
-    the dead rank) is ended by the monitor after the grace period, with the worker's error."""
-    proc = _run_script(BLOCKED_DRIVER_SCRIPT, checkpoint("llama"), tmp_path, grace_s=2,
-                       timeout=120)
-    assert proc.returncode == 1 and "NOT REACHED" not in proc.stdout, proc.stderr[-3000:]
-    assert re.search(r"aphro: tensor-parallel worker rank 1 .*exited with code 1(.|\n)*"
-                     r"planted failure(.|\n)*blocked waiting for that rank", proc.stderr), \
-        proc.stderr[-3000:]
-
-
 CUDA_CRASH_SCRIPT = """
 import faulthandler, sys
 faulthandler.dump_traceback_later(120, exit=True)  # a hang shows every thread's stack
-sys.path.insert(0, sys.argv[2])
-from test_tp import _raise_in_step_on_rank_1
-from engine import LLM, SamplingParams, llm_engine
-from engine.executor import Executor
-from engine.rank_group import TPWorkerError
-llm_engine.Executor = lambda cfg: Executor(cfg, rank_init=_raise_in_step_on_rank_1)
+from engine import LLM, SamplingParams
+from engine.distributed.multiproc_executor import TPWorkerError
 llm = LLM(sys.argv[1], device="cuda", tensor_parallel_size=2, num_kv_blocks=64, max_num_seqs=4)
 try:
     llm.generate(["hello there"], SamplingParams(temperature=0, max_tokens=4))
 except TPWorkerError as e:
     print("CAUGHT", str(e).splitlines()[0], flush=True)
+llm.close()
+import os
+os.environ.pop("APHRO_TEST_PLANT")
+with LLM(sys.argv[1], device="cuda", tensor_parallel_size=2, num_kv_blocks=64) as again:
+    print("AGAIN", len(again.generate(["hi"], SamplingParams(max_tokens=2))), flush=True)
 """
 
 
 @pytest.mark.cuda
-def test_cuda_worker_failure_is_an_error_not_a_hang(shared, checkpoint, tmp_path):
-    """Rank 1 raises inside a step while the driver's all-reduce waits for it: the driver
-    raises, or, blocked on the GPU, is ended by the monitor with the error (in a subprocess:
-    a hang fails by timeout). Passes on 2x H200 (docs/VALIDATION.md)."""
-    if torch.cuda.device_count() < 2:
-        pytest.skip("needs 2 GPUs")
-    shared.close()
-    proc = _run_script(CUDA_CRASH_SCRIPT, checkpoint("llama"), tmp_path, grace_s=10,
-                       timeout=150)
-    # the failed NCCL group cannot be torn down: the process leaves without it, exit code 1;
-    # a driver blocked on the GPU behind the dead rank is ended by the monitor instead
-    assert proc.returncode == 1, proc.stderr[-8000:]
-    if "CAUGHT" in proc.stdout:
-        assert "CAUGHT tensor-parallel worker rank 1" in proc.stdout
-        assert "without tearing down" in proc.stderr, proc.stderr[-8000:]
-    else:
-        assert re.search(r"aphro: tensor-parallel worker rank 1 (.|\n)*blocked waiting",
-                         proc.stderr), proc.stderr[-8000:]
-
-
-# -- parked groups -------------------------------------------------------------------------------
-def test_closed_engine_parks_its_ranks_for_the_next_engine(shared, checkpoint, tp1_tokens):
-    """Closing a TP engine keeps its worker processes (models released) for the next engine
-    of the same size in this process; a different size stops them first."""
-    from engine import rank_group
-
-    shared.close()
-    first = LLM(str(checkpoint("llama")), device="cpu", tensor_parallel_size=2, num_kv_blocks=64)
-    pids = [p.pid for p in first.engine.executor._group.procs]
-    first.close()
-    assert len(rank_group._idle) == 1 and dist.is_initialized()
-    with LLM(str(checkpoint("phi3")), device="cpu", tensor_parallel_size=2,
-             num_kv_blocks=64) as second:
-        assert [p.pid for p in second.engine.executor._group.procs] == pids
-        assert not rank_group._idle
-        got = [o.outputs[0].token_ids for o in second.generate(PROMPTS, greedy())]
-        assert got == tp1_tokens("phi3")
-    parked = rank_group._idle[0]
-    with LLM(str(checkpoint("llama")), device="cpu", tensor_parallel_size=4,
-             num_kv_blocks=64) as third:
-        assert parked.closed and all(p.poll() is not None for p in parked.procs)
-        assert [o.outputs[0].token_ids for o in third.generate(PROMPTS, greedy())] == \
-            tp1_tokens("llama")
-    rank_group.close_idle_groups()
-    assert not dist.is_initialized()
+def test_cuda_worker_failure_is_an_error_not_a_hang(checkpoint, tmp_path):
+    """Rank 1 raises inside a step while rank 0's all-reduce waits for it: the caller gets
+    TPWorkerError, its process opens a new NCCL engine and exits normally."""
+    _needs_gpus(2)
+    (tmp_path / "plant").mkdir()
+    (tmp_path / "plant" / "sitecustomize.py").write_text(
+        __import__("tp_plants").SITECUSTOMIZE)
+    env = dict(os.environ, APHRO_TEST_PLANT="raise_on_rank_1",
+               PYTHONPATH=os.pathsep.join([str(tmp_path / "plant"), str(REPO)]))
+    proc = subprocess.run([sys.executable, "-c", CUDA_CRASH_SCRIPT, str(checkpoint("llama"))],
+                          env=env, capture_output=True, text=True, timeout=150, check=False)
+    assert proc.returncode == 0, proc.stderr[-8000:]
+    assert "CAUGHT tensor-parallel worker rank 1" in proc.stdout, proc.stderr[-8000:]
+    assert "AGAIN 1" in proc.stdout
+    assert not re.search("Traceback", proc.stdout)

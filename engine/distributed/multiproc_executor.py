@@ -38,7 +38,7 @@ from typing import Any
 from engine.config import EngineConfig
 from engine.core.batch import RunnerOutput, StepBatch
 from engine.distributed.shm_broadcast import ShmBroadcast
-from engine.distributed.worker import ENV_ADDRESS, ENV_KEY, ENV_PARENT, parse_address
+from engine.distributed.worker import ENV_ADDRESS, ENV_KEY, ENV_PARENT, parse_address, recv, send
 from engine.errors import ConfigError
 from engine.runner.observer import Observations, ObserveSpec
 
@@ -140,6 +140,12 @@ class MultiprocExecutor:
     # -- start -------------------------------------------------------------------------------
     def _start(self) -> None:
         cfg, w = self.config, self._w
+        try:
+            pickle.dumps(cfg.model_class)
+        except (pickle.PicklingError, AttributeError, TypeError) as e:
+            raise ConfigError(f"the model class {cfg.model_class!r} cannot be sent to the "
+                              "tensor-parallel workers (they import it by name): register it "
+                              "as 'package.module:Class' from an importable module") from e
         external = cfg.parallel.worker_address is not None
         if external:
             key_hex = os.environ.get(ENV_KEY)
@@ -160,7 +166,7 @@ class MultiprocExecutor:
                          name="aphro-tp-accept", daemon=True).start()
         while len(w.conns) < self.world:
             conn = self._next_connection(accepted, deadline)
-            _, rank, world, _, _ = conn.recv()
+            _, rank, world, _, _ = recv(conn)
             if world != self.world or rank in w.conns or not 0 <= rank < world:
                 conn.close()
                 raise ConfigError(f"a worker joined as rank {rank} of {world}; this engine has "
@@ -170,7 +176,7 @@ class MultiprocExecutor:
             w.shm = ShmBroadcast.create(self.world, _slot_bytes(cfg))
         master = None if external else f"127.0.0.1:{_free_port()}"
         for conn in w.conns.values():
-            conn.send(("init", cfg, w.shm.handle if w.shm else None, master))
+            send(conn, ("init", cfg, w.shm.handle if w.shm else None, master))
         ready = self._gather(list(range(self.world)))
         self.load_report = ready[0]["load_report"]
 
@@ -223,33 +229,59 @@ class MultiprocExecutor:
         """While waiting for shared memory: a worker that reported or died ends the wait."""
         ready = wait(list(self._w.conns.values()), timeout=0)
         if ready:
-            rank = next(r for r, c in self._w.conns.items() if c in ready)
-            self._fail(rank, self._read_error(rank))
+            self._fail(ready)
 
-    def _read_error(self, rank: int) -> str:
-        conn, proc = self._w.conns[rank], self._proc(rank)
-        try:
-            kind, value = conn.recv()
-        except (EOFError, OSError):
-            code = None
-            if proc is not None:
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    code = proc.wait(timeout=2)
-            pid = f" (pid {proc.pid})" if proc is not None else ""
-            return (f"tensor-parallel worker rank {rank}{pid} exited"
-                    + (f" with code {code}" if code is not None else "")
-                    + " (see its output above)")
-        if kind == "error":
-            return f"tensor-parallel worker rank {rank} failed:\n{value}"
-        return f"tensor-parallel worker rank {rank} answered out of turn ({kind})"
+    def _rank_of(self, conn: Connection) -> int:
+        return next(r for r, c in self._w.conns.items() if c is conn)
+
+    def _describe(self, rank: int, msg) -> tuple[bool, str]:
+        """(died, text) for what a failing worker left: its error message, or its exit."""
+        if msg is not None:
+            kind, value = msg
+            if kind == "error":
+                return False, f"tensor-parallel worker rank {rank} failed:\n{value}"
+            return False, f"tensor-parallel worker rank {rank} answered out of turn ({kind})"
+        proc = self._proc(rank)
+        code = None
+        if proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                code = proc.wait(timeout=2)
+        pid = f" (pid {proc.pid})" if proc is not None else ""
+        return True, (f"tensor-parallel worker rank {rank}{pid} exited"
+                      + (f" with code {code}" if code is not None else "")
+                      + " (see its output above)")
+
+    def _fail(self, ready: list[Connection], first: tuple[int, object] | None = None) -> None:
+        """Collect what every failing worker says (a moment's grace: one death makes the others
+        fail too), close the executor and raise, the dead rank first: it is the cause."""
+        found: dict[int, tuple[bool, str]] = {}
+        if first is not None:
+            found[first[0]] = self._describe(*first)
+        deadline = time.monotonic() + 0.5
+        while True:
+            for conn in ready:
+                rank = self._rank_of(conn)
+                if rank in found:
+                    continue
+                try:
+                    msg = recv(conn)
+                except (EOFError, OSError):
+                    msg = None
+                found[rank] = self._describe(rank, msg)
+            left = [c for r, c in self._w.conns.items() if r not in found]
+            remaining = deadline - time.monotonic()
+            if not left or remaining <= 0:
+                break
+            ready = wait(left, timeout=remaining)
+            if not ready:
+                break
+        texts = [t for _, t in sorted(found.values(), key=lambda d: not d[0])]
+        self.failure = texts[0].splitlines()[0]
+        self._w.shutdown(graceful=False, timeout_s=0)
+        raise TPWorkerError("\n".join(texts))
 
     def _proc(self, rank: int) -> subprocess.Popen | None:
         return self._w.procs[rank] if rank < len(self._w.procs) else None
-
-    def _fail(self, rank: int, text: str) -> None:
-        self.failure = text.splitlines()[0]
-        self._w.shutdown(graceful=False, timeout_s=0)
-        raise TPWorkerError(text)
 
     def _gather(self, ranks: list[int]) -> list[Any]:
         """One ("ok", value) from each of `ranks`, in rank order; any worker's error or exit
@@ -257,17 +289,18 @@ class MultiprocExecutor:
         want, got = set(ranks), {}
         conns = self._w.conns
         while want:
-            for conn in wait(list(conns.values())):
-                rank = next(r for r, c in conns.items() if c is conn)
-                if rank not in want:
-                    self._fail(rank, self._read_error(rank))
+            ready = wait(list(conns.values()))
+            for conn in ready:
+                rank = self._rank_of(conn)
+                if rank not in want:  # a worker that should be silent: it failed
+                    self._fail(ready)
                 try:
-                    kind, value = conn.recv()
+                    msg = recv(conn)
                 except (EOFError, OSError):
-                    self._fail(rank, self._read_error(rank))
-                if kind != "ok":
-                    self._fail(rank, f"tensor-parallel worker rank {rank} failed:\n{value}")
-                got[rank] = value
+                    self._fail(ready)
+                if msg[0] != "ok":
+                    self._fail([c for c in ready if c is not conn], (rank, msg))
+                got[rank] = msg[1]
                 want.discard(rank)
         return [got[r] for r in ranks]
 

@@ -35,6 +35,16 @@ ENV_PARENT = "APHRO_PARENT_PID"  # local workers: exit when this process is gone
 _WATCH_S = 0.5
 
 
+def send(conn: Connection, obj) -> None:
+    """Plain pickle over the connection: Connection.send's pickler would pass tensors as file
+    descriptors of shared memory (torch registers that), which unrelated processes cannot take."""
+    conn.send_bytes(pickle.dumps(obj, protocol=5))
+
+
+def recv(conn: Connection):
+    return pickle.loads(conn.recv_bytes())
+
+
 def parse_address(text: str):
     """'HOST:PORT' -> (host, port); anything else is a Unix socket path."""
     host, sep, port = text.rpartition(":")
@@ -82,14 +92,14 @@ def main(address: str | None = None) -> None:
         _watch_parent(int(env[ENV_PARENT]))
     conn = _connect(parse_address(address), bytes.fromhex(key), float(env.get(
         "APHRO_CONNECT_TIMEOUT_S", "600")))
-    conn.send(("hello", rank, world, local_rank, os.getpid()))
+    send(conn, ("hello", rank, world, local_rank, os.getpid()))
     try:
         _serve(conn, rank, world, local_rank)
     except BaseException:  # noqa: BLE001 - any failure: report it, then leave
         text = traceback.format_exc()
         print(f"[aphro tensor-parallel rank {rank}] {text}", file=sys.stderr, flush=True)
         try:
-            conn.send(("error", text[-8000:]))
+            send(conn, ("error", text[-8000:]))
         except OSError:
             pass
         sys.stderr.flush()
@@ -115,7 +125,7 @@ def _serve(conn: Connection, rank: int, world: int, local_rank: int) -> None:
     from engine.distributed.parallel_state import set_tensor_parallel
     from engine.runner.model_runner import ModelRunner
 
-    kind, config, shm_handle, master = conn.recv()
+    kind, config, shm_handle, master = recv(conn)
     assert kind == "init", kind
     backend = "nccl" if config.device.type == "cuda" else "gloo"
     if backend == "nccl":
@@ -128,7 +138,7 @@ def _serve(conn: Connection, rank: int, world: int, local_rank: int) -> None:
                             timeout=timeout)
     set_tensor_parallel(rank, world, dist.group.WORLD)
     runner = ModelRunner(config, rank, local_rank)
-    conn.send(("ok", {"load_report": runner.load_report, "pid": os.getpid()}))
+    send(conn, ("ok", {"load_report": runner.load_report, "pid": os.getpid()}))
 
     def driver_alive() -> None:
         if conn.closed:
@@ -141,10 +151,10 @@ def _serve(conn: Connection, rank: int, world: int, local_rank: int) -> None:
         if kind == "step":
             out = runner.execute(msg[1])
             if rank == 0:
-                conn.send(("ok", out))
+                send(conn, ("ok", out))
         elif kind == "call":
             fn, args = msg[1], msg[2]
-            conn.send(("ok", fn(runner, *args) if callable(fn) else getattr(runner, fn)(*args)))
+            send(conn, ("ok", fn(runner, *args) if callable(fn) else getattr(runner, fn)(*args)))
         elif kind == "stop":
             break
         else:
@@ -153,4 +163,4 @@ def _serve(conn: Connection, rank: int, world: int, local_rank: int) -> None:
     if backend == "nccl":
         torch.cuda.synchronize()
     dist.destroy_process_group()
-    conn.send(("ok", "stopped"))
+    send(conn, ("ok", "stopped"))
