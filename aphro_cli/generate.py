@@ -7,33 +7,33 @@ import json
 import click
 from rich.table import Table
 
-from aphro_cli.main import console, handle_errors
+from aphro_cli.main import console, err_console, handle_errors
+from aphro_cli.options import with_engine_options
 
 
 @click.command()
-@click.argument("model", type=click.Path(exists=True, file_okay=False))
+@click.argument("model")
 @click.option("-p", "--prompt", "prompts", multiple=True, required=True, help="Repeatable.")
 @click.option("--max-tokens", default=32, show_default=True)
 @click.option("--temperature", default=0.0, show_default=True, help="0 = greedy.")
 @click.option("--top-p", default=1.0, show_default=True)
 @click.option("--top-k", default=-1, show_default=True)
-@click.option("--seed", type=int, default=None)
-@click.option("--dtype", default="auto", show_default=True)
-@click.option("--device", default="auto", show_default=True)
-@click.option("--max-model-len", type=int, default=None)
-@click.option("--tp", "tp", default=1, show_default=True, help="Tensor-parallel size.")
+@click.option("--sampling-seed", type=int, default=None, help="Seed of the request's sampling.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@with_engine_options
 @handle_errors
-def generate(model, prompts, max_tokens, temperature, top_p, top_k, seed, dtype, device,
-             max_model_len, tp, as_json):
-    """Generate completions for PROMPTs with the checkpoint in MODEL (a local HF folder)."""
+def generate(model, prompts, max_tokens, temperature, top_p, top_k, sampling_seed, as_json,
+             engine):
+    """Generate completions for PROMPTs with MODEL: a local HF checkpoint folder, or a
+    registered architecture or spec (run on a tiny random-weight checkpoint)."""
     from engine import LLM, SamplingParams
+    from engine.validate.tiny import model_folder
 
-    params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-                            max_tokens=max_tokens)
-    llm = LLM(model, dtype=dtype, device=device, max_model_len=max_model_len,
-              tensor_parallel_size=tp)
-    outputs = llm.generate(list(prompts), params)
+    params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k,
+                            seed=sampling_seed, max_tokens=max_tokens)
+    with model_folder(model, say=lambda msg: err_console.print(msg, highlight=False)) as path, \
+            LLM(str(path), **engine) as llm:
+        outputs = llm.generate(list(prompts), params)
     rows = [{"prompt": o.prompt, "text": o.outputs[0].text,
              "tokens": len(o.outputs[0].token_ids),
              "finish_reason": o.outputs[0].finish_reason} for o in outputs]

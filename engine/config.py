@@ -90,6 +90,7 @@ class EngineConfig:
     # "auto": the checkpoint's weights; "dummy": random weights made on the device, nothing
     # read but config.json (figures for large shapes without writing a checkpoint)
     load_format: str = "auto"
+    max_logprobs: int = 20  # the largest logprobs / prompt_logprobs a request may ask for
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -111,8 +112,8 @@ class EngineConfig:
                gpu_memory_utilization: float = 0.9, seed: int = 0,
                tensor_parallel_size: int = 1, enforce_eager: bool = False,
                load_format: str = "auto", distributed_timeout_s: float = 600.0,
-               shutdown_timeout_s: float = 10.0,
-               worker_address: str | None = None) -> EngineConfig:
+               shutdown_timeout_s: float = 10.0, worker_address: str | None = None,
+               max_logprobs: int = 20) -> EngineConfig:
         """Read the checkpoint's config and resolve every option; a bad value is a ConfigError
         (a missing or unreadable checkpoint a CheckpointError) before anything is started."""
         from engine.models.registry import resolve_class_path
@@ -122,6 +123,9 @@ class EngineConfig:
             raise CheckpointError(f"model {str(model)!r} is not a local checkpoint folder")
         if load_format not in ("auto", "dummy"):
             raise ConfigError(f"load_format={load_format!r}: 'auto' or 'dummy'")
+        if isinstance(max_logprobs, bool) or not isinstance(max_logprobs, int) \
+                or max_logprobs < 0:
+            raise ConfigError(f"max_logprobs={max_logprobs!r}: must be an integer >= 0")
         hf_config = load_config(path)
         dev = resolve_device(device)
         parallel = ParallelConfig(tensor_parallel_size, distributed_timeout_s,
@@ -141,7 +145,7 @@ class EngineConfig:
             model_class=resolve_class_path(getattr(hf_config, "architectures", None) or []),
             dtype=resolve_dtype(dtype, hf_config, dev), device=dev,
             max_model_len=max_model_len, seed=seed, enforce_eager=enforce_eager,
-            load_format=load_format,
+            load_format=load_format, max_logprobs=max_logprobs,
             cache=CacheConfig(block_size, enable_prefix_caching, gpu_memory_utilization,
                               kv_cache_bytes, num_kv_blocks),
             scheduler=SchedulerConfig(max_num_seqs, batched, max_model_len,

@@ -8,6 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from engine import LLM, SamplingParams
+from engine.errors import RequestError
 
 PROMPTS = [
     "hello",
@@ -68,7 +69,7 @@ def check_no_leak(llm: LLM) -> None:
 
 
 def test_batched_greedy_matches_hf(tiny_llama_dir, hf_reference):
-    llm = LLM(str(tiny_llama_dir), device="cpu", num_kv_blocks=128)
+    llm = LLM(str(tiny_llama_dir), device="cpu", num_kv_blocks=128, max_logprobs=VOCAB)
     outputs = llm.generate(PROMPTS, greedy(logprobs=VOCAB))
     assert [o.prompt for o in outputs] == PROMPTS  # in order
     assert_matches_hf(outputs, hf_reference)
@@ -77,8 +78,8 @@ def test_batched_greedy_matches_hf(tiny_llama_dir, hf_reference):
 
 
 def test_chunked_prefill_matches_hf(tiny_llama_dir, hf_reference):
-    llm = LLM(str(tiny_llama_dir), device="cpu", num_kv_blocks=128, max_num_batched_tokens=8,
-              max_model_len=128)
+    llm = LLM(str(tiny_llama_dir), device="cpu", num_kv_blocks=128, max_logprobs=VOCAB,
+              max_num_batched_tokens=8, max_model_len=128)
     outputs = llm.generate(PROMPTS, greedy(logprobs=VOCAB))
     assert_matches_hf(outputs, hf_reference)
     check_no_leak(llm)
@@ -109,7 +110,8 @@ def test_prefix_caching_reuses_blocks(tiny_llama_dir, hf_model):
 
 def test_preemption_gives_identical_output(tiny_llama_dir, hf_reference):
     # 8 requests of up to ~50 tokens need ~4 blocks each; 10 blocks force preemption
-    llm = LLM(str(tiny_llama_dir), device="cpu", num_kv_blocks=10, block_size=16, max_model_len=128)
+    llm = LLM(str(tiny_llama_dir), device="cpu", num_kv_blocks=10, block_size=16, max_model_len=128,
+              max_logprobs=VOCAB)
     outputs = llm.generate(PROMPTS, greedy(logprobs=VOCAB))
     assert sum(o.metrics["num_preemptions"] for o in outputs) > 0
     assert_matches_hf(outputs, hf_reference)
@@ -277,3 +279,16 @@ def test_missing_tensor_and_truncated_file(tiny_llama_dir, tmp_path):
     (cut / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="model.safetensors"):
         LLM(str(cut), device="cpu", num_kv_blocks=16)
+
+
+def test_logprobs_above_the_cap_are_a_clear_error(tiny_llama_dir):
+    """logprobs / prompt_logprobs above max_logprobs (20 by default, as vLLM) are refused by
+    name, never the whole vocabulary or a raw RuntimeError; the engine then goes on."""
+    with LLM(str(tiny_llama_dir), device="cpu", num_kv_blocks=32) as llm:
+        for name in ("logprobs", "prompt_logprobs"):
+            with pytest.raises(RequestError, match=rf"{name}=1000 is more than this engine's "
+                                                   "max_logprobs=20"):
+                llm.generate(["hi"], SamplingParams(max_tokens=2, **{name: 1000}))
+        out = llm.generate(["hi"], SamplingParams(max_tokens=2, logprobs=20, prompt_logprobs=20))
+        assert len(out[0].outputs[0].logprobs[0]) in (20, 21)  # the sampled token + top 20
+        assert not llm.engine.requests

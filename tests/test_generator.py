@@ -14,9 +14,9 @@ import pytest
 from click.testing import CliRunner
 
 from aphro_cli.main import cli
+from engine.models import registry
 from engine.spec import generator
 from engine.spec.generator import HEADER_PREFIX, generate, read_registry, spec_paths
-from engine.models import registry
 from engine.spec.loader import load_spec
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -14,9 +14,9 @@ from click.testing import CliRunner
 
 from aphro_cli.main import cli
 from engine.errors import AphroError
-from engine.validate.parity import run_parity
 from engine.validate.compare import judge_greedy
 from engine.validate.localize import localize
+from engine.validate.parity import run_parity
 from engine.validate.report import Tolerances, default_tolerances
 
 CPU = {"device": "cpu", "dtype": "float32"}

@@ -11,9 +11,9 @@ from aphro_cli.main import cli
 from engine.layers.attention import PagedAttention
 from engine.models import registry
 from engine.models.blocks import DecoderOnlyForCausalLM, packed_modules_for
+from engine.spec.loader import parse_spec
 from engine.validate.parity import run_parity
 from engine.validate.tiny import SPECS_DIR
-from engine.spec.loader import parse_spec
 
 CPU = {"device": "cpu", "dtype": "float32", "chunked_prefill": False, "max_new_tokens": 4}
 LLAMA_SPEC = (SPECS_DIR / "llama.toml").read_text()

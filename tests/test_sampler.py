@@ -7,9 +7,14 @@ import math
 import pytest
 import torch
 
-from engine.runner.sampler import Sampler, SamplingMetadata, apply_penalties, apply_top_k_top_p_min_p
 from engine.core.sampling_params import SamplingParams
 from engine.core.sequence import Sequence
+from engine.runner.sampler import (
+    Sampler,
+    SamplingMetadata,
+    apply_penalties,
+    apply_top_k_top_p_min_p,
+)
 
 VOCAB = 32
 

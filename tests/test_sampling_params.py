@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from engine.errors import RequestError
 from engine.core.sampling_params import SamplingParams
+from engine.errors import RequestError
 
 INVALID = [
     ("n", {"n": 0}), ("n", {"n": 1.5}),

@@ -8,12 +8,12 @@ import random
 
 import pytest
 
-from engine.core.block_manager import BlockManager
 from engine.config import SchedulerConfig
-from engine.errors import ConfigError
+from engine.core.block_manager import BlockManager
 from engine.core.sampling_params import SamplingParams
 from engine.core.scheduler import Scheduler, SchedulerOutput
 from engine.core.sequence import Sequence, SequenceStatus
+from engine.errors import ConfigError
 
 BS = 4
 WAITING, RUNNING = SequenceStatus.WAITING, SequenceStatus.RUNNING

@@ -330,9 +330,9 @@ def test_sigterm_leaves_no_orphaned_workers(checkpoint):
 def test_torchrun_workers_serve_a_driver(checkpoint, tp1_tokens, monkeypatch):
     """`torchrun ... aphro worker --connect HOST:PORT` on each machine, the driver given
     worker_address: here both ends on this machine, gloo."""
-    from engine.distributed.multiproc_executor import _free_port
+    from engine.distributed.multiproc_executor import free_port
 
-    port = _free_port()
+    port = free_port()
     monkeypatch.setenv("APHRO_WORKER_KEY", os.urandom(16).hex())
     env = dict(os.environ, PYTHONPATH=str(REPO))
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):

@@ -96,7 +96,13 @@ class LLMEngine:
         return request_id
 
     def _validate_prompt(self, ids: list[int], params: SamplingParams) -> None:
-        max_len = self.config.max_model_len
+        max_len, cap = self.config.max_model_len, self.config.max_logprobs
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(params, name)
+            if k is not None and k > cap:
+                raise RequestError(f"{name}={k} is more than this engine's max_logprobs={cap}: "
+                                   "ask for fewer, or start the engine with a larger "
+                                   "max_logprobs")
         if not ids:
             raise RequestError("the prompt is empty")
         if len(ids) >= max_len:

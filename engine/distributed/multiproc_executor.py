@@ -51,7 +51,7 @@ class TPWorkerError(RuntimeError):
     """A tensor-parallel worker failed or died; the engine that used it is closed."""
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -174,7 +174,7 @@ class MultiprocExecutor:
             w.conns[rank] = conn
         if not external:
             w.shm = ShmBroadcast.create(self.world, _slot_bytes(cfg))
-        master = None if external else f"127.0.0.1:{_free_port()}"
+        master = None if external else f"127.0.0.1:{free_port()}"
         for conn in w.conns.values():
             send(conn, ("init", cfg, w.shm.handle if w.shm else None, master))
         ready = self._gather(list(range(self.world)))

@@ -205,6 +205,14 @@ def _generic_tiny_config(architecture: str):
 
 
 @contextlib.contextmanager
+def model_folder(model: str | Path, seed: int = 0, say=lambda msg: None):
+    """A checkpoint folder for MODEL: the folder given, or a tiny random-weight checkpoint of a
+    registered architecture or spec, built in a temporary folder for the length of the block."""
+    with tiny_or_folder(model, seed, False, say) as (path, _):
+        yield path
+
+
+@contextlib.contextmanager
 def tiny_or_folder(model: str | Path, seed: int, keep: bool, say):
     """(folder, source): the folder given, or a tiny checkpoint built in a temporary one."""
     path = Path(model)

@@ -1,0 +1,72 @@
+"""The engine options every command that builds an engine shares (generate, serve, bench),
+named as vLLM names them; `engine_kwargs` turns them into EngineConfig.create's arguments."""
+
+from __future__ import annotations
+
+import functools
+
+import click
+
+_ENGINE_OPTIONS = [
+    click.option("--dtype", default="auto", show_default=True,
+                 help="auto (float32 on CPU, the checkpoint's / bf16 on GPU), bfloat16, "
+                      "float16, float32."),
+    click.option("--device", default="auto", show_default=True, help="auto, cuda, cpu."),
+    click.option("--tensor-parallel-size", "-tp", "--tp", "tensor_parallel_size", default=1,
+                 show_default=True, type=click.IntRange(1), help="Tensor-parallel ranks."),
+    click.option("--max-model-len", type=click.IntRange(1), default=None,
+                 help="Context length (default: the model's)."),
+    click.option("--gpu-memory-utilization", type=click.FloatRange(0, 1, min_open=True),
+                 default=0.9, show_default=True,
+                 help="CUDA: share of the GPU's memory for weights, activations and KV cache."),
+    click.option("--kv-cache-bytes", type=click.IntRange(1), default=None,
+                 help="KV cache budget per rank in bytes (default: CPU 1 GiB, CUDA from "
+                      "--gpu-memory-utilization)."),
+    click.option("--max-num-seqs", type=click.IntRange(1), default=256, show_default=True,
+                 help="Sequences in one step at most."),
+    click.option("--max-num-batched-tokens", type=click.IntRange(1), default=None,
+                 help="Tokens in one step at most (default 8192)."),
+    click.option("--block-size", type=click.Choice(["8", "16", "32", "64", "128"]),
+                 default="16", show_default=True, help="Tokens per KV cache block."),
+    click.option("--enable-prefix-caching/--no-enable-prefix-caching", default=True,
+                 show_default=True, help="Share KV blocks of common prompt prefixes."),
+    click.option("--enforce-eager", is_flag=True, help="No CUDA graphs."),
+    click.option("--max-logprobs", type=click.IntRange(0), default=20, show_default=True,
+                 help="Largest logprobs / prompt_logprobs a request may ask for."),
+    click.option("--seed", "engine_seed", type=int, default=0, show_default=True,
+                 help="Seed of the engine (unseeded sampling, random weights)."),
+    click.option("--worker-address", default=None, metavar="HOST:PORT",
+                 help="Tensor-parallel workers started elsewhere by torchrun connect here "
+                      "(README, Several machines)."),
+]
+
+ENGINE_OPTION_NAMES = ("dtype", "device", "tensor_parallel_size", "max_model_len",
+                       "gpu_memory_utilization", "kv_cache_bytes", "max_num_seqs",
+                       "max_num_batched_tokens", "block_size", "enable_prefix_caching",
+                       "enforce_eager", "max_logprobs", "engine_seed", "worker_address")
+
+
+def engine_options(fn):
+    """Add the shared engine options to a click command."""
+    for option in reversed(_ENGINE_OPTIONS):
+        fn = option(fn)
+    return fn
+
+
+def engine_kwargs(kwargs: dict) -> dict:
+    """Pop the engine options out of a command's kwargs, as EngineConfig.create arguments."""
+    out = {name: kwargs.pop(name) for name in ENGINE_OPTION_NAMES}
+    out["seed"] = out.pop("engine_seed")
+    out["block_size"] = int(out["block_size"])
+    return out
+
+
+def with_engine_options(fn):
+    """engine_options, and the command receives them as one `engine` dict."""
+    @engine_options
+    @functools.wraps(fn)
+    def wrapper(**kwargs):
+        engine = engine_kwargs(kwargs)
+        return fn(engine=engine, **kwargs)
+
+    return wrapper
