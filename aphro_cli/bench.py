@@ -8,7 +8,7 @@ import tempfile
 import click
 from rich.table import Table
 
-from aphro_cli.main import console, handle_errors
+from aphro_cli.main import console, err_console, handle_errors
 
 
 @click.group()
@@ -84,14 +84,17 @@ def throughput(model, preset, num_prompts, input_len, output_len, device, dtype,
 
 @bench.command()
 @click.argument("model", required=False, type=click.Path(exists=True, file_okay=False))
-@click.option("--preset", default="llama-8b", show_default=True,
-              help="Without MODEL: random weights of this Llama shape (tiny, llama-1b, llama-8b).")
+@click.option("--preset", "--model-config", "preset", default=None,
+              help="Without MODEL: random weights of this shape (tiny, llama-1b, llama-8b, "
+                   "qwen2.5-7b, mistral-7b, mixtral-8x7b). Default: llama-8b on a GPU, tiny on "
+                   "the CPU.")
 @click.option("--tp", "tp_sizes", type=click.IntRange(min=1), multiple=True,
               help="Tensor-parallel size; repeat to compare (--tp 1 --tp 2). Default 1.")
 @click.option("--input-len", default=128, show_default=True)
 @click.option("--output-len", default=128, show_default=True)
 @click.option("--device", default="auto", show_default=True)
-@click.option("--dtype", default="bfloat16", show_default=True)
+@click.option("--dtype", default="auto", show_default=True,
+              help="auto: bfloat16 on a GPU, float32 on the CPU.")
 @click.option("--eager-too", is_flag=True, help="Also run without CUDA graphs.")
 @click.option("--eager", is_flag=True, hidden=True, help="Only without CUDA graphs.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False),
@@ -105,9 +108,18 @@ def latency(model, preset, tp_sizes, input_len, output_len, device, dtype, eager
     weights are random (nothing to download or save), so large shapes start in seconds. Several
     sizes run one after another.
     """
+    from engine.config import resolve_device
+
+    on_gpu = resolve_device(device).type == "cuda"
+    preset = preset or ("llama-8b" if on_gpu else "tiny")
+    dtype = dtype if dtype != "auto" else ("bfloat16" if on_gpu else "float32")
     runs = [(tp, e) for e in ((False, True) if eager_too else (eager,)) for tp in tp_sizes or (1,)]
-    rows = [_latency_run(model, preset, tp, input_len, output_len, device, dtype, e)
-            for tp, e in runs]  # one engine after another, in this process
+    rows = []
+    for tp, e in runs:  # one engine after another, in this process
+        err_console.print(f"latency: {model or preset} {dtype}, TP={tp}"
+                          f"{' eager' if e else ''}: {input_len} prompt + {output_len} tokens",
+                          highlight=False)
+        rows.append(_latency_run(model, preset, tp, input_len, output_len, device, dtype, e))
     table = Table("TP", "CUDA graphs", "prefill ms", "decode ms (median)", "decode ms (mean)",
                   "tok/s", "weights/rank GB")
     for r in rows:

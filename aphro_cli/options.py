@@ -22,7 +22,7 @@ _ENGINE_OPTIONS = [
     click.option("--kv-cache-bytes", type=click.IntRange(1), default=None,
                  help="KV cache budget per rank in bytes (default: CPU 1 GiB, CUDA from "
                       "--gpu-memory-utilization)."),
-    click.option("--max-num-seqs", type=click.IntRange(1), default=256, show_default=True,
+    click.option("--max-num-seqs", type=click.IntRange(1), default=512, show_default=True,
                  help="Sequences in one step at most."),
     click.option("--max-num-batched-tokens", type=click.IntRange(1), default=None,
                  help="Tokens in one step at most (default 8192)."),

@@ -42,7 +42,7 @@ class CacheConfig:
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    max_num_seqs: int = 256
+    max_num_seqs: int = 512  # 1000 x 256/256 on an H200: +20% over 256 (docs/PERF.md)
     max_num_batched_tokens: int = 8192  # token budget of one step
     max_model_len: int = 4096
     enable_chunked_prefill: bool = True  # split prompts longer than the step's budget
@@ -91,6 +91,8 @@ class EngineConfig:
     # read but config.json (figures for large shapes without writing a checkpoint)
     load_format: str = "auto"
     max_logprobs: int = 20  # the largest logprobs / prompt_logprobs a request may ask for
+    # prepare step N+1 on the host while the device runs step N (default: on CUDA)
+    async_scheduling: bool = False
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -106,14 +108,14 @@ class EngineConfig:
     @classmethod
     def create(cls, model: str | os.PathLike, *, dtype: str | torch.dtype = "auto",
                device: str = "auto", max_model_len: int | None = None, block_size: int = 16,
-               max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
+               max_num_seqs: int = 512, max_num_batched_tokens: int | None = None,
                enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True,
                kv_cache_bytes: int | None = None, num_kv_blocks: int | None = None,
                gpu_memory_utilization: float = 0.9, seed: int = 0,
                tensor_parallel_size: int = 1, enforce_eager: bool = False,
                load_format: str = "auto", distributed_timeout_s: float = 600.0,
                shutdown_timeout_s: float = 10.0, worker_address: str | None = None,
-               max_logprobs: int = 20) -> EngineConfig:
+               max_logprobs: int = 20, async_scheduling: bool | None = None) -> EngineConfig:
         """Read the checkpoint's config and resolve every option; a bad value is a ConfigError
         (a missing or unreadable checkpoint a CheckpointError) before anything is started."""
         from engine.models.registry import resolve_class_path
@@ -146,6 +148,8 @@ class EngineConfig:
             dtype=resolve_dtype(dtype, hf_config, dev), device=dev,
             max_model_len=max_model_len, seed=seed, enforce_eager=enforce_eager,
             load_format=load_format, max_logprobs=max_logprobs,
+            async_scheduling=dev.type == "cuda" if async_scheduling is None
+            else bool(async_scheduling),
             cache=CacheConfig(block_size, enable_prefix_caching, gpu_memory_utilization,
                               kv_cache_bytes, num_kv_blocks),
             scheduler=SchedulerConfig(max_num_seqs, batched, max_model_len,

@@ -1,5 +1,6 @@
-"""The engine on a GPU: same greedy tokens as on CPU (float32), CUDA graphs equal eager, and bf16
-close to HF. Skipped without CUDA (run through the device tool)."""
+"""The engine on a GPU: same greedy tokens as on CPU (float32), CUDA graphs equal eager, with
+asynchronous scheduling on and off, and bf16 close to HF. Skipped without CUDA (run through the
+device tool)."""
 
 from __future__ import annotations
 
@@ -29,10 +30,14 @@ def test_cuda_float32_matches_cpu_and_graphs_match_eager(which, request):
                         enforce_eager=True))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a capture that falls back to eager fails here
-        graphs = LLM(ckpt, device="cuda", dtype="float32", num_kv_blocks=32)
+        graphs = LLM(ckpt, device="cuda", dtype="float32", num_kv_blocks=32,
+                     async_scheduling=True)
     assert graphs.engine.executor.graphs is not None
     assert eager == cpu
     assert _tokens(graphs) == cpu
+    in_sync = LLM(ckpt, device="cuda", dtype="float32", num_kv_blocks=32,
+                  async_scheduling=False)
+    assert _tokens(in_sync) == cpu
 
 
 def test_cuda_bf16_close_to_hf(tiny_llama_dir):

@@ -115,7 +115,7 @@ def test_greedy_matches_tp1(family, tp, checkpoint, tp1_tokens):
         # the KV cache holds each rank's KV heads only (replicated when fewer heads than ranks)
         cfg = family_config(family)
         kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        assert llm.engine.executor.collective_rpc(_kv_heads) == [max(1, kv // tp)] * tp
+        assert llm.engine.collective_rpc(_kv_heads) == [max(1, kv // tp)] * tp
         llm.engine.check_invariants()
 
 
@@ -212,7 +212,7 @@ def test_worker_exit_is_an_error_in_the_caller(checkpoint):
     with LLM(str(checkpoint("llama")), device="cpu", tensor_parallel_size=2,
              num_kv_blocks=64) as llm:
         with pytest.raises(TPWorkerError, match="rank 1 .*exited with code 3"):
-            llm.engine.executor.collective_rpc(_exit_on_rank_1)
+            llm.engine.collective_rpc(_exit_on_rank_1)
     assert not dist.is_initialized()
 
 

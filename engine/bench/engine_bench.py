@@ -89,7 +89,8 @@ def weight_bytes_of(runner) -> int:
     return sum(p.numel() * p.element_size() for p in runner.model.parameters())
 
 
-# Random-weight Llama shapes for benchmarks on a GPU (no download)
+# Well-known shapes for benchmarks with random weights (no download): HF config fields, and the
+# HF model type where it is not Llama
 PRESETS = {
     "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
              "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512},
@@ -97,19 +98,32 @@ PRESETS = {
                  "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 32768},
     "llama-8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
                  "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256},
+    "qwen2.5-7b": {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+                   "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064},
+    "mistral-7b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                   "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 32768},
+    "mixtral-8x7b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                     "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 32000,
+                     "num_local_experts": 8, "num_experts_per_tok": 2},
 }
+PRESET_TYPES = {"qwen2.5-7b": ("qwen2", "Qwen2ForCausalLM"),
+                "mistral-7b": ("mistral", "MistralForCausalLM"),
+                "mixtral-8x7b": ("mixtral", "MixtralForCausalLM")}
+ALIASES = {"llama-3-8b": "llama-8b"}
 
 
 def preset_config(preset: str):
-    from transformers import LlamaConfig
+    from transformers import AutoConfig
 
+    preset = ALIASES.get(preset, preset)
     if preset not in PRESETS:
         from engine.errors import ConfigError
 
-        raise ConfigError(f"preset {preset!r}: one of {', '.join(PRESETS)}")
-    return LlamaConfig(**PRESETS[preset], max_position_embeddings=8192, rope_theta=500000.0,
-                       bos_token_id=0, eos_token_id=1, torch_dtype="bfloat16",
-                       architectures=["LlamaForCausalLM"])
+        raise ConfigError(f"preset {preset!r}: one of {', '.join([*PRESETS, *ALIASES])}")
+    model_type, arch = PRESET_TYPES.get(preset, ("llama", "LlamaForCausalLM"))
+    return AutoConfig.for_model(model_type, **PRESETS[preset], max_position_embeddings=32768,
+                                rope_theta=500000.0, bos_token_id=0, eos_token_id=1,
+                                torch_dtype="bfloat16", architectures=[arch])
 
 
 def make_random_checkpoint(out_dir: str | Path, preset: str = "llama-1b",
@@ -151,7 +165,7 @@ def decode_latency(model_dir: str | Path, tp: int = 1, input_len: int = 128,
     engine = LLMEngine(config)
     try:
         dev = str(config.device)
-        weight_bytes = engine.executor.collective_rpc(weight_bytes_of)[0]
+        weight_bytes = engine.collective_rpc(weight_bytes_of)[0]
         ids = random_prompts(1, input_len, engine.vocab_size, seed)[0]
 
         def run(n: int) -> list[float]:

@@ -53,7 +53,7 @@ class SamplingInputs:
         rows: list[int] = []
         tokens: list[int] = []
         for row, s in enumerate(seqs):
-            if s.num_output_tokens < s.sampling_params.min_tokens:
+            if s.num_output_tokens + s.num_pending < s.sampling_params.min_tokens:
                 ids = list(eos_token_ids) + list(s.sampling_params.stop_token_ids or [])
                 rows += [row] * len(ids)
                 tokens += ids
@@ -117,6 +117,9 @@ class StepBatch:
     num_prefill_tokens: int
     sample_rows: np.ndarray  # [num_sampled] int64: rows whose logits sample a token
     sampling: SamplingInputs
+    # [2, k] int64: input_ids[row] = the token the previous step sampled at index j, for
+    # sequences whose last token was still pending on the device (asynchronous scheduling)
+    prev_tokens: np.ndarray = field(default_factory=lambda: np.empty((2, 0), dtype=np.int64))
     prompt_logprobs: list[PromptLogprobRows] = field(default_factory=list)
     finished_seq_ids: list[int] = field(default_factory=list)  # the sampler forgets these first
 
@@ -143,20 +146,25 @@ class RunnerOutput:
 
 
 def build_batch(scheduled: list[tuple[Sequence, int]], block_size: int,
-                eos_token_ids: list[int], finished_seq_ids: list[int] | None = None
-                ) -> tuple[StepBatch, list[Sequence]]:
+                eos_token_ids: list[int], finished_seq_ids: list[int] | None = None,
+                prev_rows: dict[int, int] | None = None) -> tuple[StepBatch, list[Sequence]]:
     """Flatten the scheduled (sequence, tokens this step) pairs, prefill chunks first. A
     sequence samples a token once all its known tokens are computed (the scheduler's
-    update_from_output returns the same ones). Also returns the sequences whose prompt logprobs
-    the step scores, in StepBatch.prompt_logprobs order."""
+    update_from_output returns the same ones). A sequence with a pending token takes it from
+    the previous step's sampled row prev_rows[seq_id] on the device. Also returns the sequences
+    whose prompt logprobs the step scores, in StepBatch.prompt_logprobs order."""
     bs = block_size
     ids, pos, slots, q_lens, ctx_lens, tables = [], [], [], [], [], []
-    sample_seqs, sample_rows, prompt_rows, prompt_seqs = [], [], [], []
+    sample_seqs, sample_rows, prompt_rows, prompt_seqs, prev = [], [], [], [], []
     offset = 0
     for seq, n in scheduled:
         start = seq.num_computed_tokens
         if n == 1:  # decode: scalar arithmetic, no per-sequence arrays
-            ids.append(seq.last_token_id if start == len(seq) - 1 else seq.token_ids[start])
+            if seq.num_pending:
+                prev += [offset, prev_rows[seq.seq_id]]
+                ids.append(0)  # the runner puts the pending token here
+            else:
+                ids.append(seq.last_token_id if start == len(seq) - 1 else seq.token_ids[start])
             pos.append(start)
             slots.append(seq.block_table[start // bs] * bs + start % bs)
         else:
@@ -194,5 +202,6 @@ def build_batch(scheduled: list[tuple[Sequence, int]], block_size: int,
         num_prefill_tokens=sum(q_lens[:num_prefills]),
         sample_rows=np.asarray(sample_rows, dtype=np.int64),
         sampling=SamplingInputs.build(sample_seqs, eos_token_ids),
-        prompt_logprobs=prompt_rows, finished_seq_ids=list(finished_seq_ids or []))
+        prompt_logprobs=prompt_rows, finished_seq_ids=list(finished_seq_ids or []),
+        prev_tokens=np.asarray(prev, dtype=np.int64).reshape(-1, 2).T.copy())
     return batch, prompt_seqs

@@ -77,6 +77,7 @@ class BlockManager:
     def _prefix_hits(self, seq: Sequence) -> list[int]:
         """Cached blocks holding seq's leading full blocks; at least one token is left over.
         Requests that want prompt logprobs must compute every prompt token, so they never hit."""
+        assert not seq.num_pending, f"seq {seq.seq_id}: admitted with a pending token"
         if not self.enable_prefix_caching or seq.sampling_params.prompt_logprobs is not None:
             return []
         hits = []

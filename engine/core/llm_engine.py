@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
+from typing import Any
 
 from engine.checkpoint.files import eos_token_ids, load_tokenizer
 from engine.config import EngineConfig
-from engine.core.batch import RunnerOutput, build_batch
+from engine.core.batch import RunnerOutput, StepBatch, build_batch
 from engine.core.block_manager import BlockManager
 from engine.core.detokenizer import IncrementalDetokenizer, find_stop_string, visible_text
 from engine.core.outputs import CompletionOutput, RequestOutput
@@ -32,6 +33,17 @@ class _Request:
     prompt_token_ids: list[int]
     seqs: list[Sequence]
     detoks: list[IncrementalDetokenizer | None] = field(default_factory=list)
+
+
+@dataclass
+class _Step:
+    """A launched step whose tokens are not applied yet."""
+
+    handle: Any  # .result() -> RunnerOutput
+    batch: StepBatch
+    done: list[Sequence]  # the sequences that sample a token in it
+    prompt_seqs: list[Sequence]
+    rows: dict[int, int]  # seq_id -> its row in the sampled output
 
 
 class LLMEngine:
@@ -64,6 +76,9 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         self.requests: dict[str, _Request] = {}
         self._finished_seq_ids: list[int] = []  # the sampler forgets them at the next step
+        self._inflight: _Step | None = None  # launched, tokens not applied (async scheduling)
+        self._drained: list[RequestOutput] = []  # outputs drain() applied, for the next step
+        self._penalized: set[str] = set()  # live requests with penalties (steps run in sync)
         self._ids = itertools.count()
 
     @property
@@ -91,6 +106,8 @@ class LLMEngine:
         detoks = [IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
                   if self.tokenizer is not None else None for _ in seqs]
         self.requests[request_id] = _Request(request_id, prompt, prompt_token_ids, seqs, detoks)
+        if params.do_penalties:
+            self._penalized.add(request_id)
         for seq in seqs:
             self.scheduler.add_seq(seq)
         return request_id
@@ -118,31 +135,101 @@ class LLMEngine:
         req = self.requests.pop(request_id, None)
         if req is None:
             return
+        self._penalized.discard(request_id)
         self.scheduler.abort(request_id)
         self._finished_seq_ids.extend(seq.seq_id for seq in req.seqs)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or bool(self._drained) or (
+            self._inflight is not None and not all(s.is_finished for s in self._inflight.done))
 
     # -- the loop body ----------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Schedule and launch the next step; apply the tokens of the step before it.
+
+        With async_scheduling the step launched here runs on the device while this returns the
+        outputs of the previous one, so the host's work (scheduling, batch building, applying
+        tokens, stop checks) overlaps the device's; stop conditions stay exact (a sequence that
+        stopped is dropped from the step launched meanwhile). Steps that need every token on
+        the host first (penalties read the output so far) run synchronously.
+        """
+        outputs, self._drained = self._drained, []
+        if self._inflight is not None and not self._overlap_ok():
+            step, self._inflight = self._inflight, None
+            outputs += self._apply(step)
+        launched = self._launch()
+        previous, self._inflight = self._inflight, None
+        if previous is not None:
+            try:
+                outputs += self._apply(previous)
+            except BaseException:
+                self._inflight = launched  # still to be applied (or failed with the executor)
+                raise
+        if launched is not None and not self.config.async_scheduling:
+            outputs += self._apply(launched)
+        else:
+            self._inflight = launched
+        return outputs
+
+    def drain(self) -> None:
+        """Apply the step in flight now (its outputs come with the next step()); the executor
+        then has nothing outstanding."""
+        if self._inflight is not None:
+            step, self._inflight = self._inflight, None
+            self._drained += self._apply(step)
+
+    def observe(self, spec) -> None:
+        """The runner's observer hook (engine.runner.observer.ObserveSpec; None stops it)."""
+        self.drain()
+        self.executor.observe(spec)
+
+    def take_observations(self):
+        self.drain()
+        return self.executor.take_observations()
+
+    def collective_rpc(self, fn, *args) -> list:
+        """fn(runner, *args) on every rank (see the executor's collective_rpc)."""
+        self.drain()
+        return self.executor.collective_rpc(fn, *args)
+
+    def _overlap_ok(self) -> bool:
+        return self.config.async_scheduling and not self._penalized
+
+    def _launch(self) -> _Step | None:
         sched = self.scheduler.schedule()
         if not sched.scheduled:
-            return []
+            return None
+        prev = self._inflight.rows if self._inflight is not None else {}
         batch, prompt_seqs = build_batch(
             sched.scheduled, self.config.cache.block_size, self.eos_token_ids,
-            self._finished_seq_ids)
+            self._finished_seq_ids, prev)
         self._finished_seq_ids = []
-        out: RunnerOutput = self.executor.execute(batch)
-        for seq, rows, entries in zip(prompt_seqs, batch.prompt_logprobs, out.prompt_logprobs):
+        handle = self.executor.launch(batch)
+        done = self.scheduler.update_from_output(sched)  # they sample a token this step
+        for seq in done:
+            seq.num_pending += 1
+        rows = {seq_id: i for i, seq_id in enumerate(batch.sampling.seq_ids.tolist())}
+        return _Step(handle, batch, done, prompt_seqs, rows)
+
+    def _apply(self, step: _Step) -> list[RequestOutput]:
+        try:
+            out: RunnerOutput = step.handle.result()
+        finally:
+            for seq in step.done:
+                seq.num_pending -= 1
+        for seq, rows, entries in zip(step.prompt_seqs, step.batch.prompt_logprobs,
+                                      out.prompt_logprobs):
             self._record_prompt_logprobs(seq, rows.first_position, entries)
-        row_of = {seq_id: i for i, seq_id in enumerate(batch.sampling.seq_ids.tolist())}
         touched: dict[str, _Request] = {}
-        for seq in self.scheduler.update_from_output(sched):  # they sampled a token
-            row = row_of[seq.seq_id]
+        for seq in step.done:
+            if seq.is_finished:  # stopped or aborted while this step ran
+                continue
+            row = step.rows[seq.seq_id]
             seq.append_token(out.token_ids[row])
             if seq.sampling_params.logprobs is not None and out.logprobs is not None:
                 seq.output_logprobs.append(out.logprobs[row])
+            if seq.status is not SequenceStatus.RUNNING:  # preempted meanwhile: keeps its token
+                continue
             req = self.requests[seq.request_id]
             self._check_stop(seq, req.detoks[seq.index])
             if self.stream_outputs or seq.is_finished:
@@ -202,6 +289,7 @@ class LLMEngine:
                                                             for s in req.seqs)})
         if finished:
             del self.requests[req.request_id]
+            self._penalized.discard(req.request_id)
         return out
 
     def close(self) -> None:

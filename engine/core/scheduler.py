@@ -9,6 +9,10 @@ One engine step:
     done = scheduler.update_from_output(out)   sequences whose known tokens are all computed
     ... engine appends a sampled token to each of `done`, calls finish() on stopped ones ...
 
+With asynchronous scheduling the engine calls update_from_output as soon as the step is
+launched and marks each of `done` as having a pending token; schedule() then gives them their
+next decode step before the token is known (and skips one whose pending token is its last).
+
 Policy: running sequences first, in arrival order; a sequence that cannot get blocks preempts
 the latest-arrived running sequence (possibly itself): its blocks are freed, it goes back to the
 front of the waiting queue and later recomputes prompt + output. Then waiting sequences are
@@ -65,12 +69,16 @@ class Scheduler:
             f"prompt of {seq.num_prompt_tokens} tokens > max_model_len: the engine must reject it")
         assert seq.status is SequenceStatus.WAITING and not seq.block_table
         # the last sampled token is never computed, so the KV holds at most max_len - 1 tokens
+        self._check_fits(seq, max(self._max_len(seq) - 1, len(seq)))
+        bisect.insort(self.waiting, seq, key=_arrival)
+
+    def _max_len(self, seq: Sequence) -> int:
+        """The length at which the sequence ends at the latest (max_tokens, max_model_len)."""
         max_tokens = seq.sampling_params.max_tokens
         max_len = self.config.max_model_len
         if max_tokens is not None:
             max_len = min(max_len, seq.num_prompt_tokens + max_tokens)
-        self._check_fits(seq, max(max_len - 1, len(seq)))
-        bisect.insort(self.waiting, seq, key=_arrival)
+        return max_len
 
     def _check_fits(self, seq: Sequence, num_tokens: int) -> None:
         """Refuse a sequence that would wait forever: it can never get the blocks or budget."""
@@ -94,6 +102,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if seq.num_pending and len(seq) >= self._max_len(seq):
+                i += 1  # its last token is on the way: nothing left to compute
+                continue
             assert seq.num_uncomputed_tokens > 0, f"seq {seq.seq_id}: running with nothing to do"
             num_new = min(seq.num_uncomputed_tokens, budget)
             if num_new < seq.num_uncomputed_tokens and not chunked:

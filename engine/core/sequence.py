@@ -31,6 +31,10 @@ class Sequence:
     """Prompt + output token ids and the bookkeeping the scheduler and block manager share.
 
     Invariant: the KV of token_ids[:num_computed_tokens] is in the blocks of `block_table`.
+
+    With asynchronous scheduling a sampled token can be pending: the GPU has it, the host does
+    not yet (`num_pending`, 0 or 1). It counts in len(seq), so the scheduler gives the
+    sequence its next decode step while the previous one runs; it is not in token_ids.
     """
 
     request_id: str
@@ -44,6 +48,7 @@ class Sequence:
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at last admission
     num_preemptions: int = 0
+    num_pending: int = 0  # sampled on the device, not yet appended (asynchronous scheduling)
     arrival_time: float = field(default_factory=time.monotonic)
     # filled by the engine as it goes
     output_text: str = ""
@@ -71,7 +76,7 @@ class Sequence:
         return self.prompt_token_ids[start:] + self.output_token_ids[:end - p]
 
     def __len__(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -125,6 +125,14 @@ class _Workers:
             self.socket_dir = None
 
 
+class _Reply:
+    def __init__(self, executor: MultiprocExecutor) -> None:
+        self.executor = executor
+
+    def result(self) -> RunnerOutput:
+        return self.executor._gather([0])[0]
+
+
 class MultiprocExecutor:
     def __init__(self, config: EngineConfig) -> None:
         self.config, self.world = config, config.tp_size
@@ -286,6 +294,7 @@ class MultiprocExecutor:
     def _gather(self, ranks: list[int]) -> list[Any]:
         """One ("ok", value) from each of `ranks`, in rank order; any worker's error or exit
         meanwhile raises TPWorkerError (and closes the executor)."""
+        self._check()
         want, got = set(ranks), {}
         conns = self._w.conns
         while want:
@@ -306,8 +315,12 @@ class MultiprocExecutor:
 
     # -- the executor interface ------------------------------------------------------------------
     def execute(self, batch: StepBatch) -> RunnerOutput:
+        return self.launch(batch).result()
+
+    def launch(self, batch: StepBatch) -> _Reply:
+        """Send a step; its RunnerOutput is rank 0's next answer (steps answer in order)."""
         self._broadcast(("step", batch))
-        return self._gather([0])[0]
+        return _Reply(self)
 
     def collective_rpc(self, fn: str | Callable, *args) -> list[Any]:
         """fn(runner, *args), or runner.fn(*args) for a name, on every rank; results by rank.

@@ -55,3 +55,10 @@ def tp_all_gather(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(_TP.size)]
     dist.all_gather(parts, x.contiguous(), group=_TP.group)
     return torch.cat(parts, dim=dim)
+
+
+def tp_broadcast(x: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """x from rank `src` on every rank (in place)."""
+    if _TP.size > 1:
+        dist.broadcast(x, src=src, group=_TP.group)
+    return x

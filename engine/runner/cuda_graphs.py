@@ -8,8 +8,10 @@ from engine.layers.attention_metadata import AttentionMetadata
 
 
 def _graph_batch_sizes(max_batch_size: int) -> list[int]:
-    sizes = [1, 2, 4, 8] + list(range(16, 257, 8))
-    return [b for b in sizes if b <= max_batch_size] or [1]
+    """1, 2, 4, 8, then every 8 to 256, then every 32: a batch pads to the next size."""
+    sizes = [1, 2, 4, 8, *range(16, 257, 8), *range(288, max(max_batch_size, 288) + 32, 32)]
+    fitting = [b for b in sizes if b < max_batch_size]
+    return fitting + [max_batch_size]
 
 
 class CUDAGraphs:

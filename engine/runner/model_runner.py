@@ -20,6 +20,7 @@ import torch
 
 from engine.config import CPU_KV_BYTES, EngineConfig
 from engine.core.batch import RunnerOutput, StepBatch
+from engine.distributed.parallel_state import tp_broadcast
 from engine.errors import ConfigError
 from engine.layers.attention_metadata import AttentionMetadata
 from engine.runner.cuda_graphs import CUDAGraphs
@@ -31,7 +32,41 @@ from engine.runner.observer import (
     layer_list_name,
     probe_names,
 )
-from engine.runner.sampler import Sampler, SamplingMetadata, prompt_logprobs
+from engine.runner.sampler import (
+    DeviceSample,
+    Sampler,
+    SamplingMetadata,
+    prompt_logprob_dicts,
+    prompt_logprob_tensors,
+)
+
+
+class PendingOutput:
+    """Rank 0's sampled tokens on their way to the host: the copies are queued behind the step
+    on the device; result() waits for them (the only wait of a step)."""
+
+    def __init__(self, sample: DeviceSample, prompt: list[list[torch.Tensor]],
+                 batch: StepBatch) -> None:
+        self.sample, self.batch = sample, batch
+        tensors = sample.tensors() + [t for p in prompt for t in p]
+        self.event = None
+        if tensors[0].is_cuda:
+            self.host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                         .copy_(t, non_blocking=True) for t in tensors]
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = tensors
+
+    def result(self) -> RunnerOutput:
+        if self.event is not None:
+            self.event.synchronize()
+        n = len(self.sample.tensors())
+        out = self.sample.to_host(self.host[:n])
+        rest = self.host[n:]
+        prompt = [prompt_logprob_dicts(rows, rest[3 * i:3 * i + 3])
+                  for i, rows in enumerate(self.batch.prompt_logprobs)]
+        return RunnerOutput(out.token_ids, out.logprobs, prompt)
 
 
 @dataclass
@@ -81,6 +116,7 @@ class ModelRunner:
         self.graphs: CUDAGraphs | None = None
         self.enforce_eager = config.enforce_eager or self.device.type != "cuda"
         self.sampler = Sampler()
+        self._prev_sampled = torch.empty(0, dtype=torch.int64, device=self.device)
         self._observe: ObserveSpec | None = None
         self._observed = Observations()
         self._capture: Capture | None = None
@@ -165,22 +201,39 @@ class ModelRunner:
             num_prefill_tokens=b.num_prefill_tokens, num_decode_tokens=b.num_decode_tokens)
         return DeviceBatch(t(b.input_ids), t(b.positions), meta, t(b.sample_rows))
 
-    @torch.inference_mode()
     def execute(self, batch: StepBatch) -> RunnerOutput | None:
         """Run one step; rank 0 samples and returns the tokens, the others return None."""
+        pending = self.launch(batch)
+        return pending.result() if pending is not None else None
+
+    @torch.inference_mode()
+    def launch(self, batch: StepBatch) -> PendingOutput | None:
+        """Queue one step on the device and return without waiting for it (rank 0: a handle
+        whose result() is the RunnerOutput). A sequence whose token the previous step sampled
+        takes it on the device (batch.prev_tokens)."""
         for seq_id in batch.finished_seq_ids:
             self.sampler.free(seq_id)
         d = self.to_device(batch)
+        if batch.prev_tokens.shape[1]:
+            where = torch.from_numpy(batch.prev_tokens).to(self.device, non_blocking=True)
+            d.input_ids[where[0]] = self._prev_sampled[where[1]]
         hidden = self._forward(d)
-        if self.rank != 0 and self.config.tp_size > 1:
-            # the LM head gathers across ranks: every rank computes its slice of the logits
-            self._logits(hidden, d, batch)
-            return None
         logits, prompt_logits = self._logits(hidden, d, batch)
-        out = self.sampler(logits, SamplingMetadata.from_inputs(batch.sampling, self.device))
-        return RunnerOutput(out.token_ids, out.logprobs,
-                            [prompt_logprobs(pl, rows)
-                             for pl, rows in zip(prompt_logits, batch.prompt_logprobs)])
+        tp = self.config.tp_size
+        if self.rank != 0 and tp > 1:
+            if self.config.async_scheduling:  # the next step may need rank 0's tokens
+                self._prev_sampled = torch.empty(len(batch.sample_rows), dtype=torch.int64,
+                                                 device=self.device)
+                tp_broadcast(self._prev_sampled, src=0)
+            return None
+        meta = SamplingMetadata.from_inputs(batch.sampling, self.device, logits.shape[1])
+        sample = self.sampler.sample(logits, meta)
+        self._prev_sampled = sample.token_ids
+        if tp > 1 and self.config.async_scheduling:
+            tp_broadcast(sample.token_ids, src=0)
+        prompt = [prompt_logprob_tensors(pl, rows)
+                  for pl, rows in zip(prompt_logits, batch.prompt_logprobs)]
+        return PendingOutput(sample, prompt, batch)
 
     def _forward(self, d: DeviceBatch) -> torch.Tensor:
         m = d.attn_metadata

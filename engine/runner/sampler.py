@@ -41,6 +41,7 @@ class SamplingMetadata:
     output_tokens: torch.Tensor  # [num_seqs, max_output_len] int64, -1 padded (width 0: unused)
     suppress_rows: torch.Tensor  # [num_pairs] int64: (row, token) pairs min_tokens sets to -inf
     suppress_tokens: torch.Tensor  # [num_pairs] int64
+    suppress_in_vocab: bool  # every suppress token is < the vocabulary (checked on the host)
     seeds: list[tuple[int, int, int]]  # (row, seq_id, generator seed) of seeded non-greedy rows
     num_logprobs: list[int | None]  # per row: SamplingParams.logprobs
     all_greedy: bool
@@ -59,23 +60,33 @@ class SamplingMetadata:
         return max((k for k in self.num_logprobs if k is not None), default=-1)
 
     @classmethod
-    def from_inputs(cls, inp: SamplingInputs, device: torch.device | str) -> SamplingMetadata:
+    def from_inputs(cls, inp: SamplingInputs, device: torch.device | str,
+                    vocab_size: int | None = None) -> SamplingMetadata:
+        """Copies without waiting for the device (non-blocking), so a step can be prepared
+        while the previous one runs; min_tokens pairs past `vocab_size` are dropped here."""
+        def move(a: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(a).to(device, non_blocking=True)
+
         # the per-row settings travel as one [7, rows] tensor (one host-to-device copy)
-        settings = torch.from_numpy(inp.settings).to(device)
+        settings = move(inp.settings)
         floats = settings[:6].to(torch.float32)
-        suppress = torch.from_numpy(inp.suppress).to(device)
+        pairs = inp.suppress
+        if vocab_size is not None and pairs.shape[1]:
+            pairs = np.ascontiguousarray(pairs[:, pairs[1] < vocab_size])
+        suppress = move(pairs)
 
         def tokens(a: np.ndarray) -> torch.Tensor:
             if a.shape[1] == 0:
                 return torch.empty(a.shape, dtype=torch.int64, device=device)
-            return torch.from_numpy(a).to(device)
+            return move(a)
 
         return cls(
             temperatures=floats[0], top_ps=floats[1], min_ps=floats[2],
             repetition_penalties=floats[3], presence_penalties=floats[4],
             frequency_penalties=floats[5], top_ks=settings[6].to(torch.int64),
             prompt_tokens=tokens(inp.prompt_tokens), output_tokens=tokens(inp.output_tokens),
-            suppress_rows=suppress[0], suppress_tokens=suppress[1], seeds=list(inp.seeds),
+            suppress_rows=suppress[0], suppress_tokens=suppress[1],
+            suppress_in_vocab=vocab_size is not None, seeds=list(inp.seeds),
             num_logprobs=list(inp.num_logprobs), all_greedy=inp.all_greedy,
             do_penalties=inp.do_penalties, do_top_k=inp.do_top_k, do_top_p=inp.do_top_p,
             do_min_p=inp.do_min_p)
@@ -96,6 +107,37 @@ def _spill(tokens: torch.Tensor, vocab: int) -> torch.Tensor:
 class SamplerOutput:
     token_ids: list[int]  # one per row
     logprobs: list[dict[int, float] | None] | None  # None when no row asked for logprobs
+
+
+@dataclass
+class DeviceSample:
+    """A step's sampled tokens still on the device (nothing here waits for the GPU)."""
+
+    token_ids: torch.Tensor  # [num_seqs] int64
+    num_logprobs: list[int | None]
+    chosen: torch.Tensor | None = None  # [num_seqs] logprob of the sampled token
+    top_vals: torch.Tensor | None = None  # [num_seqs, k]
+    top_ids: torch.Tensor | None = None  # [num_seqs, k]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.token_ids, self.chosen, self.top_vals, self.top_ids)
+                if t is not None]
+
+    def to_host(self, host: list[torch.Tensor] | None = None) -> SamplerOutput:
+        """Lists and dicts; `host` are CPU copies of tensors() already made."""
+        ids, *rest = [t.tolist() for t in (host or self.tensors())]
+        if self.chosen is None:
+            return SamplerOutput(ids, None)
+        chosen, top_vals, top_ids = rest
+        out: list[dict[int, float] | None] = []
+        for row, n in enumerate(self.num_logprobs):
+            if n is None:
+                out.append(None)
+                continue
+            entry = {ids[row]: chosen[row]}
+            entry.update(zip(top_ids[row][:n], top_vals[row][:n]))
+            out.append(entry)
+        return SamplerOutput(ids, out)
 
 
 def apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
@@ -160,16 +202,27 @@ class Sampler(torch.nn.Module):
 
     def forward(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
         """logits: [num_seqs, vocab], rows in the order `meta` was built from."""
+        return self.sample(logits, meta).to_host()
+
+    def sample(self, logits: torch.Tensor, meta: SamplingMetadata) -> DeviceSample:
+        """The tokens (and logprobs) on the device, with no wait for the GPU."""
         if logits.shape[0] != meta.num_seqs:
             raise ValueError(f"logits has {logits.shape[0]} rows, metadata {meta.num_seqs}")
-        logprobs = torch.log_softmax(logits.float(), dim=-1) if meta.max_logprobs >= 0 else None
-        logits = logits.to(torch.float32, copy=True)
-        vocab = logits.shape[1]
+        out = DeviceSample(torch.empty(0), meta.num_logprobs)
+        if meta.max_logprobs >= 0:
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
+            k = min(meta.max_logprobs, logprobs.shape[1])
+            out.top_vals, out.top_ids = logprobs.topk(k, dim=-1)  # [num_seqs, k]
+        modify = meta.do_penalties or meta.suppress_rows.numel() or not meta.all_greedy
+        logits = logits.to(torch.float32, copy=bool(modify))
         if meta.do_penalties:
             logits = apply_penalties(logits, meta)
         if meta.suppress_rows.numel():
-            ok = meta.suppress_tokens < vocab
-            logits[meta.suppress_rows[ok], meta.suppress_tokens[ok]] = float("-inf")
+            rows, tokens = meta.suppress_rows, meta.suppress_tokens
+            if not meta.suppress_in_vocab:  # (a mask: waits for the device)
+                ok = tokens < logits.shape[1]
+                rows, tokens = rows[ok], tokens[ok]
+            logits[rows, tokens] = float("-inf")
         token_ids = logits.argmax(dim=-1)  # [num_seqs]
         if not meta.all_greedy:
             greedy = meta.temperatures == 0
@@ -177,9 +230,10 @@ class Sampler(torch.nn.Module):
             probs = apply_top_k_top_p_min_p(logits / temps, meta).softmax(dim=-1)
             sampled = probs.div_(self._exponentials(probs, meta)).argmax(dim=-1)
             token_ids = torch.where(greedy, token_ids, sampled)
-        ids = token_ids.tolist()
-        return SamplerOutput(ids, None if logprobs is None else _gather_logprobs(
-            logprobs, token_ids, ids, meta))
+        out.token_ids = token_ids
+        if meta.max_logprobs >= 0:
+            out.chosen = logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)
+        return out
 
     def _exponentials(self, probs: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
         q = torch.empty_like(probs).exponential_()  # [num_seqs, vocab], global generator
@@ -191,20 +245,23 @@ class Sampler(torch.nn.Module):
         return q.clamp_min_(torch.finfo(q.dtype).tiny)  # an exact 0 would make 0/0 = nan win
 
 
-def _gather_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, ids: list[int],
-                     meta: SamplingMetadata) -> list[dict[int, float] | None]:
-    """Per row that asked: {sampled token: logprob, then the top-k tokens: logprob}."""
-    k = min(meta.max_logprobs, logprobs.shape[1])
-    top_vals, top_ids = logprobs.topk(k, dim=-1)  # [num_seqs, k]
-    chosen = logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1).tolist()
-    top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
-    out: list[dict[int, float] | None] = []
-    for row, n in enumerate(meta.num_logprobs):
-        if n is None:
-            out.append(None)
-            continue
-        entry = {ids[row]: chosen[row]}
-        entry.update(zip(top_ids[row][:n], top_vals[row][:n]))
+def prompt_logprob_tensors(logits: torch.Tensor, rows: PromptLogprobRows
+                           ) -> list[torch.Tensor]:
+    """On the device: [logprob of each row's prompt token, top-k values, top-k ids]."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    targets = torch.tensor(rows.target_ids, device=lp.device).unsqueeze(1)
+    k = min(rows.num_logprobs, lp.shape[1])
+    return [lp.gather(1, targets).squeeze(1), *lp.topk(k, dim=-1)]
+
+
+def prompt_logprob_dicts(rows: PromptLogprobRows, tensors: list[torch.Tensor]
+                         ) -> list[dict[int, float]]:
+    """Per row: {prompt token: logprob, then the top-k tokens: logprob}."""
+    chosen, top_vals, top_ids = (t.tolist() for t in tensors)
+    out = []
+    for row, tok in enumerate(rows.target_ids):
+        entry = {tok: chosen[row]}
+        entry.update(zip(top_ids[row], top_vals[row]))
         out.append(entry)
     return out
 
@@ -212,15 +269,4 @@ def _gather_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, ids: list[
 def prompt_logprobs(logits: torch.Tensor, rows: PromptLogprobRows) -> list[dict[int, float]]:
     """Per row of `logits` (the rows of one PromptLogprobRows entry): {prompt token: logprob,
     then the top-k tokens: logprob}."""
-    lp = torch.log_softmax(logits.float(), dim=-1)
-    targets = torch.tensor(rows.target_ids, device=lp.device).unsqueeze(1)
-    chosen = lp.gather(1, targets).squeeze(1).tolist()
-    k = min(rows.num_logprobs, lp.shape[1])
-    top_vals, top_ids = ([t.tolist() for t in lp.topk(k, dim=-1)] if k
-                         else ([[]] * len(chosen), [[]] * len(chosen)))
-    out = []
-    for row, tok in enumerate(rows.target_ids):
-        entry = {tok: chosen[row]}
-        entry.update(zip(top_ids[row], top_vals[row]))
-        out.append(entry)
-    return out
+    return prompt_logprob_dicts(rows, prompt_logprob_tensors(logits, rows))

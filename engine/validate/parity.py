@@ -178,7 +178,7 @@ def _run_engine(plan: CheckPlan, prompt_ids: list[list[int]], n_new: int, chunk:
                   seed=plan.seed, tensor_parallel_size=tp)
     try:
         engine = llm.engine
-        engine.executor.observe(ObserveSpec(logits=True, trace_errors=tp == 1))
+        engine.observe(ObserveSpec(logits=True, trace_errors=tp == 1))
         params = SamplingParams(temperature=0, max_tokens=n_new, ignore_eos=True,
                                 prompt_logprobs=0)  # prompt logits too; no prefix-cache hits
         rids = [engine.add_request(None, params, ids, request_id=f"parity-{i}")
@@ -189,17 +189,17 @@ def _run_engine(plan: CheckPlan, prompt_ids: list[list[int]], n_new: int, chunk:
             for out in engine.step():
                 if out.finished:
                     tokens[out.request_id] = list(out.outputs[0].token_ids)
-        seen = engine.executor.take_observations().logits
+        seen = engine.take_observations().logits
         logits = [{pos: row for (sid, pos), row in seen.items() if sid == seq_id}
                   for seq_id in seq_ids]
         run = EngineRun([tokens[r] for r in rids], logits, engine.load_report or {})
         if probe and tp == 1:
-            engine.executor.observe(ObserveSpec(probe=True, trace_errors=True))
+            engine.observe(ObserveSpec(probe=True, trace_errors=True))
             one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True, prompt_logprobs=0)
             engine.add_request(None, one, plan.probe_ids, request_id="parity-probe")
             while engine.has_unfinished_requests():
                 engine.step()
-            run.probe = engine.executor.take_observations()
+            run.probe = engine.take_observations()
         return run
     finally:
         llm.close()

@@ -287,7 +287,7 @@ def _engine(model_dir: str | Path, tp: int, device: str, dtype: str, max_len: in
 def _logits_run(engine: LLMEngine, ids: list[int], steps: int) -> tuple[torch.Tensor, list[int]]:
     """Prefill `ids`, then `steps` greedy decode steps through the paged cache. Returns logits
     [len(ids) + steps, vocab] (position p predicts p+1) and the steps + 1 tokens."""
-    engine.executor.observe(ObserveSpec(logits=True))
+    engine.observe(ObserveSpec(logits=True))
     params = SamplingParams(temperature=0, max_tokens=steps + 1, ignore_eos=True,
                             prompt_logprobs=0)
     rid = engine.add_request(None, params, list(ids), request_id="tp-check")
@@ -296,7 +296,7 @@ def _logits_run(engine: LLMEngine, ids: list[int], steps: int) -> tuple[torch.Te
     while engine.has_unfinished_requests():
         for out in engine.step():
             tokens = list(out.outputs[0].token_ids)
-    seen = engine.executor.take_observations().logits
+    seen = engine.take_observations().logits
     rows = [seen[(seq_id, p)] for p in range(len(ids) + steps)]
     return torch.stack(rows), tokens
 
@@ -331,13 +331,13 @@ def verify_sharding(model_dir: str | Path, tp: int, device: str = "cpu", *,
     max_len = len(ids) + decode_steps + 2
     ref_engine = _engine(model_dir, 1, device, dtype, max_len)
     try:
-        ref_params = ref_engine.executor.collective_rpc(rank_params)[0]
+        ref_params = ref_engine.collective_rpc(rank_params)[0]
         ref_logits, ref_tokens = _logits_run(ref_engine, ids, decode_steps)
     finally:
         ref_engine.close()
     engine = _engine(model_dir, tp, device, dtype, max_len)
     try:
-        per_rank = engine.executor.collective_rpc(rank_params)
+        per_rank = engine.collective_rpc(rank_params)
         tp_logits, tp_tokens = _logits_run(engine, ids, decode_steps)
     finally:
         engine.close()
