@@ -60,7 +60,9 @@ class LazyGroup(click.Group):
         "parity-check": ("aphro_cli.parity", "parity_check"),
         "bench": ("aphro_cli.bench", "bench"),
         "serve": ("aphro_cli.serve", "serve"),
-        "models": ("aphro_cli.generate", "models"),
+        "models": ("aphro_cli.models", "models"),
+        "register": ("aphro_cli.register", "register"),
+        "unregister": ("aphro_cli.register", "unregister"),
         "worker": ("aphro_cli.worker", "worker"),
     }
 
