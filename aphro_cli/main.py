@@ -30,7 +30,8 @@ def handle_errors(fn):
         try:
             return fn(*args, **kwargs)
         except AphroError as e:
-            err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
+            err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False,
+                              soft_wrap=True)  # one line, however long
             sys.exit(2)
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]")

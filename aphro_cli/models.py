@@ -74,7 +74,8 @@ def models(architecture, as_json):
         console.print(f"user registry: {escape(str(registry_path()))}; `aphro models ARCH` "
                       "shows one model's full record", highlight=False, soft_wrap=True)
     if error:
-        err_console.print(f"[bold red]error:[/] {escape(error)}", highlight=False)
+        err_console.print(f"[bold red]error:[/] {escape(error)}", highlight=False,
+                          soft_wrap=True)
         sys.exit(2)
 
 
@@ -97,8 +98,8 @@ def _print_entry(e) -> None:
                  ("versions", ", ".join(f"{k} {v}" for k, v in rec.versions.items())),
                  ("checked on", f"{rec.dtype} on {rec.device}, tp {rec.tp}; "
                   + ", ".join(f"{k} {v}" for k, v in rec.checks.items())),
-                 ("checkpoint", f"{rec.checkpoint.get('kind')} "
-                  f"{rec.checkpoint.get('path') or ''} {rec.checkpoint.get('hash') or ''}"),
+                 ("checkpoint", " ".join(str(rec.checkpoint.get(k) or "")
+                                         for k in ("kind", "path", "hash"))),
                  ("worst", ", ".join(f"{k} {v:.2e}" if isinstance(v, float) else f"{k} {v}"
                                      for k, v in worst.items()) or "-"),
                  ("tolerances", ", ".join(f"{k} {v}" for k, v in (rec.tolerances or {}).items())

@@ -70,15 +70,17 @@ class Records:
 
 
 def _source(found: list[registry.Resolution], target: str) -> tuple[str, Path | None]:
-    """(source, module file) of what serves an architecture."""
+    """(source, module file) of what serves an architecture: where its class comes from, the
+    lowest registration of the same target (an in-tree or plugin class that `aphro register`
+    checked again is still in-tree or a plugin)."""
     if target.startswith(SPEC_TARGET):
         return "spec", None
     module = module_file(target.partition(":")[0])
-    in_tree = [r for r in found if r.origin == "in-tree"]
-    if in_tree and registry.target_name(in_tree[0].target) == target:
+    origin = [r.origin for r in found if registry.target_name(r.target) == target][-1]
+    if origin == "in-tree":
         generated = module is not None and generated_from(module) is not None
         return ("in-tree generated" if generated else "in-tree explicit"), module
-    return found[0].origin, module
+    return origin, module
 
 
 def features_of(cls: type) -> dict:
@@ -120,7 +122,8 @@ def describe(architecture: str, records: Records | None = None) -> ModelEntry:
         module=shown(module) if module else None, features=features,
         status=record.status if record else "missing", stale=bool(changed), changed=changed,
         record=record, record_from=where, error=error,
-        overrides=[f"{r.origin}: {registry.target_name(r.target)}" for r in found[1:]])
+        overrides=[f"{r.origin}: {registry.target_name(r.target)}" for r in found[1:]
+                   if registry.target_name(r.target) != target])
 
 
 def list_models() -> tuple[list[ModelEntry], str | None]:

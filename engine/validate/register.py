@@ -22,9 +22,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from engine.errors import AphroError, ModelNotSupportedError
+from engine.models import records as records_module
 from engine.models import registry
 from engine.models.catalog import checkpoint_architecture
-from engine.models import records as records_module
 from engine.models.records import (
     ValidationRecord,
     read_records,
