@@ -22,6 +22,8 @@ from click.testing import CliRunner
 
 from aphro_cli.main import cli
 from engine.models._generated import GENERATED_MODELS
+from engine.spec.loader import load_spec
+from engine.validate.register import in_tree_architectures
 from engine.validate.tiny import SPECS_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -114,7 +116,7 @@ def test_register_a_correct_model_stores_the_report_it_passed(registry_file, tmp
     from engine import LLM, SamplingParams
     from engine.errors import ModelNotSupportedError
     from engine.models import registry
-    from engine.spec.loader import load_spec, tiny_hf_config
+    from engine.spec.loader import tiny_hf_config
     from engine.validate.tiny import make_tiny_checkpoint
 
     spec = write_spec(tmp_path / "specs" / "stablelm.toml")
@@ -203,6 +205,12 @@ def test_a_served_name_needs_force_and_says_what_it_replaces(registry_file, tmp_
     assert "now served by engine.models.llama:LlamaForCausalLM (in-tree)" in res.stdout
     entry = listed("LlamaForCausalLM")
     assert entry["source"] == "in-tree generated" and entry["record_from"] == "in-tree records"
+    table = aphro("models")  # its last line: `aphro models ARCH` shows one model's full record
+    assert table.exit_code == 0 and hint(table.stdout) == ["models", "ARCH"]
+    res = aphro("models", "LlamaForCausalLM")
+    assert res.exit_code == 0, res.output
+    assert "in-tree generated" in res.stdout and "model_specs/llama.toml" in res.stdout
+    assert entry["record"]["date"] in res.stdout
     res = aphro("unregister", "LlamaForCausalLM")
     assert res.exit_code == 2 and "not in the user registry" in res.stderr
 
@@ -237,6 +245,26 @@ def test_a_planted_bug_is_refused_and_force_records_not_validated(registry_file,
     assert res.exit_code == 2 and "not validated" in res.stderr
 
 
+def test_an_explicit_class_with_tp_records_the_sharding_check(registry_file, tmp_path,
+                                                              monkeypatch):
+    """module:Class: a hand-written copy of the GPT-2 model (its generated line dropped), on
+    sys.path; --tp 2 runs parity at TP=2 and the sharding check (gloo on CPU)."""
+    module = tmp_path / "mine" / "my_gpt2.py"
+    module.parent.mkdir()
+    module.write_text((ROOT / "engine" / "models" / "gpt2.py").read_text().split("\n", 1)[1])
+    monkeypatch.syspath_prepend(str(module.parent))
+    res = aphro("register", "my_gpt2:GPT2LMHeadModel", "--tp", "2", *CHECK, "--force")
+    assert res.exit_code == 0, res.output
+    assert "replaces in-tree: engine.models.gpt2:GPT2LMHeadModel" in res.stdout
+    rec = json.loads(registry_file.read_text())["models"]["GPT2LMHeadModel"]
+    assert rec["status"] == "passed" and rec["tp"] == 2 and rec["target"] == "my_gpt2:GPT2LMHeadModel"
+    assert rec["sharding"]["ok"] and rec["sharding"]["failed_params"] == 0
+    assert rec["sharding"]["logits_max_abs"] <= rec["sharding"]["logits_tolerance"]
+    assert rec["sources"] == {str(module.resolve()): sha256(module)}
+    entry = listed("GPT2LMHeadModel")
+    assert entry["source"] == "user registry" and entry["module"] == str(module.resolve())
+
+
 def test_two_processes_registering_at_once_both_land(registry_file):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     procs = [subprocess.Popen([sys.executable, "-m", "aphro_cli.main", "register", spec, *CHECK],
@@ -267,7 +295,7 @@ def test_a_corrupt_registry_is_named_and_in_tree_models_still_work(registry_file
     assert res.exit_code == 2 and str(registry_file) in " ".join(res.stderr.split())
     data = json.loads(res.stdout)
     assert str(registry_file) in data["registry_error"]
-    assert {m["architecture"] for m in data["models"]} == set(GENERATED_MODELS)
+    assert {m["architecture"] for m in data["models"]} == set(in_tree_architectures())
     with pytest.raises(ModelNotSupportedError, match=str(registry_file)):
         registry.resolve("NoSuchForCausalLM")
     res = aphro("generate", str(tiny_llama_dir), "-p", "hello", "--max-tokens", "3", "--strict")
@@ -348,11 +376,15 @@ def test_models_lists_the_in_tree_families_validated_and_an_installed_plugin(reg
         models = {m["architecture"]: m for m in json.loads(res.stdout)["models"]}
     finally:
         shutil.rmtree(site, ignore_errors=True)
-    assert set(models) == set(GENERATED_MODELS) | {ARCH}
-    for arch, target in GENERATED_MODELS.items():
+    in_tree = in_tree_architectures()
+    assert set(models) == set(in_tree) | {ARCH}
+    families = [a for p in SPECS_DIR.glob("*.toml") for a in load_spec(p).model.architectures]
+    assert len(families) == 13 and set(families) <= set(in_tree)
+    for arch, target in in_tree.items():
         m = models[arch]
+        source = "in-tree generated" if arch in GENERATED_MODELS else "in-tree explicit"
         assert (m["source"], m["target"], m["status"], m["stale"]) == (
-            "in-tree generated", target, "passed", False), arch
+            source, target, "passed", False), arch
         assert m["record_from"] == "in-tree records"
     plugin = models[ARCH]
     assert plugin["source"] == "plugin entry point"
