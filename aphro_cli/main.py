@@ -17,8 +17,9 @@ from rich.markup import escape
 
 from engine.errors import AphroError
 
-console = Console()
-err_console = Console(stderr=True)
+# no emoji codes: "pkg.mod:X: ..." in a message must not become "pkg.mod❌ ..."
+console = Console(emoji=False)
+err_console = Console(stderr=True, emoji=False)
 
 
 def handle_errors(fn):

@@ -120,4 +120,4 @@ def _print_entry(e) -> None:
 
 def _wide() -> Console:
     """The terminal's console; off a terminal a wide one, so that no cell is cut."""
-    return console if console.is_terminal else Console(width=200)
+    return console if console.is_terminal else Console(width=200, emoji=False)

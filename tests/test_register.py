@@ -265,6 +265,35 @@ def test_an_explicit_class_with_tp_records_the_sharding_check(registry_file, tmp
     assert entry["source"] == "user registry" and entry["module"] == str(module.resolve())
 
 
+def test_a_checkpoint_folder_is_checked_on_itself(registry_file, tmp_path, tiny_llama_dir):
+    """A folder registers the class serving its architecture, with the folder's content hash
+    (every file, by name and content) in the record."""
+    import shutil
+
+    folder = Path(shutil.copytree(tiny_llama_dir, tmp_path / "ckpt"))
+    res = aphro("register", str(folder), *CHECK)
+    assert res.exit_code == 0, res.output
+    rec = json.loads(registry_file.read_text())["models"]["LlamaForCausalLM"]
+    assert rec["target"] == "engine.models.llama:LlamaForCausalLM" and rec["status"] == "passed"
+    digest = hashlib.sha256()
+    for f in sorted(p for p in folder.iterdir() if p.is_file()):
+        digest.update(f.name.encode() + b"\0" + sha256(f).encode() + b"\0")
+    assert rec["checkpoint"] == {"kind": "folder", "path": str(folder.resolve()),
+                                 "hash": f"sha256:{digest.hexdigest()}"}
+    entry = listed("LlamaForCausalLM")  # the latest record of the in-tree class: this one
+    assert entry["record_from"] == "user registry" and entry["source"] == "in-tree generated"
+
+
+def test_what_cannot_be_registered_is_one_line_that_says_why(registry_file):
+    res = aphro("register", "no_such_module:MyForCausalLM")
+    assert res.exit_code == 2
+    assert res.stderr.strip() == ("error: cannot import no_such_module:MyForCausalLM: No module "
+                                  "named 'no_such_module'")
+    res = aphro("register", "NoSuchForCausalLM")
+    assert res.exit_code == 2 and "is not a spec, a module:Class" in res.stderr
+    assert not registry_file.exists()
+
+
 def test_two_processes_registering_at_once_both_land(registry_file):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     procs = [subprocess.Popen([sys.executable, "-m", "aphro_cli.main", "register", spec, *CHECK],

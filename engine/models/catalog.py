@@ -1,9 +1,9 @@
 """Every known architecture with where it comes from, what it is built of and what was proven
 about it (`aphro models`), and the check `aphro serve` / `aphro generate` make before serving.
 
-An entry's record is the user registry's for its architecture when that record is for the class
-serving it now, else the committed in-tree record (engine/models/validation.json) under the same
-condition; a record for another class does not count. A record whose source files changed since
+An entry's record is the latest of the user registry's and the committed in-tree one
+(engine/models/validation.json) that is for the class serving the architecture now; a record for
+another class does not count. A record whose source files changed since
 (engine.models.sources) is stale.
 """
 
@@ -62,11 +62,11 @@ class Records:
         return cls(user, in_tree_records(), error)
 
     def find(self, architecture: str, target: str) -> tuple[ValidationRecord | None, str | None]:
-        for where, records in (("user registry", self.user), ("in-tree records", self.in_tree)):
-            record = records.get(architecture)
-            if record is not None and record.target == target:
-                return record, where
-        return None, None
+        """The latest record of `target` serving `architecture`, and which file holds it."""
+        found = [(records[architecture], where) for where, records in
+                 (("user registry", self.user), ("in-tree records", self.in_tree))
+                 if architecture in records and records[architecture].target == target]
+        return max(found, key=lambda f: f[0].date, default=(None, None))
 
 
 def _source(found: list[registry.Resolution], target: str) -> tuple[str, Path | None]:
