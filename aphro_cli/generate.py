@@ -46,4 +46,3 @@ def generate(model, prompts, max_tokens, temperature, top_p, top_k, sampling_see
     for r in rows:
         table.add_row(r["prompt"], r["text"], str(r["tokens"]), r["finish_reason"])
     console.print(table)
-
