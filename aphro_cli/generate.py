@@ -1,4 +1,4 @@
-"""`aphro generate`: run prompts through the engine; `aphro models`: list what is registered."""
+"""`aphro generate`: run prompts through the engine."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import click
 from rich.table import Table
 
 from aphro_cli.main import console, err_console, handle_errors
-from aphro_cli.options import with_engine_options
+from aphro_cli.options import check_validated_model, strict_option, with_engine_options
 
 
 @click.command()
@@ -20,10 +20,11 @@ from aphro_cli.options import with_engine_options
 @click.option("--top-k", default=-1, show_default=True)
 @click.option("--sampling-seed", type=int, default=None, help="Seed of the request's sampling.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@strict_option
 @with_engine_options
 @handle_errors
 def generate(model, prompts, max_tokens, temperature, top_p, top_k, sampling_seed, as_json,
-             engine):
+             strict, engine):
     """Generate completions for PROMPTs with MODEL: a local HF checkpoint folder, or a
     registered architecture or spec (run on a tiny random-weight checkpoint)."""
     from engine import LLM, SamplingParams
@@ -31,9 +32,10 @@ def generate(model, prompts, max_tokens, temperature, top_p, top_k, sampling_see
 
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k,
                             seed=sampling_seed, max_tokens=max_tokens)
-    with model_folder(model, say=lambda msg: err_console.print(msg, highlight=False)) as path, \
-            LLM(str(path), **engine) as llm:
-        outputs = llm.generate(list(prompts), params)
+    with model_folder(model, say=lambda msg: err_console.print(msg, highlight=False)) as path:
+        check_validated_model(path, strict)
+        with LLM(str(path), **engine) as llm:
+            outputs = llm.generate(list(prompts), params)
     rows = [{"prompt": o.prompt, "text": o.outputs[0].text,
              "tokens": len(o.outputs[0].token_ids),
              "finish_reason": o.outputs[0].finish_reason} for o in outputs]
@@ -43,21 +45,4 @@ def generate(model, prompts, max_tokens, temperature, top_p, top_k, sampling_see
     table = Table("prompt", "completion", "tokens", "finish")
     for r in rows:
         table.add_row(r["prompt"], r["text"], str(r["tokens"]), r["finish_reason"])
-    console.print(table)
-
-
-@click.command()
-@click.option("--json", "as_json", is_flag=True)
-@handle_errors
-def models(as_json):
-    """List the registered architectures and the class serving each."""
-    from engine.models.registry import resolve, supported_architectures
-
-    rows = {arch: str(resolve(arch)) for arch in supported_architectures()}
-    if as_json:
-        click.echo(json.dumps(rows, indent=2))
-        return
-    table = Table("architecture", "class")
-    for arch, target in rows.items():
-        table.add_row(arch, target)
     console.print(table)

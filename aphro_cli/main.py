@@ -17,8 +17,9 @@ from rich.markup import escape
 
 from engine.errors import AphroError
 
-console = Console()
-err_console = Console(stderr=True)
+# no emoji codes: "pkg.mod:X: ..." in a message must not become "pkg.mod❌ ..."
+console = Console(emoji=False)
+err_console = Console(stderr=True, emoji=False)
 
 
 def handle_errors(fn):
@@ -30,7 +31,8 @@ def handle_errors(fn):
         try:
             return fn(*args, **kwargs)
         except AphroError as e:
-            err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
+            err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False,
+                              soft_wrap=True)  # one line, however long
             sys.exit(2)
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]")
@@ -60,7 +62,9 @@ class LazyGroup(click.Group):
         "parity-check": ("aphro_cli.parity", "parity_check"),
         "bench": ("aphro_cli.bench", "bench"),
         "serve": ("aphro_cli.serve", "serve"),
-        "models": ("aphro_cli.generate", "models"),
+        "models": ("aphro_cli.models", "models"),
+        "register": ("aphro_cli.register", "register"),
+        "unregister": ("aphro_cli.register", "unregister"),
         "worker": ("aphro_cli.worker", "worker"),
     }
 

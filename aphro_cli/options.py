@@ -70,3 +70,26 @@ def with_engine_options(fn):
         return fn(engine=engine, **kwargs)
 
     return wrapper
+
+
+# `aphro generate` and `aphro serve`: refuse a model without a passing, current validation record
+strict_option = click.option(
+    "--strict", is_flag=True,
+    help="Refuse an architecture whose validation record is missing, failed or stale "
+         "(`aphro models` lists them); without it, one warning line.")
+
+
+def check_validated_model(checkpoint, strict: bool) -> None:
+    """Before serving the checkpoint folder `checkpoint`: one warning line on stderr when its
+    architecture's validation record is missing, failed or stale; with `strict` an
+    UnvalidatedModelError instead (engine.models.catalog.check_validated)."""
+    from rich.markup import escape
+
+    from aphro_cli.main import err_console
+    from engine.models.catalog import check_validated, checkpoint_architecture
+
+    arch = checkpoint_architecture(checkpoint)
+    problem = check_validated(arch, strict) if arch else None
+    if problem:
+        err_console.print(f"[yellow]warning:[/] {escape(problem)}", highlight=False,
+                          soft_wrap=True)

@@ -107,9 +107,9 @@ def parity_check(model, dtype, device, prompts_file, max_new_tokens, seed, tp, k
                                        n: s.to_dict() for n, s in shardings.items()}}
                                        if shardings else {}), indent=2))
     elif model:
-        _print_report(reports[0])
+        print_report(reports[0])
         if shardings:
-            _print_sharding(shardings[model])
+            print_sharding(shardings[model])
     else:
         _print_summary(reports, errors)
         for name, s in shardings.items():
@@ -117,7 +117,9 @@ def parity_check(model, dtype, device, prompts_file, max_new_tokens, seed, tp, k
     sys.exit(0 if passed else 1)
 
 
-def _print_report(r) -> None:
+def print_report(r) -> None:
+    """One ParityReport in full: load, per-run table, tolerances, localization, verdict (also
+    what `aphro register` shows when it refuses a model)."""
     t = r.tolerances
     console.print(f"[bold]{r.model}[/] ({r.source} {r.architecture}): engine {r.dtype} on "
                   f"{r.device}, tp {r.tp}, vs HF float32", highlight=False)
@@ -196,7 +198,8 @@ def _worst(values: list[float]) -> float | None:
     return max(values, default=None)
 
 
-def _print_sharding(s) -> None:
+def print_sharding(s) -> None:
+    """One ShardingReport: a row per parameter group, the failures, the logits comparison."""
     table = _table("group", "params", "elements", "sharding", "result",
                    title=f"sharding over {s.tp} ranks: every rank's pieces put back together "
                    "vs the TP=1 model, bit for bit")

@@ -37,3 +37,12 @@ class ShapeMismatchError(CheckpointError):
         self.expected, self.got = tuple(expected), tuple(got)
         super().__init__(f"expected shape {self.expected}, got {self.got}"
                          + (f" ({detail})" if detail else ""))
+
+
+class RegistryFileError(AphroError):
+    """The user registry file (engine.models.records) cannot be read or is not valid: the
+    message names the file. In-tree models keep working without it."""
+
+
+class UnvalidatedModelError(AphroError):
+    """`--strict` and the architecture served has no passing, current validation record."""

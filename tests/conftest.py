@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 import torch
 
@@ -34,6 +36,18 @@ def tiny_llama_dir(make_checkpoint) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama_tied_dir(make_checkpoint) -> Path:
     return make_checkpoint(tiny_llama_config(tie_word_embeddings=True), "tiny_llama_tied")
+
+
+def pytest_configure(config):
+    """No test reads or writes the user's real model registry (engine.models.records): every
+    test process (and what it starts) gets an empty one of its own; tests that register point
+    APHRO_REGISTRY at their own file."""
+    config.aphro_registry_dir = tempfile.mkdtemp(prefix="aphro-test-registry-")
+    os.environ["APHRO_REGISTRY"] = os.path.join(config.aphro_registry_dir, "registry.json")
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(getattr(config, "aphro_registry_dir", ""), ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -3,6 +3,10 @@ blocks generated models are wired from, generic weight loading, and the model fi
 (generated from model_specs/, or written by hand).
 
     registry.py   register_model, resolve, load_class; in-tree, plugin and registered models
+    records.py    validation records; the user registry file and the in-tree validation.json
+    sources.py    a model's source files and their content hashes (what makes a record stale)
+    catalog.py    every known model with its source, features and record; check_validated
+    from_spec.py  the model class of a spec file (a registered "spec:PATH" target)
     blocks/       the decoder built from a spec's Arch (attention, MLPs, layers, the LM)
     weights.py    load_params: checkpoint names onto (fused) parameters, with a load report
     _generated.py the generated models' registry entries (written by `aphro new-model`)

@@ -9,4 +9,6 @@ model runner's observer hook.
     report.py     CheckPlan, EngineRun, Tolerances, ParityReport
     sharding.py   verify_sharding: every rank's pieces reassembled vs TP=1, bit for bit
     tiny.py       tiny checkpoints and configs, and what MODEL names in a check
+    proof.py      prove: parity (+ sharding) -> the validation record a registration stores
+    register.py   register / unregister a model with its proof; the in-tree records
 """
