@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+
 from engine.errors import ConfigError
 from engine.layers.linear import LinearBase, LinearMethod, UnquantizedLinearMethod, linear_param
 from engine.layers.quantization.base import (

@@ -7,8 +7,11 @@ from __future__ import annotations
 import torch
 
 from engine.errors import ConfigError
-from engine.layers.quantization.base import QuantizationConfig, UnquantizedConfig, \
-    takes_linear_method
+from engine.layers.quantization.base import (
+    QuantizationConfig,
+    UnquantizedConfig,
+    takes_linear_method,
+)
 from engine.layers.quantization.compressed_tensors import CompressedTensorsConfig
 from engine.layers.quantization.fp8 import Fp8Config
 from engine.layers.quantization.int8 import Int8Config
