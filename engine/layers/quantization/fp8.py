@@ -20,7 +20,7 @@ from typing import ClassVar
 import torch
 
 from engine.errors import ConfigError
-from engine.layers.linear import LinearBase, LinearMethod, UnquantizedLinearMethod, linear_param
+from engine.layers.linear import LinearMethod, UnquantizedLinearMethod, linear_param
 from engine.layers.quantization.base import (
     QuantizationConfig,
     all_or_none,
@@ -38,10 +38,13 @@ KV_SCALE_SUFFIXES = (".k_scale", ".v_scale", ".kv_scale", ".q_scale", ".prob_sca
 ACTIVATION_SCHEMES = ("dynamic", "static")
 
 
-def quantize_fp8_per_channel(layer: LinearBase, weight: torch.Tensor
+def quantize_fp8_per_channel(weight: torch.Tensor, amax: torch.Tensor | None = None
                              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """[out, in] -> (float8_e4m3fn [out, in], scales [out] float32), weight ~= q * scale."""
-    scale = (channel_amax(layer, weight) / FP8_MAX).clamp_min(MIN_SCALE)  # [out]
+    """[out, in] -> (float8_e4m3fn [out, in], scales [out] float32), weight ~= q * scale.
+    `amax`: max |row| [out] (default: of `weight`; a row-parallel layer's is every rank's)."""
+    if amax is None:
+        amax = weight.abs().amax(dim=1).float()
+    scale = (amax / FP8_MAX).clamp_min(MIN_SCALE)  # [out]
     q = (weight.float() / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return q, scale
 
@@ -96,7 +99,8 @@ class Fp8LinearMethod(LinearMethod):
     def process_weights_after_loading(self, layer):
         check_fp8_device(layer.weight.device)
         if not self.serialized:
-            q, scale = quantize_fp8_per_channel(layer, layer.weight.data)
+            q, scale = quantize_fp8_per_channel(layer.weight.data,
+                                                channel_amax(layer, layer.weight.data))
             layer.weight = linear_param(q, output_dim=0, input_dim=1)
         elif self.weight_strategy == "tensor":  # each part's scale over the part's rows
             sizes = torch.tensor(layer.output_partition_sizes, device=layer.weight.device)

@@ -14,7 +14,7 @@ from typing import ClassVar
 
 import torch
 
-from engine.layers.linear import LinearBase, LinearMethod, linear_param
+from engine.layers.linear import LinearMethod, linear_param
 from engine.layers.quantization.base import QuantizationConfig, channel_amax
 from kernels.ops import int8_weight_matmul
 from kernels.quant_ref import MIN_SCALE
@@ -22,10 +22,13 @@ from kernels.quant_ref import MIN_SCALE
 INT8_MAX = 127.0
 
 
-def quantize_int8_per_channel(layer: LinearBase, weight: torch.Tensor
+def quantize_int8_per_channel(weight: torch.Tensor, amax: torch.Tensor | None = None
                               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """[out, in] -> (int8 [out, in], scales [out] float32), weight ~= q * scale."""
-    scale = (channel_amax(layer, weight) / INT8_MAX).clamp_min(MIN_SCALE)  # [out]
+    """[out, in] -> (int8 [out, in], scales [out] float32), weight ~= q * scale. `amax`:
+    max |row| [out] (default: of `weight`; a row-parallel layer's is every rank's)."""
+    if amax is None:
+        amax = weight.abs().amax(dim=1).float()
+    scale = (amax / INT8_MAX).clamp_min(MIN_SCALE)  # [out]
     q = torch.round(weight.float() / scale[:, None]).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
     return q, scale
 
@@ -40,7 +43,8 @@ class Int8LinearMethod(LinearMethod):
         layer.register_parameter("weight", linear_param(weight, output_dim=0, input_dim=1))
 
     def process_weights_after_loading(self, layer):
-        q, scale = quantize_int8_per_channel(layer, layer.weight.data)
+        q, scale = quantize_int8_per_channel(layer.weight.data,
+                                             channel_amax(layer, layer.weight.data))
         layer.weight = linear_param(q, output_dim=0, input_dim=1)
         layer.weight_scale = linear_param(scale.contiguous(), output_dim=0)
 
