@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from quant_checkpoints import engine_logits, fake_quant_hf, hf_logits, load_time_weights
 
 from aphro_cli.main import cli
-from engine import LLM, SamplingParams
+from engine import LLM
 from engine.errors import ConfigError
 from engine.layers.quantization import (
     QUANTIZATION_METHODS,
@@ -23,8 +23,11 @@ from engine.layers.quantization import (
     resolve_quantization,
     supported_schemes,
 )
-from engine.layers.quantization.fp8 import Fp8LinearMethod, check_fp8_device, \
-    quantize_fp8_per_channel
+from engine.layers.quantization.fp8 import (
+    Fp8LinearMethod,
+    check_fp8_device,
+    quantize_fp8_per_channel,
+)
 from engine.layers.quantization.int8 import quantize_int8_per_channel
 from engine.validate.parity import run_parity
 
@@ -224,3 +227,24 @@ def test_supported_schemes_and_a_model_that_takes_no_linear_method(tiny_llama_di
     with pytest.raises(ConfigError, match="NoLinearMethod cannot be quantized .*linear_method"):
         construct_model(NoLinearMethod, config, resolve_quantization("int8", config))
 
+
+
+def test_bench_quantization_side_by_side(tmp_path):
+    """`aphro bench quantization`: one row per scheme, quantized weights take fewer bytes
+    (fp8 and int8: 1 byte per weight + a float32 scale per row; embeddings stay float32)."""
+    out = tmp_path / "report.json"
+    result = CliRunner().invoke(cli, [
+        "bench", "quantization", "--preset", "tiny", "--device", "cpu", "--dtype", "float32",
+        "--num-prompts", "2", "--input-len", "8", "--output-len", "4",
+        "--latency-input-len", "8", "--latency-output-len", "4", "--parity-preset", "none",
+        "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = {r["scheme"]: r for r in json.loads(out.read_text())["rows"]}
+    assert list(rows) == ["none", "fp8", "int8"]
+    assert rows["none"]["weight_ratio"] == 1
+    # tiny llama: 2 layers x 40960 linear weights, 64 x 512 embedding + LM head, norms
+    linear, other = 2 * (128 * 64 + 64 * 64 + 256 * 64 + 64 * 128), 2 * 512 * 64 + 5 * 64
+    rows_scales = 2 * (128 + 64 + 256 + 64)
+    for scheme in ("fp8", "int8"):
+        expected = (linear + 4 * rows_scales + 4 * other) / (4 * (linear + other))
+        assert abs(rows[scheme]["weight_ratio"] - expected) < 1e-9

@@ -155,8 +155,8 @@ def test_missing_weight_scale_is_named(full, tmp_path):
     edit_tensors(ckpt, lambda t: t.pop(name))
     message, report = load_errors(ckpt)
     assert name in message
-    assert report["missing"] == [f"{name} (part 'k' of model.layers.0.self_attn.qkv_proj."
-                                 "weight_scale)"]
+    part = f"{name} (part 'k' of model.layers.0.self_attn.qkv_proj.weight_scale)"
+    assert report["missing"] == [part]
     result = CliRunner().invoke(cli, ["generate", str(ckpt), "-p", "hi", "--device", "cpu"])
     assert result.exit_code == 2 and name in result.output and "Traceback" not in result.output
 
