@@ -12,4 +12,6 @@ and a `weight_loader` that cuts it from the full checkpoint tensor; models never
     activation.py        SiluAndMul, GeluAndMul, plain activations
     moe.py               fused mixture of experts
     sharding.py          ShardSpec: how each parameter is split across ranks
+    quantization/        the LinearMethods of each scheme (fp8, int8, compressed-tensors), the
+                         scheme registry and checkpoint quantization_config parsing
 """
