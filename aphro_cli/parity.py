@@ -243,10 +243,11 @@ def _print_sharding(s) -> None:
 
 
 def _print_summary(reports, errors) -> None:
-    where = {(r.dtype, r.device) for r in reports}
+    where = {(r.dtype, r.device, r.quantization) for r in reports}
     table = _table("model", "max |Δ|", "max KL", "top-1", "greedy", "load", "result",
                    title="every registered model (tiny config) vs HF float32"
-                   + "".join(f", engine {d} on {v}" for d, v in sorted(where)))
+                   + "".join(f", engine {d} on {v}" + (f" quantized {q}" if q != "none" else "")
+                             for d, v, q in sorted(where)))
     positions = sorted({sum(p.num_positions for run in r.runs for p in run.prompts)
                         for r in reports if r.runs})
     notes = []

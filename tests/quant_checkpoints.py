@@ -164,12 +164,13 @@ def hf_logits(hf, ids: list[int]) -> torch.Tensor:
     return hf(torch.tensor([ids])).logits[0].float()
 
 
-def engine_logits(ckpt: Path, ids: list[int], **options) -> torch.Tensor:
-    """The engine's logits at every position of one prompt [len(ids), vocab] (prefill)."""
+def engine_logits(ckpt: Path, ids: list[int], device: str = "cpu", **options) -> torch.Tensor:
+    """The engine's logits at every position of one prompt [len(ids), vocab] (prefill),
+    float32 on the CPU."""
     from engine import LLM, SamplingParams
     from engine.runner.observer import ObserveSpec
 
-    with LLM(str(ckpt), device="cpu", num_kv_blocks=64, **options) as llm:
+    with LLM(str(ckpt), device=device, num_kv_blocks=64, **options) as llm:
         engine = llm.engine
         engine.executor.observe(ObserveSpec(logits=True))
         engine.add_request(None, SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0),

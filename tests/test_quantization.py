@@ -248,3 +248,52 @@ def test_bench_quantization_side_by_side(tmp_path):
     for scheme in ("fp8", "int8"):
         expected = (linear + 4 * rows_scales + 4 * other) / (4 * (linear + other))
         assert abs(rows[scheme]["weight_ratio"] - expected) < 1e-9
+
+
+# -- on a GPU ----------------------------------------------------------------------------------
+@pytest.mark.cuda
+def test_cuda_fp8_scaled_mm_equals_the_reference():
+    """torch._scaled_mm with row-wise scales (bf16 out) and with unit scales (float32 out)
+    against the float32 reference of the same FP8 products."""
+    from engine.layers.quantization.fp8 import fp8_matmul, fp8_supported
+    from kernels.ops import per_token_quant_fp8
+
+    if not fp8_supported(torch.device("cuda")):
+        pytest.skip("needs compute capability >= 8.9")
+    for m, n, k in [(1, 4096, 4096), (37, 6144, 4096), (512, 1024, 14336)]:
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        w, s = quantize_fp8_per_channel(torch.randn(n, k, device="cuda") / k ** 0.5)
+        xq, xs = per_token_quant_fp8(x)
+        ref = fp8_matmul(xq, xs, w, s, torch.float32, scaled_mm=False)
+        for dtype, tol in ((torch.bfloat16, 1e-2), (torch.float32, 1e-3)):
+            got = fp8_matmul(xq, xs, w, s, dtype, scaled_mm=True)
+            assert got.dtype == dtype
+            assert ((got.float() - ref).norm() / ref.norm()).item() < tol
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("scheme", ["fp8", "int8"])
+def test_cuda_engine_equals_hf_with_the_quantization_simulated(scheme, tiny_llama_dir):
+    """float32 on the GPU: the scaled-matmul / Triton INT8 paths compute what the simulation
+    does, up to TF32 attention (the float32 CUDA parity bound)."""
+    from engine.layers.quantization.fp8 import fp8_supported
+
+    if scheme == "fp8" and not fp8_supported(torch.device("cuda")):
+        pytest.skip("needs compute capability >= 8.9")
+    hf = fake_quant_hf(tiny_llama_dir, load_time_weights(tiny_llama_dir, scheme),
+                       "dynamic" if scheme == "fp8" else "none")
+    ref = hf_logits(hf, IDS)
+    ours = engine_logits(tiny_llama_dir, IDS, device="cuda", dtype="float32",
+                         quantization=scheme)[:, : ref.shape[1]]
+    assert (ours - ref).abs().max() <= 1e-2 * ref.abs().max()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("scheme", ["fp8", "int8"])
+def test_cuda_bf16_quantized_parity(scheme, tiny_llama_dir):
+    from engine.layers.quantization.fp8 import fp8_supported
+
+    if scheme == "fp8" and not fp8_supported(torch.device("cuda")):
+        pytest.skip("needs compute capability >= 8.9")
+    report = run_parity(tiny_llama_dir, device="cuda", dtype="bfloat16", quantization=scheme)
+    assert report.passed, [(r.name, r.aggregate_note) for r in report.runs]

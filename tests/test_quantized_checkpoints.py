@@ -199,3 +199,13 @@ def test_quantized_tensor_where_the_model_expects_none_is_named(full, tmp_path):
     assert f"{name}.weight_scale" not in report["missing"]
     assert "model.layers.0.self_attn.o_proj.weight_scale" in report["unexpected"]
     assert name in report["missing"] and name in message
+
+
+def test_parity_check_refuses_a_quantized_checkpoint(full, tmp_path):
+    from engine.errors import AphroError
+    from engine.validate.parity import run_parity
+
+    ckpt = tmp_path / "ct"
+    write_fp8_checkpoint(full["llama"], ckpt, "ct-channel")
+    with pytest.raises(AphroError, match="already quantized .*with --quantization instead"):
+        run_parity(ckpt, device="cpu")
