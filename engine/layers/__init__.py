@@ -1,8 +1,9 @@
 """The layers every model is built from. Tensor-parallel layers own their shard of each weight
 and a `weight_loader` that cuts it from the full checkpoint tensor; models never slice weights.
 
-    linear.py            LinearMethod (the quantization hook), Replicated/Column/Merged/QKV/
-                         RowParallelLinear
+    linear.py            Replicated/Column/Merged/QKV/RowParallelLinear and their loaders
+    linear_method.py     LinearMethod (the quantization hook), UnquantizedLinearMethod,
+                         linear_param (how a parameter is sharded)
     vocab_embedding.py   VocabParallelEmbedding, ParallelLMHead
     logits.py            LogitsProcessor: hidden states -> logits (gathered, scaled, capped)
     attention.py         PagedAttention (writes the step's K/V to the paged cache, attends)

@@ -5,68 +5,36 @@ dimension (followed by an all-reduce). Every parameter has a `weight_loader(para
 shard_id)` that cuts this rank's piece out of the full checkpoint tensor; models never slice
 weights.
 
-`LinearMethod` is the quantization hook: it creates a layer's parameters (`create_weights`),
-turns what was loaded into what it multiplies with (`process_weights_after_loading`) and applies
-the matmul (`apply`). `UnquantizedLinearMethod` is one implementation; the quantized ones live in
-engine.layers.quantization. A method marks each parameter it makes with `linear_param`: which of
-its dimensions follows the layer's output and input (so the layer shards it like the weight) or
-that it holds one value per fused part (a per-tensor scale of q, k, v or gate, up).
+Each layer's `LinearMethod` (engine/layers/linear_method.py, the quantization hook) creates
+its parameters and applies the matmul; the layer reads from each parameter's marks
+(`linear_param`) how to shard and load it: the dimension that follows its output or input, or
+one value per fused part (a per-tensor scale of q, k, v or gate, up).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from engine.distributed.parallel_state import get_tp_rank, get_tp_size, tp_all_gather, tp_all_reduce
 from engine.errors import ShapeMismatchError
+from engine.layers.linear_method import LinearMethod, UnquantizedLinearMethod, linear_param
 from engine.layers.sharding import REPLICATED, ShardPart, ShardSpec, divide, split_spec
 
-
-def linear_param(data: torch.Tensor, output_dim: int | None = None,
-                 input_dim: int | None = None, per_part: bool = False) -> nn.Parameter:
-    """A parameter of a linear layer. `output_dim` / `input_dim`: its dimension that runs along
-    the layer's output / input (None: none does), so the layer shards it as it shards the
-    weight; `per_part`: a [num_parts] tensor holding one value per fused part (q, k, v), loaded
-    from a scalar checkpoint tensor per part and replicated on every rank."""
-    param = nn.Parameter(data, requires_grad=False)
-    param.output_dim, param.input_dim, param.per_part = output_dim, input_dim, per_part
-    return param
-
-
-class LinearMethod:
-    """Creates a layer's parameters, prepares them once loaded and applies them.
-
-    `create_weights` registers the parameters (made with `linear_param`) on `layer`; the layer's
-    `output_partition_sizes` lists the rows this rank holds of each fused part.
-    `process_weights_after_loading` runs once, after every checkpoint tensor is loaded (a
-    quantizing method quantizes there, replacing parameters); `apply` computes x @ W^T (+ bias).
-    """
-
-    def create_weights(self, layer: nn.Module, input_size_per_partition: int,
-                       output_size_per_partition: int, params_dtype: torch.dtype) -> None:
-        raise NotImplementedError
-
-    def process_weights_after_loading(self, layer: nn.Module) -> None:
-        return None
-
-    def apply(self, layer: nn.Module, x: torch.Tensor,
-              bias: torch.Tensor | None = None) -> torch.Tensor:
-        raise NotImplementedError
-
-
-class UnquantizedLinearMethod(LinearMethod):
-    """The weight in the model dtype, F.linear."""
-
-    def create_weights(self, layer, input_size_per_partition, output_size_per_partition,
-                       params_dtype):
-        weight = torch.empty(output_size_per_partition, input_size_per_partition,
-                             dtype=params_dtype)
-        layer.register_parameter("weight", linear_param(weight, output_dim=0, input_dim=1))
-
-    def apply(self, layer, x, bias=None):
-        return F.linear(x, layer.weight, bias)
+__all__ = [
+    "ColumnParallelLinear",
+    "LinearBase",
+    "LinearMethod",
+    "MergedColumnParallelLinear",
+    "QKVParallelLinear",
+    "ReplicatedLinear",
+    "RowParallelLinear",
+    "UnquantizedLinearMethod",
+    "copy_checked",
+    "linear_param",
+    "load_part_value",
+    "load_shard",
+]
 
 
 def copy_checked(dst: torch.Tensor, src: torch.Tensor) -> None:
