@@ -209,3 +209,17 @@ def test_parity_check_refuses_a_quantized_checkpoint(full, tmp_path):
     write_fp8_checkpoint(full["llama"], ckpt, "ct-channel")
     with pytest.raises(AphroError, match="already quantized .*with --quantization instead"):
         run_parity(ckpt, device="cpu")
+
+
+def test_flag_must_agree_with_the_checkpoint_and_kv_cache_scales_are_not_read(full, tmp_path):
+    from engine.errors import ConfigError
+
+    ckpt = tmp_path / "ct"
+    write_fp8_checkpoint(full["llama"], ckpt, "ct-channel")
+    edit_tensors(ckpt, lambda t: t.update({"model.layers.0.self_attn.k_scale": torch.tensor(0.1),
+                                           "model.layers.0.self_attn.v_scale": torch.tensor(0.1)}))
+    with LLM(str(ckpt), device="cpu", num_kv_blocks=64, quantization="compressed-tensors") as llm:
+        assert llm.engine.load_report["unexpected"] == []  # the KV cache stays float32
+        assert llm.engine.executor.kv_caches[0].dtype == torch.float32
+    with pytest.raises(ConfigError, match="already quantized \\(compressed-tensors"):
+        LLM(str(ckpt), device="cpu", quantization="fp8")
