@@ -10,6 +10,8 @@ from rich.table import Table
 
 from aphro_cli.main import console, err_console, handle_errors
 
+QUANT_CHOICES = ("fp8", "int8", "compressed-tensors")
+
 
 @click.group()
 def bench() -> None:
@@ -55,10 +57,12 @@ def kernels(device, dtype, as_json):
 @click.option("--device", default="auto", show_default=True)
 @click.option("--dtype", default="auto", show_default=True)
 @click.option("--no-baseline", is_flag=True, help="Skip HF transformers' generate.")
+@click.option("--quantization", "-q", type=click.Choice(QUANT_CHOICES), default=None,
+              help="The engine's scheme (HF runs the checkpoint as it is).")
 @click.option("--json", "as_json", is_flag=True)
 @handle_errors
 def throughput(model, preset, num_prompts, input_len, output_len, device, dtype, no_baseline,
-               as_json):
+               quantization, as_json):
     """Offline generation throughput of the engine beside HF transformers' generate."""
     from engine.bench.engine_bench import make_random_checkpoint, run_throughput
 
@@ -66,7 +70,7 @@ def throughput(model, preset, num_prompts, input_len, output_len, device, dtype,
         if model is None:
             model = str(make_random_checkpoint(tmp, preset))
         report = run_throughput(model, num_prompts, input_len, output_len, device, dtype,
-                                baseline=not no_baseline)
+                                baseline=not no_baseline, quantization=quantization)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
@@ -97,11 +101,12 @@ def throughput(model, preset, num_prompts, input_len, output_len, device, dtype,
               help="auto: bfloat16 on a GPU, float32 on the CPU.")
 @click.option("--eager-too", is_flag=True, help="Also run without CUDA graphs.")
 @click.option("--eager", is_flag=True, hidden=True, help="Only without CUDA graphs.")
+@click.option("--quantization", "-q", type=click.Choice(QUANT_CHOICES), default=None)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False),
               help="Append one JSON line per run to this file.")
 @handle_errors
 def latency(model, preset, tp_sizes, input_len, output_len, device, dtype, eager_too, eager,
-            json_path):
+            quantization, json_path):
     """Batch-1 decode latency (ms per token) at one or more tensor-parallel sizes.
 
     With MODEL the checkpoint's weights are loaded; without it only a config is written and the
@@ -119,7 +124,8 @@ def latency(model, preset, tp_sizes, input_len, output_len, device, dtype, eager
         err_console.print(f"latency: {model or preset} {dtype}, TP={tp}"
                           f"{' eager' if e else ''}: {input_len} prompt + {output_len} tokens",
                           highlight=False)
-        rows.append(_latency_run(model, preset, tp, input_len, output_len, device, dtype, e))
+        rows.append(_latency_run(model, preset, tp, input_len, output_len, device, dtype, e,
+                                 quantization))
     table = Table("TP", "CUDA graphs", "prefill ms", "decode ms (median)", "decode ms (mean)",
                   "tok/s", "weights/rank GB")
     for r in rows:
@@ -129,18 +135,78 @@ def latency(model, preset, tp_sizes, input_len, output_len, device, dtype, eager
         table.add_row(str(r["tp"]), str(r["cuda_graphs"]), f"{r['prefill_ms']:.2f}",
                       f"{r['decode_ms_median']:.3f}", f"{r['decode_ms_mean']:.3f}",
                       f"{r['decode_tok_s']:.1f}", f"{r['weight_bytes_per_rank'] / 1e9:.2f}")
-    console.print(f"{model or preset} {dtype} on {rows[0]['device']}: batch 1, {input_len} "
-                  f"prompt tokens, {output_len} generated")
+    console.print(f"{model or preset} {dtype} ({rows[0]['quantization']}) on "
+                  f"{rows[0]['device']}: batch 1, {input_len} prompt tokens, {output_len} "
+                  "generated")
     console.print(table)
 
 
-def _latency_run(model, preset, tp, input_len, output_len, device, dtype, eager) -> dict:
+def _latency_run(model, preset, tp, input_len, output_len, device, dtype, eager,
+                 quantization=None) -> dict:
     from engine.bench.engine_bench import decode_latency, preset_config_dir
 
     with tempfile.TemporaryDirectory(prefix="aphro-bench-") as tmp:
         path, load_format = ((model, "auto") if model is not None
                              else (str(preset_config_dir(preset, tmp)), "dummy"))
         r = decode_latency(path, tp, input_len, output_len, dtype=dtype, device=device,
-                           load_format=load_format, enforce_eager=eager)
+                           load_format=load_format, enforce_eager=eager,
+                           quantization=quantization)
     r["model"] = model or preset
     return r
+
+
+@bench.command("quantization")
+@click.option("--preset", default="llama-8b", show_default=True,
+              help="Random-weight Llama shape of the TPOT / throughput runs.")
+@click.option("--schemes", default="none,fp8,int8", show_default=True,
+              help="Comma-separated; the first is the baseline of the ratios.")
+@click.option("--device", default="cuda", show_default=True)
+@click.option("--dtype", default="bfloat16", show_default=True)
+@click.option("--num-prompts", default=1000, show_default=True)
+@click.option("--input-len", default=256, show_default=True)
+@click.option("--output-len", default=256, show_default=True)
+@click.option("--latency-input-len", default=128, show_default=True,
+              help="Prompt tokens of the batch-1 TPOT run.")
+@click.option("--latency-output-len", default=128, show_default=True)
+@click.option("--parity-preset", default="llama-1b", show_default=True,
+              help="Random checkpoint the parity figures run on; 'none' to skip.")
+@click.option("--matmuls", is_flag=True, help="Also time each linear shape's matmul.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False),
+              help="Write the report as JSON to this file.")
+@handle_errors
+def quantization(preset, schemes, device, dtype, num_prompts, input_len, output_len,
+                 latency_input_len, latency_output_len, parity_preset, matmuls, json_path):
+    """bf16 vs fp8 vs int8 in one run: batch-1 TPOT, offline throughput, weight memory and
+    parity against HF float32 (the table of docs/PERF.md)."""
+    from engine.bench.quant_bench import compare_quantization, quant_matmul_bench
+
+    report = compare_quantization(
+        preset, tuple(s.strip() for s in schemes.split(",")), device, dtype,
+        latency_input=latency_input_len, latency_output=latency_output_len,
+        num_prompts=num_prompts, input_len=input_len, output_len=output_len,
+        parity_preset=None if parity_preset == "none" else parity_preset,
+        progress=lambda msg: err_console.print(msg, highlight=False))
+    if matmuls:
+        report["matmuls"] = quant_matmul_bench(preset, device=device)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(report, f, indent=2)
+    table = Table("scheme", "TPOT ms", "x", "tok/s", "x", "weights GB", "x", "top-1",
+                  "mean KL", "greedy prefix", "parity")
+    for r in report["rows"]:
+        p = r.get("parity") or {}
+        table.add_row(r["scheme"], f"{r['tpot_ms']:.3f}", f"{r['tpot_ratio']:.2f}",
+                      f"{r['throughput_tok_s']:.0f}", f"{r['throughput_ratio']:.2f}",
+                      f"{r['weight_gb']:.2f}", f"{r['weight_ratio']:.2f}",
+                      f"{p['top1']:.1%}" if "top1" in p else "-",
+                      f"{p['mean_kl']:.2e}" if "mean_kl" in p else "-",
+                      f"{p['greedy_prefix']:.0%}" if "greedy_prefix" in p else "-",
+                      ("PASS" if p.get("passed") else "FAIL") if p else "-")
+    console.print(f"{preset} {dtype} on {report['rows'][0]['device']}: TPOT batch 1 "
+                  f"({report['latency']} tokens), throughput {report['throughput']}, parity on "
+                  f"{report['parity_preset']} vs HF float32")
+    console.print(table)
+    for m in report.get("matmuls", []):
+        console.print(f"  {m['layer']:8s} m={m['m']:<5d} bf16 {m['bf16_ms']:.4f} ms  int8 "
+                      f"{m['int8_ms']:.4f} ms" + (f"  fp8 {m['fp8_ms']:.4f} ms"
+                                                  if "fp8_ms" in m else ""), highlight=False)

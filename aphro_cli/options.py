@@ -30,6 +30,11 @@ _ENGINE_OPTIONS = [
                  default="16", show_default=True, help="Tokens per KV cache block."),
     click.option("--enable-prefix-caching/--no-enable-prefix-caching", default=True,
                  show_default=True, help="Share KV blocks of common prompt prefixes."),
+    click.option("--quantization", "-q", type=click.Choice(["fp8", "int8", "compressed-tensors"]),
+                 default=None,
+                 help="Linear layers: fp8 (FP8 weights and activations, GPUs of compute "
+                      "capability >= 8.9), int8 (weight-only); default: the checkpoint's "
+                      "quantization_config, else none."),
     click.option("--enforce-eager", is_flag=True, help="No CUDA graphs."),
     click.option("--max-logprobs", type=click.IntRange(0), default=20, show_default=True,
                  help="Largest logprobs / prompt_logprobs a request may ask for."),
@@ -43,7 +48,8 @@ _ENGINE_OPTIONS = [
 ENGINE_OPTION_NAMES = ("dtype", "device", "tensor_parallel_size", "max_model_len",
                        "gpu_memory_utilization", "kv_cache_bytes", "max_num_seqs",
                        "max_num_batched_tokens", "block_size", "enable_prefix_caching",
-                       "enforce_eager", "max_logprobs", "engine_seed", "worker_address")
+                       "quantization", "enforce_eager", "max_logprobs", "engine_seed",
+                       "worker_address")
 
 
 def engine_options(fn):

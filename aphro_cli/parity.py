@@ -16,6 +16,7 @@ from aphro_cli.main import console, err_console, handle_errors
 from engine.errors import AphroError
 
 _MAX_LISTED = 12
+QUANTIZATION_CHOICES = ("fp8", "int8")  # parity quantizes a full-precision checkpoint
 
 
 def _fmt(x: float | None, spec: str = ".1e") -> str:
@@ -48,12 +49,20 @@ def _verdict(ok: bool) -> str:
 @click.option("--atol", type=float, help="Override the logit absolute tolerance.")
 @click.option("--rtol", type=float, help="Override the tolerance relative to max |logit|.")
 @click.option("--kl", "kl", type=float, help="Override the KL(HF||engine) bound per position.")
+@click.option("--quantization", "-q", type=click.Choice(QUANTIZATION_CHOICES), default=None,
+              help="Quantize the engine's linear layers at load time (HF stays at full "
+                   "precision); judged by top-1 agreement, mean KL and greedy prefix.")
+@click.option("--min-top1", type=float, help="Override the least top-1 agreement of a run.")
+@click.option("--mean-kl", type=float, help="Override the mean KL(HF||engine) bound of a run.")
+@click.option("--min-greedy-prefix", type=float,
+              help="Override the least mean share of greedy tokens before HF's and the "
+                   "engine's continuations part.")
 @click.option("--chunked/--no-chunked", default=True, show_default=True,
               help="Also run with chunked prefill (a 7-token step budget).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @handle_errors
 def parity_check(model, dtype, device, prompts_file, max_new_tokens, seed, tp, keep, atol, rtol,
-                 kl, chunked, as_json):
+                 kl, quantization, min_top1, mean_kl, min_greedy_prefix, chunked, as_json):
     """Compare the engine's logits with HF transformers on MODEL and say where they diverge.
 
     MODEL is a registered architecture name (LlamaForCausalLM), a spec (a name in model_specs/
@@ -72,7 +81,9 @@ def parity_check(model, dtype, device, prompts_file, max_new_tokens, seed, tp, k
             raise AphroError(f"{prompts_file}: no prompts (one per line)")
     kwargs = {"dtype": dtype, "device": device, "prompts": prompts, "seed": seed, "tp": tp,
               "max_new_tokens": max_new_tokens, "chunked_prefill": chunked, "keep": keep,
-              "tolerances": {"atol": atol, "rtol": rtol, "kl": kl}}
+              "quantization": quantization,
+              "tolerances": {"atol": atol, "rtol": rtol, "kl": kl, "min_top1": min_top1,
+                             "mean_kl": mean_kl, "min_greedy_prefix": min_greedy_prefix}}
     models = [model] if model else supported_architectures()
     reports, errors, shardings = [], {}, {}
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
@@ -89,7 +100,8 @@ def parity_check(model, dtype, device, prompts_file, max_new_tokens, seed, tp, k
                     from engine.validate.sharding import verify_model_sharding
 
                     say(f"{name}: sharding over {tp} ranks")
-                    shardings[name] = verify_model_sharding(name, tp, device, dtype, seed)
+                    shardings[name] = verify_model_sharding(name, tp, device, dtype, seed,
+                                                            quantization)
             except AphroError as e:
                 if model:  # the one model asked for: a usage error
                     raise
@@ -120,9 +132,9 @@ def parity_check(model, dtype, device, prompts_file, max_new_tokens, seed, tp, k
 def print_report(r) -> None:
     """One ParityReport in full: load, per-run table, tolerances, localization, verdict (also
     what `aphro register` shows when it refuses a model)."""
-    t = r.tolerances
+    quant = f", quantized {r.quantization}" if r.quantization != "none" else ""
     console.print(f"[bold]{r.model}[/] ({r.source} {r.architecture}): engine {r.dtype} on "
-                  f"{r.device}, tp {r.tp}, vs HF float32", highlight=False)
+                  f"{r.device}, tp {r.tp}{quant}, vs HF float32", highlight=False)
     if r.checkpoint and r.source == "tiny":
         console.print(f"tiny checkpoint kept in {r.checkpoint}", highlight=False)
     _print_load(r)
@@ -142,10 +154,7 @@ def print_report(r) -> None:
                               _fmt(p.max_abs), _fmt(p.max_rel), f"{p.top1_agreement:.0%}",
                               _fmt(p.max_kl), greedy, _verdict(p.passed))
         console.print(table)
-        console.print(f"tolerances ({r.dtype}, {r.device}): |Δ| ≤ {t.atol:g} + {t.rtol:g}·max|"
-                      f"logit|, KL ≤ {t.kl:g}, greedy {t.greedy}"
-                      + (f", up to {t.outliers:.0%} of positions outside if top-5 agrees"
-                         if t.outliers else ""), highlight=False)
+        _print_tolerances(r)
         for run in r.runs:
             for p in run.prompts:
                 if p.outliers:
@@ -160,6 +169,26 @@ def print_report(r) -> None:
     if r.localization is not None and not r.passed:
         _print_localization(r.localization)
     console.print(_verdict(r.passed))
+
+
+def _print_tolerances(r) -> None:
+    t = r.tolerances
+    where = f"{r.quantization}" if r.quantization != "none" else f"{r.dtype}, {r.device}"
+    logit = (f"|Δ| ≤ {t.atol:g} + {t.rtol:g}·max|logit|, " if math.isfinite(t.atol) else "")
+    console.print(f"tolerances ({where}): {logit}KL ≤ {t.kl:g}, greedy {t.greedy}"
+                  + (f", up to {t.outliers:.0%} of positions outside if top-5 agrees"
+                     if t.outliers else ""), highlight=False)
+    if not t.judges_runs:
+        return
+    console.print(f"per run: top-1 ≥ {t.min_top1:.0%}, mean KL ≤ {t.mean_kl:g}, greedy prefix ≥ "
+                  f"{t.min_greedy_prefix:.0%}" + (" (reported, not judged)"
+                                                  if not t.min_greedy_prefix else ""),
+                  highlight=False)
+    for run in r.runs:
+        console.print(f"  {run.name}: top-1 {run.top1_agreement:.1%}, mean KL {_fmt(run.mean_kl)},"
+                      f" greedy prefix {run.greedy_prefix:.0%} "
+                      + (_verdict(True) if run.aggregate_ok else
+                         f"{_verdict(False)} ({run.aggregate_note})"), highlight=False)
 
 
 def _print_load(r) -> None:
@@ -217,10 +246,11 @@ def print_sharding(s) -> None:
 
 
 def _print_summary(reports, errors) -> None:
-    where = {(r.dtype, r.device) for r in reports}
+    where = {(r.dtype, r.device, r.quantization) for r in reports}
     table = _table("model", "max |Δ|", "max KL", "top-1", "greedy", "load", "result",
                    title="every registered model (tiny config) vs HF float32"
-                   + "".join(f", engine {d} on {v}" for d, v in sorted(where)))
+                   + "".join(f", engine {d} on {v}" + (f" quantized {q}" if q != "none" else "")
+                             for d, v, q in sorted(where)))
     positions = sorted({sum(p.num_positions for run in r.runs for p in run.prompts)
                         for r in reports if r.runs})
     notes = []

@@ -8,11 +8,14 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from engine.errors import CheckpointError, ConfigError
+
+if TYPE_CHECKING:
+    from engine.layers.quantization import QuantizationConfig
 
 CPU_KV_BYTES = 1 << 30  # the KV budget on CPU when none is given
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
@@ -75,6 +78,12 @@ class ParallelConfig:
             raise ConfigError(f"shutdown_timeout_s={self.shutdown_timeout_s}: must be >= 0")
 
 
+def _unquantized() -> QuantizationConfig:
+    from engine.layers.quantization import UnquantizedConfig
+
+    return UnquantizedConfig()
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Everything the engine needs, resolved. Picklable: TP workers receive it whole."""
@@ -93,6 +102,8 @@ class EngineConfig:
     max_logprobs: int = 20  # the largest logprobs / prompt_logprobs a request may ask for
     # prepare step N+1 on the host while the device runs step N (default: on CUDA)
     async_scheduling: bool = False
+    # the linear layers' scheme: --quantization, or the checkpoint's quantization_config
+    quantization: QuantizationConfig = field(default_factory=_unquantized)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -115,9 +126,13 @@ class EngineConfig:
                tensor_parallel_size: int = 1, enforce_eager: bool = False,
                load_format: str = "auto", distributed_timeout_s: float = 600.0,
                shutdown_timeout_s: float = 10.0, worker_address: str | None = None,
-               max_logprobs: int = 20, async_scheduling: bool | None = None) -> EngineConfig:
+               max_logprobs: int = 20, async_scheduling: bool | None = None,
+               quantization: str | None = None) -> EngineConfig:
         """Read the checkpoint's config and resolve every option; a bad value is a ConfigError
-        (a missing or unreadable checkpoint a CheckpointError) before anything is started."""
+        (a missing or unreadable checkpoint a CheckpointError) before anything is started.
+        `quantization`: "fp8", "int8" (quantize at load time) or "compressed-tensors"; None
+        takes the checkpoint's quantization_config, if any."""
+        from engine.layers.quantization import resolve_quantization
         from engine.models.registry import resolve_class_path
 
         path = Path(model)
@@ -130,6 +145,7 @@ class EngineConfig:
             raise ConfigError(f"max_logprobs={max_logprobs!r}: must be an integer >= 0")
         hf_config = load_config(path)
         dev = resolve_device(device)
+        quant = resolve_quantization(quantization, hf_config, dev)
         parallel = ParallelConfig(tensor_parallel_size, distributed_timeout_s,
                                   shutdown_timeout_s, worker_address)
         check_tp_config(hf_config, parallel.tensor_parallel_size, dev,
@@ -147,7 +163,7 @@ class EngineConfig:
             model_class=resolve_class_path(getattr(hf_config, "architectures", None) or []),
             dtype=resolve_dtype(dtype, hf_config, dev), device=dev,
             max_model_len=max_model_len, seed=seed, enforce_eager=enforce_eager,
-            load_format=load_format, max_logprobs=max_logprobs,
+            load_format=load_format, max_logprobs=max_logprobs, quantization=quant,
             async_scheduling=dev.type == "cuda" if async_scheduling is None
             else bool(async_scheduling),
             cache=CacheConfig(block_size, enable_prefix_caching, gpu_memory_utilization,

@@ -13,13 +13,14 @@ import torch
 
 from kernels.attention_ref import paged_attention_ref, reshape_and_cache_ref
 from kernels.elementwise_ref import gelu_and_mul_ref, rms_norm_ref, rotary_ref, silu_and_mul_ref
+from kernels.quant_ref import int8_weight_matmul_ref, per_token_quant_fp8_ref
 
 
 @functools.lru_cache(maxsize=1)
 def _triton() -> types.SimpleNamespace | None:
     """The Triton entry points, or None where triton is not installed."""
     try:
-        from kernels import attention_triton, elementwise_triton
+        from kernels import attention_triton, elementwise_triton, quant_triton
     except ImportError:
         return None
     return types.SimpleNamespace(
@@ -29,6 +30,8 @@ def _triton() -> types.SimpleNamespace | None:
         rotary=elementwise_triton.rotary_triton,
         silu_and_mul=elementwise_triton.silu_and_mul_triton,
         gelu_and_mul=elementwise_triton.gelu_and_mul_triton,
+        per_token_quant_fp8=quant_triton.per_token_quant_fp8_triton,
+        int8_weight_matmul=quant_triton.int8_weight_matmul_triton,
     )
 
 
@@ -87,3 +90,21 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 def gelu_and_mul(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     tri = _use_triton(x)
     return tri.gelu_and_mul(x, approximate) if tri is not None else gelu_and_mul_ref(x, approximate)
+
+
+def per_token_quant_fp8(x: torch.Tensor, scale: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """[T, H] -> (float8_e4m3fn [T, H], scales [T, 1] float32); `scale`: one static scale."""
+    tri = _use_triton(x)
+    if tri is not None:
+        return tri.per_token_quant_fp8(x, scale)
+    return per_token_quant_fp8_ref(x, scale)
+
+
+def int8_weight_matmul(x: torch.Tensor, weight: torch.Tensor,
+                       scale: torch.Tensor) -> torch.Tensor:
+    """[T, in] @ (int8 [out, in] * scale [out])^T -> [T, out] in x's dtype."""
+    tri = _use_triton(x)
+    if tri is not None:
+        return tri.int8_weight_matmul(x, weight, scale)
+    return int8_weight_matmul_ref(x, weight, scale)

@@ -3,4 +3,6 @@ measured beside it.
 
     engine_bench.py  offline throughput (beside HF transformers), batch-1 decode latency
     kernels.py       the Triton kernels against copy bandwidth / torch SDPA
+    quant_bench.py   bf16 vs fp8 vs int8 side by side (TPOT, throughput, weight bytes,
+                     parity), and the quantized matmuls beside cuBLAS bf16
 """

@@ -27,13 +27,17 @@ def random_prompts(num_prompts: int, input_len: int, vocab_size: int,
 def run_throughput(model: str | Path, num_prompts: int = 64, input_len: int = 128,
                    output_len: int = 128, device: str = "auto", dtype: str = "auto",
                    max_num_seqs: int = 256, baseline: bool = True,
-                   hf_batch_size: int | None = None) -> dict:
+                   hf_batch_size: int | None = None, quantization: str | None = None,
+                   load_format: str = "auto") -> dict:
     """Generate output_len tokens (greedy, EOS ignored) for num_prompts random prompts of
-    input_len tokens; returns tokens/s for the engine and, with baseline, for HF generate."""
+    input_len tokens; returns tokens/s for the engine and, with baseline, for HF generate.
+    `quantization` is the engine's (HF runs the checkpoint as it is); load_format "dummy":
+    random weights, only config.json read (no baseline then)."""
     from engine.core.llm import LLM
 
     llm = LLM(str(model), device=device, dtype=dtype, max_num_seqs=max_num_seqs,
-              max_model_len=input_len + output_len + 1, enable_prefix_caching=False)
+              max_model_len=input_len + output_len + 1, enable_prefix_caching=False,
+              quantization=quantization, load_format=load_format)
     config = llm.engine.config
     dev = str(config.device)
     prompts = random_prompts(num_prompts, input_len, llm.engine.vocab_size)
@@ -50,11 +54,13 @@ def run_throughput(model: str | Path, num_prompts: int = 64, input_len: int = 12
         "model": str(model), "device": dev, "dtype": str(config.dtype).replace("torch.", ""),
         "num_prompts": num_prompts, "input_len": input_len, "output_len": output_len,
         "kv_blocks": llm.engine.num_kv_blocks, "block_size": config.cache.block_size,
+        "quantization": config.quantization.name,
+        "weight_bytes_per_rank": llm.engine.executor.collective_rpc(weight_bytes_of)[0],
         "engine_s": elapsed, "engine_output_tok_s": generated / elapsed,
         "engine_total_tok_s": (generated + num_prompts * input_len) / elapsed,
     }
     llm.close()
-    if baseline:
+    if baseline and load_format != "dummy":
         del llm, outs
         if dev.startswith("cuda"):
             torch.cuda.empty_cache()
@@ -144,7 +150,7 @@ def preset_config_dir(preset: str, out_dir: str | Path) -> Path:
 def decode_latency(model_dir: str | Path, tp: int = 1, input_len: int = 128,
                    output_len: int = 128, dtype: str = "bfloat16", device: str = "auto",
                    load_format: str = "dummy", enforce_eager: bool = False,
-                   seed: int = 0) -> dict:
+                   seed: int = 0, quantization: str | None = None) -> dict:
     """One request (batch 1) of `input_len` random prompt tokens and `output_len` greedy tokens
     at tensor_parallel_size=`tp`; the time of every engine step (scheduling, the broadcast to
     the ranks, the model, sampling), CUDA-synchronised. With load_format="dummy" the weights
@@ -161,7 +167,8 @@ def decode_latency(model_dir: str | Path, tp: int = 1, input_len: int = 128,
         model_dir, dtype=dtype, device=device, max_model_len=max_len, max_num_seqs=1,
         max_num_batched_tokens=max(2048, input_len), tensor_parallel_size=tp,
         enforce_eager=enforce_eager, load_format=load_format, seed=seed, block_size=block,
-        num_kv_blocks=-(-max_len // block) + 2, enable_prefix_caching=False)
+        num_kv_blocks=-(-max_len // block) + 2, enable_prefix_caching=False,
+        quantization=quantization)
     engine = LLMEngine(config)
     try:
         dev = str(config.device)
@@ -184,6 +191,7 @@ def decode_latency(model_dir: str | Path, tp: int = 1, input_len: int = 128,
         times = run(output_len)
         decode = times[1:]
         return {"model": str(model_dir), "tp": tp, "dtype": dtype, "device": dev,
+                "quantization": config.quantization.name,
                 "input_len": input_len, "output_len": output_len,
                 "cuda_graphs": dev.startswith("cuda") and not enforce_eager,
                 "weight_bytes_per_rank": weight_bytes,

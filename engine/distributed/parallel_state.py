@@ -48,6 +48,14 @@ def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def tp_all_reduce_max(x: torch.Tensor) -> torch.Tensor:
+    """Element-wise maximum over the ranks, in place (identity at TP=1)."""
+    if _TP.size == 1:
+        return x
+    dist.all_reduce(x, op=dist.ReduceOp.MAX, group=_TP.group)
+    return x
+
+
 def tp_all_gather(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """Concatenate every rank's `x` along `dim` (ranks in order)."""
     if _TP.size == 1:

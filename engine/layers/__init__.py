@@ -1,8 +1,9 @@
 """The layers every model is built from. Tensor-parallel layers own their shard of each weight
 and a `weight_loader` that cuts it from the full checkpoint tensor; models never slice weights.
 
-    linear.py            LinearMethod (the quantization hook), Replicated/Column/Merged/QKV/
-                         RowParallelLinear
+    linear.py            Replicated/Column/Merged/QKV/RowParallelLinear and their loaders
+    linear_method.py     LinearMethod (the quantization hook), UnquantizedLinearMethod,
+                         linear_param (how a parameter is sharded)
     vocab_embedding.py   VocabParallelEmbedding, ParallelLMHead
     logits.py            LogitsProcessor: hidden states -> logits (gathered, scaled, capped)
     attention.py         PagedAttention (writes the step's K/V to the paged cache, attends)
@@ -12,4 +13,6 @@ and a `weight_loader` that cuts it from the full checkpoint tensor; models never
     activation.py        SiluAndMul, GeluAndMul, plain activations
     moe.py               fused mixture of experts
     sharding.py          ShardSpec: how each parameter is split across ranks
+    quantization/        the LinearMethods of each scheme (fp8, int8, compressed-tensors), the
+                         scheme registry and checkpoint quantization_config parsing
 """

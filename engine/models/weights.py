@@ -76,6 +76,12 @@ def load_params(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
         if param is None:
             tracker.unused(ckpt_name)
             continue
+        if _dtype_clash(tensor.dtype, param.dtype):
+            tracker.unused(f"{ckpt_name} ({str(tensor.dtype).removeprefix('torch.')}, but "
+                           f"{name} is {str(param.dtype).removeprefix('torch.')}: the checkpoint "
+                           "is quantized where the model is not, or the other way round; check "
+                           "config.json's quantization_config and its ignored layers)")
+            continue
         loader = getattr(param, "weight_loader", default_weight_loader)
         try:
             loader(param, tensor.to(param.dtype), shard)
@@ -91,6 +97,15 @@ def load_params(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
     if strict:
         tracker.raise_if_errors(type(model).__name__)
     return tracker
+
+
+_FP8 = {torch.float8_e4m3fn, torch.float8_e5m2}
+
+
+def _dtype_clash(tensor: torch.dtype, param: torch.dtype) -> bool:
+    """An FP8 tensor into a parameter of another dtype (or the reverse) would be converted
+    without its scale: refused."""
+    return (tensor in _FP8 or param in _FP8) and tensor != param
 
 
 def _check_tied(tracker: LoadTracker, name: str, tensor: torch.Tensor,

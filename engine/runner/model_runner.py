@@ -82,23 +82,26 @@ def build_model(config: EngineConfig, device: torch.device):
     random for load_format "dummy"); returns (model, load report dict or None)."""
     from engine.checkpoint.files import iterate_weights
     from engine.checkpoint.random_weights import randomize_weights
+    from engine.layers.quantization import construct_model, process_weights_after_loading
     from engine.models.registry import load_class
 
     model_cls = load_class(config.model_class)
+    quant = config.quantization  # its LinearMethod goes to every linear layer
     torch.manual_seed(config.seed)
     old_dtype = torch.get_default_dtype()
     torch.set_default_dtype(config.dtype)
     try:
         with torch.device(device):
-            model = model_cls(config.hf_config)
+            model = construct_model(model_cls, config.hf_config, quant)
     finally:
         torch.set_default_dtype(old_dtype)
     report = None
     if config.load_format == "dummy":
         randomize_weights(model, config.seed)
     else:
-        tracker = model.load_weights(iterate_weights(config.model))
+        tracker = model.load_weights(quant.checkpoint_weights(iterate_weights(config.model)))
         report = tracker.report() if hasattr(tracker, "report") else None
+    process_weights_after_loading(model)  # e.g. quantize what was loaded in the model dtype
     return model.eval(), report
 
 

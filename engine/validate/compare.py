@@ -62,7 +62,30 @@ def compare_run(name: str, chunk: int | None, run: EngineRun, hf, hf_tokens, pla
                and all(excusable))
     for p in results:
         p.logits_ok = not p.outliers or excused
-    return RunResult(name, chunk, results)
+    return judge_run(RunResult(name, chunk, results), plan.tol)
+
+
+def judge_run(run: RunResult, tol: Tolerances) -> RunResult:
+    """Fill the run's aggregates (top-1 agreement, mean KL over every position, mean greedy
+    prefix share) and, where the tolerances set them, judge them."""
+    total = sum(p.num_positions for p in run.prompts)
+    if not total:
+        return run
+    run.top1_agreement = sum(p.top1_agreement * p.num_positions for p in run.prompts) / total
+    run.mean_kl = sum(p.mean_kl * p.num_positions for p in run.prompts) / total
+    run.greedy_prefix = sum(
+        1.0 if p.first_mismatch is None else p.first_mismatch / max(1, len(p.engine_tokens))
+        for p in run.prompts) / len(run.prompts)
+    problems = []
+    if not run.top1_agreement >= tol.min_top1:  # NaN fails
+        problems.append(f"top-1 agreement {run.top1_agreement:.1%} < {tol.min_top1:.0%}")
+    if not run.mean_kl <= tol.mean_kl:
+        problems.append(f"mean KL {run.mean_kl:.2e} > {tol.mean_kl:g}")
+    if not run.greedy_prefix >= tol.min_greedy_prefix:
+        problems.append(f"greedy prefix {run.greedy_prefix:.0%} < {tol.min_greedy_prefix:.0%}")
+    run.aggregate_ok = not problems
+    run.aggregate_note = "; ".join(problems)
+    return run
 
 
 def compare_prompt(index: int, prompt: str | None, ids: list[int], out: list[int],
@@ -115,6 +138,8 @@ def judge_greedy(first: int | None, out: list[int], hf_tokens: list[int], ours: 
     pos = n_prompt - 1 + first  # the position whose logits chose token `first`; same prefix
     e, h = out[first], hf_tokens[first]
     head = f"first differs at token {first}: engine {e}, HF {h}"
+    if tol.greedy == "prefix":
+        return True, head + f" (after {first}/{len(out)} equal tokens)"
     if tol.greedy == "top5":
         ok = e in ref[pos].topk(5).indices.tolist() and h in ours[pos].topk(5).indices.tolist()
         return ok, head + (" (each within the other's top 5)" if ok else

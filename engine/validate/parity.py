@@ -56,30 +56,39 @@ def run_parity(model: str | Path, *, dtype: str = "auto", device: str = "auto",
                prompts: list[str] | None = None, max_new_tokens: int = 16, seed: int = 0,
                tp: int = 1, chunked_prefill: bool = True,
                tolerances: Tolerances | dict | None = None, keep: bool = False,
-               localize_always: bool = False,
+               localize_always: bool = False, quantization: str | None = None,
                progress: Callable[[str], None] | None = None) -> ParityReport:
     """Check the engine against HF on `model`: a local HF checkpoint folder, a spec (a name in
     model_specs/ or a .toml path) or a registered architecture; the last two through a tiny
     random checkpoint in a temporary folder (kept with `keep`). `tolerances` replaces the
-    defaults of the dtype and device, or (a dict) overrides some fields. A model that is wrong
-    gives a failed report; bad arguments raise AphroError. `progress` gets one line per stage."""
+    defaults of the dtype and device, or (a dict) overrides some fields. With `quantization`
+    the engine quantizes the checkpoint at load time (HF stays at full precision) and the
+    defaults are that scheme's (report.QUANTIZED_TOLERANCES). A model that is wrong gives a
+    failed report; bad arguments raise AphroError. `progress` gets one line per stage."""
     say = progress or (lambda msg: None)
     if max_new_tokens < 1:
         raise AphroError(f"max_new_tokens={max_new_tokens}: must be >= 1")
     with tiny_or_folder(model, seed, keep, say) as (ckpt, source), quiet_transformers():
         plan = _plan(str(model), ckpt, source, dtype, device, prompts, max_new_tokens, seed, tp,
-                     tolerances)
+                     tolerances, quantization)
         return _check(plan, chunked_prefill, localize_always, keep, say)
 
 
-def _plan(label, ckpt, source, dtype, device, prompts, n_new, seed, tp, tolerances) -> CheckPlan:
+def _plan(label, ckpt, source, dtype, device, prompts, n_new, seed, tp, tolerances,
+          quantization=None) -> CheckPlan:
     from engine.checkpoint.files import load_tokenizer
     from engine.config import load_config, model_max_len, resolve_device, resolve_dtype
+    from engine.layers.quantization import checkpoint_quantization, resolve_quantization
 
     hf_config = load_config(ckpt)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, hf_config, dev)
-    tol = default_tolerances(torch_dtype, dev)
+    if checkpoint_quantization(hf_config) is not None:
+        raise AphroError(f"{ckpt}: the checkpoint is already quantized (config.json "
+                         "quantization_config) and HF cannot run it at full precision here: "
+                         "check the full-precision checkpoint with --quantization instead")
+    quant = resolve_quantization(quantization, hf_config, dev).name
+    tol = default_tolerances(torch_dtype, dev, quant)
     if isinstance(tolerances, Tolerances):
         tol = tolerances
     elif tolerances:
@@ -93,7 +102,7 @@ def _plan(label, ckpt, source, dtype, device, prompts, n_new, seed, tp, toleranc
                          f"exceeds the model's context ({max_pos}): shorten the prompts or "
                          "lower --max-new-tokens")
     return CheckPlan(label, ckpt, source, hf_config, dev, torch_dtype, tol, prompts, prompt_ids,
-                 n_new, seed, tp, longest + n_new + 1)
+                     n_new, seed, tp, longest + n_new + 1, None if quant == "none" else quant)
 
 
 def _encode(prompts: list[str], tokenizer, hf_config, seed: int) -> list[list[int]]:
@@ -118,7 +127,8 @@ def _check(plan: CheckPlan, chunked: bool, localize_always: bool, keep: bool,
         checkpoint=str(plan.ckpt) if keep or plan.source == "checkpoint" else None,
         architecture=(getattr(plan.hf_config, "architectures", None) or ["?"])[0],
         dtype=str(plan.dtype).removeprefix("torch."), device=str(plan.device), tp=plan.tp,
-        max_new_tokens=plan.max_new_tokens, tolerances=plan.tol)
+        max_new_tokens=plan.max_new_tokens, tolerances=plan.tol,
+        quantization=plan.quantization or "none")
     runs = []
     for name, chunk in [("batched", None)] + ([("chunked", CHUNK_TOKENS)] if chunked else []):
         say(f"{plan.label}: engine, {name} prefill + {plan.max_new_tokens} decode steps")
@@ -175,7 +185,7 @@ def _run_engine(plan: CheckPlan, prompt_ids: list[list[int]], n_new: int, chunk:
                   max_model_len=plan.max_model_len, block_size=block,
                   max_num_seqs=len(prompt_ids), max_num_batched_tokens=chunk,
                   enable_chunked_prefill=chunk is not None, num_kv_blocks=blocks,
-                  seed=plan.seed, tensor_parallel_size=tp)
+                  seed=plan.seed, tensor_parallel_size=tp, quantization=plan.quantization)
     try:
         engine = llm.engine
         engine.observe(ObserveSpec(logits=True, trace_errors=tp == 1))

@@ -34,6 +34,7 @@ class CheckPlan:
     seed: int
     tp: int
     max_model_len: int
+    quantization: str | None = None  # the engine's --quantization (HF stays at full precision)
 
     @property
     def probe_ids(self) -> list[int]:  # localization's one prefill: the longest prompt
@@ -55,14 +56,28 @@ class Tolerances:
     outside (a discrete flip: MoE routing or a near-tie, which HF itself shows in that dtype) if
     at each one both argmaxes stay in the other side's top 5. Greedy "exact": continuations
     equal, except at a tie (the two tokens' HF logits within the logit tolerance); "top5"
-    (vLLM's rule): where they first differ, each side's token is in the other's top 5.
-    Localization counts a point as diverged above relative error `localize_rtol`."""
+    (vLLM's rule): where they first differ, each side's token is in the other's top 5;
+    "prefix": no rule per prompt, the run's greedy prefix share is judged (below).
+    Localization counts a point as diverged above relative error `localize_rtol`.
+
+    Quantized engines are judged per run rather than by logit error (atol is infinite): the
+    share of positions whose argmax agrees with HF's must reach `min_top1`, the mean
+    KL(HF||engine) over them stay within `mean_kl`, and the greedy continuations match HF's on
+    at least a share `min_greedy_prefix` of their tokens before they first part (mean over
+    the prompts); `kl` still bounds each position (with `outliers` excused)."""
     atol: float
     rtol: float
     kl: float
     greedy: str
     outliers: float
     localize_rtol: float
+    min_top1: float = 0.0
+    mean_kl: float = math.inf
+    min_greedy_prefix: float = 0.0
+
+    @property
+    def judges_runs(self) -> bool:
+        return self.min_top1 > 0 or math.isfinite(self.mean_kl) or self.min_greedy_prefix > 0
 
 
 # (dtype, device type) -> defaults, measured in docs/VALIDATION.md. On CUDA, float32 engine
@@ -75,7 +90,21 @@ TOLERANCES = {
 }
 
 
-def default_tolerances(dtype: torch.dtype, device: str | torch.device) -> Tolerances:
+# --quantization -> defaults for a quantized engine against HF at full precision, measured in
+# docs/VALIDATION.md ("Quantized engines"). The same for every dtype and device: quantization
+# error dominates rounding.
+QUANTIZED_TOLERANCES = {
+    "fp8": Tolerances(math.inf, 0.0, 2.0, "prefix", 0.05, 0.5, min_top1=0.6, mean_kl=0.15),
+    "int8": Tolerances(math.inf, 0.0, 0.5, "top5", 0.02, 0.2, min_top1=0.85, mean_kl=0.01,
+                       min_greedy_prefix=0.2),
+}
+QUANTIZED_TOLERANCES["compressed-tensors"] = QUANTIZED_TOLERANCES["fp8"]
+
+
+def default_tolerances(dtype: torch.dtype, device: str | torch.device,
+                       quantization: str | None = None) -> Tolerances:
+    if quantization not in (None, "none"):
+        return QUANTIZED_TOLERANCES[quantization]
     name, kind = str(dtype).removeprefix("torch."), torch.device(device).type
     return TOLERANCES.get((name, kind)) or TOLERANCES[(name, "cuda")]
 
@@ -111,10 +140,15 @@ class RunResult:
     name: str  # "batched" | "chunked"
     max_num_batched_tokens: int | None
     prompts: list[PromptResult]
+    top1_agreement: float = math.nan  # over every position of every prompt
+    mean_kl: float = math.nan
+    greedy_prefix: float = math.nan  # mean share of each continuation before it parts from HF's
+    aggregate_ok: bool = True  # the run-level rules (quantized engines), see Tolerances
+    aggregate_note: str = ""
 
     @property
     def passed(self) -> bool:
-        return all(p.passed for p in self.prompts)
+        return self.aggregate_ok and all(p.passed for p in self.prompts)
 
 
 @dataclass
@@ -135,6 +169,7 @@ class ParityReport:
     tp: int
     max_new_tokens: int
     tolerances: Tolerances
+    quantization: str = "none"  # the engine's scheme (HF runs at full precision)
     load: dict = field(default_factory=dict)  # {"missing", "unexpected", "misshaped"}
     load_hints: list[str] = field(default_factory=list)
     runs: list[RunResult] = field(default_factory=list)

@@ -163,7 +163,9 @@ def param_group(name: str, module: torch.nn.Module) -> str:
 
 def rank_params(runner) -> dict[str, tuple[torch.Tensor, ShardSpec | None, str]]:
     """Every parameter of this rank's model: (CPU copy, sharding description, group). Tied
-    parameters appear once, under their first name. Runs on every rank (collective_rpc)."""
+    parameters appear once, under their first name. Runs on every rank (collective_rpc).
+    FP8 parameters come as their bytes (uint8 views): torch cannot unpickle a float8 tensor
+    (2.13), and bit-for-bit is what is compared."""
     out, seen = {}, set()
     for mod_name, module in runner.model.named_modules():
         describe = getattr(module, "tp_shard_spec", None)
@@ -173,7 +175,10 @@ def rank_params(runner) -> dict[str, tuple[torch.Tensor, ShardSpec | None, str]]
             seen.add(id(param))
             name = f"{mod_name}.{pname}" if mod_name else pname
             spec = describe(pname) if describe is not None else None
-            out[name] = (param.detach().to("cpu", copy=True), spec, param_group(name, module))
+            data = param.detach().to("cpu", copy=True)
+            if data.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+                data = data.view(torch.uint8)
+            out[name] = (data, spec, param_group(name, module))
     return out
 
 
@@ -276,11 +281,13 @@ def check_param(name: str, ref: torch.Tensor, shards: list[torch.Tensor],
 
 
 # -- logits ----------------------------------------------------------------------------------
-def _engine(model_dir: str | Path, tp: int, device: str, dtype: str, max_len: int) -> LLMEngine:
+def _engine(model_dir: str | Path, tp: int, device: str, dtype: str, max_len: int,
+            quantization: str | None = None) -> LLMEngine:
     config = EngineConfig.create(model_dir, dtype=dtype, device=device, max_num_seqs=1,
                                  enforce_eager=True, max_model_len=max_len,
                                  num_kv_blocks=-(-max_len // BLOCK) + 1, block_size=BLOCK,
-                                 enable_prefix_caching=False, tensor_parallel_size=tp)
+                                 enable_prefix_caching=False, tensor_parallel_size=tp,
+                                 quantization=quantization)
     return LLMEngine(config, stream_outputs=False)
 
 
@@ -305,13 +312,22 @@ def _default_dtype(device: str) -> str:
     return "float32" if torch.device(device).type == "cpu" else "bfloat16"
 
 
-def default_logits_tolerance(dtype: str, max_logit: float) -> float:
+def default_logits_tolerance(dtype: str, max_logit: float, quantization: str = "none") -> float:
     """Largest |logit(TP=N) - logit(TP=1)| accepted: the ranks add partial sums in another
     order, exact only up to rounding. float32: 1e-3 (measured ~1e-6 on logits of size ~5).
     bf16: 2^-5 of the largest TP=1 logit (4 bf16 rounding units of 2^-7, accumulated over the
     layers), fp16: 2^-8 (its 3 more mantissa bits), so a model with large logits (Gemma's
     scaled embeddings: ~21) gets a proportionally larger bound. On 4x H200 every family stayed
-    within 0.0175 of the largest logit in bf16 (docs/VALIDATION.md)."""
+    within 0.0175 of the largest logit in bf16 (docs/VALIDATION.md).
+
+    Quantized: the weights and their scales are the same at every size (a row-parallel layer's
+    ranks take each output channel's maximum together), so int8 (weight-only) keeps the bound
+    of its dtype (measured <= 1.4e-5 at TP=2 on CPU). FP8 quantizes activations per token, and
+    a row-parallel layer's ranks each quantize their slice of the token with its own scale (as
+    vLLM does: no collective per layer), a difference of FP8 rounding as large as FP8's own
+    error: 2^-2 of the largest logit (measured up to 0.115 of it, tiny gemma at TP=2)."""
+    if quantization in ("fp8", "compressed-tensors"):
+        return 2.0 ** -2 * max_logit
     if dtype in ("float32", "fp32", "float"):
         return 1e-3
     rel = 2.0 ** -8 if dtype in ("float16", "fp16", "half") else 2.0 ** -5
@@ -320,22 +336,25 @@ def default_logits_tolerance(dtype: str, max_logit: float) -> float:
 
 def verify_sharding(model_dir: str | Path, tp: int, device: str = "cpu", *,
                     dtype: str | None = None, prompt_ids: list[int] | None = None,
-                    decode_steps: int = 4, logits_tolerance: float | None = None
-                    ) -> ShardingReport:
+                    decode_steps: int = 4, logits_tolerance: float | None = None,
+                    quantization: str | None = None) -> ShardingReport:
     """Load `model_dir` at TP=1 and at TP=`tp` (gloo on CPU, NCCL on CUDA) and check, for every
     parameter, that the ranks' pieces put back together equal the TP=1 parameter bit for bit,
-    and that logits agree. The TP=1 reference runs first, in this process."""
+    and that logits agree. The TP=1 reference runs first, in this process. With
+    `quantization` both sizes quantize (quantized weights and their scales are compared bit for
+    bit; the logits bound is default_logits_tolerance's for that scheme)."""
     dtype = dtype or _default_dtype(device)
     vocab = load_config(model_dir).get_text_config().vocab_size
     ids = [i % vocab for i in (prompt_ids or DEFAULT_PROMPT_IDS)]
     max_len = len(ids) + decode_steps + 2
-    ref_engine = _engine(model_dir, 1, device, dtype, max_len)
+    ref_engine = _engine(model_dir, 1, device, dtype, max_len, quantization)
+    ref_quant = ref_engine.config.quantization.name
     try:
         ref_params = ref_engine.collective_rpc(rank_params)[0]
         ref_logits, ref_tokens = _logits_run(ref_engine, ids, decode_steps)
     finally:
         ref_engine.close()
-    engine = _engine(model_dir, tp, device, dtype, max_len)
+    engine = _engine(model_dir, tp, device, dtype, max_len, quantization)
     try:
         per_rank = engine.collective_rpc(rank_params)
         tp_logits, tp_tokens = _logits_run(engine, ids, decode_steps)
@@ -368,7 +387,7 @@ def verify_sharding(model_dir: str | Path, tp: int, device: str = "cpu", *,
     top1 = (tp_logits.argmax(-1) == ref_logits.argmax(-1)).float().mean().item()
     max_logit = ref_logits.abs().max().item()
     tol = logits_tolerance if logits_tolerance is not None else \
-        default_logits_tolerance(dtype, max_logit)
+        default_logits_tolerance(dtype, max_logit, ref_quant)
     ours, theirs = tp_logits.argmax(-1), ref_logits.argmax(-1)
     gap = ref_logits.gather(1, theirs[:, None]) - ref_logits.gather(1, ours[:, None])
     breaks = ((ours != theirs) & (gap[:, 0] > tol)).nonzero().flatten().tolist()
@@ -381,7 +400,8 @@ def verify_sharding(model_dir: str | Path, tp: int, device: str = "cpu", *,
 
 
 def verify_model_sharding(model: str | Path, tp: int, device: str = "auto",
-                          dtype: str = "auto", seed: int = 0) -> ShardingReport:
+                          dtype: str = "auto", seed: int = 0,
+                          quantization: str | None = None) -> ShardingReport:
     """verify_sharding for MODEL as `aphro parity-check` names it: a local checkpoint folder, or
     a spec / registered architecture checked on a tiny random checkpoint (made with `seed`, as
     parity's is, in a temporary folder)."""
@@ -392,11 +412,11 @@ def verify_model_sharding(model: str | Path, tp: int, device: str = "auto",
     device = str(resolve_device(device))
     dtype = _default_dtype(device) if dtype in (None, "auto") else dtype
     if Path(model).is_dir():
-        return verify_sharding(model, tp, device, dtype=dtype)
+        return verify_sharding(model, tp, device, dtype=dtype, quantization=quantization)
     from engine.validate.tiny import tiny_checkpoint_for
 
     with tempfile.TemporaryDirectory(prefix="aphro-tp-") as tmp:
         ckpt = tiny_checkpoint_for(model, Path(tmp) / "ckpt", seed=seed)
-        report = verify_sharding(ckpt, tp, device, dtype=dtype)
+        report = verify_sharding(ckpt, tp, device, dtype=dtype, quantization=quantization)
     report.model = str(model)
     return report

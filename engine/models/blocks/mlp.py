@@ -64,9 +64,9 @@ class MoEMLP(nn.Module):
     def __init__(self, arch: Arch, dims: Dims, linear_method: LinearMethod | None) -> None:
         super().__init__()
         names, d = arch.checkpoint, dims
-        router = ReplicatedLinear(
-            d.hidden_size, d.num_experts, bias=False, linear_method=linear_method
-        )
+        # the router stays in the model dtype under any quantization: a near-tie between
+        # experts is a discrete flip (as vLLM keeps it)
+        router = ReplicatedLinear(d.hidden_size, d.num_experts, bias=False)
         experts = FusedMoE(
             d.num_experts,
             d.experts_per_token,

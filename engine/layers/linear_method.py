@@ -1,0 +1,58 @@
+"""The quantization hook of every linear layer: `LinearMethod` creates a layer's parameters
+(`create_weights`), turns what was loaded into what it multiplies with
+(`process_weights_after_loading`) and applies the matmul (`apply`). `UnquantizedLinearMethod` is
+one implementation; the quantized ones live in engine.layers.quantization. A method marks each
+parameter it makes with `linear_param`, so the layer (engine/layers/linear.py) shards and loads
+it like the weight.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def linear_param(data: torch.Tensor, output_dim: int | None = None,
+                 input_dim: int | None = None, per_part: bool = False) -> nn.Parameter:
+    """A parameter of a linear layer. `output_dim` / `input_dim`: its dimension that runs along
+    the layer's output / input (None: none does), so the layer shards it as it shards the
+    weight; `per_part`: a [num_parts] tensor holding one value per fused part (q, k, v), loaded
+    from a scalar checkpoint tensor per part and replicated on every rank."""
+    param = nn.Parameter(data, requires_grad=False)
+    param.output_dim, param.input_dim, param.per_part = output_dim, input_dim, per_part
+    return param
+
+
+class LinearMethod:
+    """Creates a layer's parameters, prepares them once loaded and applies them.
+
+    `create_weights` registers the parameters (made with `linear_param`) on `layer`; the layer's
+    `output_partition_sizes` lists the rows this rank holds of each fused part.
+    `process_weights_after_loading` runs once, after every checkpoint tensor is loaded (a
+    quantizing method quantizes there, replacing parameters); `apply` computes x @ W^T (+ bias).
+    """
+
+    def create_weights(self, layer: nn.Module, input_size_per_partition: int,
+                       output_size_per_partition: int, params_dtype: torch.dtype) -> None:
+        raise NotImplementedError
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        return None
+
+    def apply(self, layer: nn.Module, x: torch.Tensor,
+              bias: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class UnquantizedLinearMethod(LinearMethod):
+    """The weight in the model dtype, F.linear."""
+
+    def create_weights(self, layer, input_size_per_partition, output_size_per_partition,
+                       params_dtype):
+        weight = torch.empty(output_size_per_partition, input_size_per_partition,
+                             dtype=params_dtype)
+        layer.register_parameter("weight", linear_param(weight, output_dim=0, input_dim=1))
+
+    def apply(self, layer, x, bias=None):
+        return F.linear(x, layer.weight, bias)
