@@ -40,6 +40,13 @@ _ENGINE_OPTIONS = [
                  help="Largest logprobs / prompt_logprobs a request may ask for."),
     click.option("--seed", "engine_seed", type=int, default=0, show_default=True,
                  help="Seed of the engine (unseeded sampling, random weights)."),
+    click.option("--load-format", type=click.Choice(["auto", "dummy"]), default="auto",
+                 show_default=True,
+                 help="dummy: random weights made on the device, only config.json is read "
+                      "(benchmarks of large shapes without a checkpoint)."),
+    click.option("--async-scheduling/--no-async-scheduling", default=None,
+                 help="Prepare the next step on the host while the device runs this one "
+                      "(default: on with CUDA)."),
     click.option("--worker-address", default=None, metavar="HOST:PORT",
                  help="Tensor-parallel workers started elsewhere by torchrun connect here "
                       "(README, Several machines)."),
@@ -49,7 +56,7 @@ ENGINE_OPTION_NAMES = ("dtype", "device", "tensor_parallel_size", "max_model_len
                        "gpu_memory_utilization", "kv_cache_bytes", "max_num_seqs",
                        "max_num_batched_tokens", "block_size", "enable_prefix_caching",
                        "quantization", "enforce_eager", "max_logprobs", "engine_seed",
-                       "worker_address")
+                       "load_format", "async_scheduling", "worker_address")
 
 
 def engine_options(fn):
