@@ -47,6 +47,7 @@ def build_model(config: EngineConfig, device: torch.device):
     random for load_format "dummy"); returns (model, load report dict or None)."""
     from engine.checkpoint.files import iterate_weights
     from engine.checkpoint.random_weights import randomize_weights
+    from engine.models.contract import check_load_result, check_model_instance
     from engine.models.registry import load_class
 
     model_cls = load_class(config.model_class)
@@ -58,12 +59,13 @@ def build_model(config: EngineConfig, device: torch.device):
             model = model_cls(config.hf_config)
     finally:
         torch.set_default_dtype(old_dtype)
+    check_model_instance(model)
     report = None
     if config.load_format == "dummy":
         randomize_weights(model, config.seed)
     else:
         tracker = model.load_weights(iterate_weights(config.model))
-        report = tracker.report() if hasattr(tracker, "report") else None
+        report = check_load_result(model, tracker).report()
     return model.eval(), report
 
 

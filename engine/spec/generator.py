@@ -9,7 +9,6 @@ never overwritten unless `force` is given.
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import json
 import re
@@ -19,6 +18,7 @@ from pathlib import Path
 
 from engine.errors import AphroError, SpecError
 from engine.models.blocks import packed_modules_for
+from engine.models.registry import read_registry_file
 from engine.spec.loader import load_spec, parse_spec
 from engine.spec.schema import ModelSpec
 
@@ -149,15 +149,7 @@ def render_registry(entries: dict[str, str]) -> str:
 
 def read_registry(path: Path) -> dict[str, str]:
     """The entries of an existing _generated.py (empty when there is none)."""
-    if not path.is_file():
-        return {}
-    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and any(
-            isinstance(t, ast.Name) and t.id == "GENERATED_MODELS" for t in node.targets
-        ):
-            return dict(ast.literal_eval(node.value))
-    return {}
+    return read_registry_file(path)
 
 
 # -- writing -------------------------------------------------------------------------------
