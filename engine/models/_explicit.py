@@ -1,5 +1,5 @@
-# Explicit model files of engine/models: `aphro new-model NAME --like FAMILY --explicit` adds one
+# Explicit model files: `aphro new-model NAME --like FAMILY --explicit` adds one
 """HF architecture -> "module:Class" of every explicit (hand-written) model (merged by
-registry.py). Edit it by hand to add or remove a model file you wrote yourself."""
+engine/models/registry.py). Edit it by hand to add or remove a model file you wrote."""
 
 EXPLICIT_MODELS: dict[str, str] = {}

@@ -53,3 +53,18 @@ class Gemma2ForCausalLM(DecoderOnlyForCausalLM):
         "gate_proj": ("gate_up_proj", 0),
         "up_proj": ("gate_up_proj", 1),
     }
+    hf_model_type = "gemma2"
+    tiny_config: ClassVar[dict] = {
+        "hidden_size": 64,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "intermediate_size": 128,
+        "vocab_size": 512,
+        "max_position_embeddings": 512,
+        "sliding_window": 6,
+        "query_pre_attn_scalar": 24,
+        "attn_logit_softcapping": 1.5,
+        "final_logit_softcapping": 3.0,
+    }

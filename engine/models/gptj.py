@@ -56,3 +56,13 @@ class GPTJForCausalLM(DecoderOnlyForCausalLM):
         "k_proj": ("qkv_proj", "k"),
         "v_proj": ("qkv_proj", "v"),
     }
+    hf_model_type = "gptj"
+    tiny_config: ClassVar[dict] = {
+        "n_embd": 64,
+        "n_layer": 2,
+        "n_head": 4,
+        "rotary_dim": 8,
+        "n_positions": 512,
+        "vocab_size": 512,
+        "tie_word_embeddings": False,
+    }

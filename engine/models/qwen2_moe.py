@@ -51,3 +51,20 @@ class Qwen2MoeForCausalLM(DecoderOnlyForCausalLM):
         "gate_proj": ("gate_up_proj", 0),
         "up_proj": ("gate_up_proj", 1),
     }
+    hf_model_type = "qwen2_moe"
+    tiny_config: ClassVar[dict] = {
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "moe_intermediate_size": 32,
+        "shared_expert_intermediate_size": 48,
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "norm_topk_prob": False,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+        "vocab_size": 512,
+        "max_position_embeddings": 512,
+        "tie_word_embeddings": False,
+    }

@@ -52,17 +52,21 @@ def read_registry_file(path: Path) -> dict[str, str]:
     tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
     names = set(REGISTRY_FILES.values())
     for node in tree.body:
-        if isinstance(node, ast.Assign) and any(
-                isinstance(t, ast.Name) and t.id in names for t in node.targets):
-            return dict(ast.literal_eval(node.value))
+        targets = node.targets if isinstance(node, ast.Assign) else \
+            [node.target] if isinstance(node, ast.AnnAssign) else []
+        value = getattr(node, "value", None)
+        if value is not None and any(isinstance(t, ast.Name) and t.id in names for t in targets):
+            return dict(ast.literal_eval(value))
     return {}
 
 
 def project_root(cwd: Path | None = None) -> Path | None:
-    """The project in the current directory: a folder holding aphro_models/ (not the engine's
-    own checkout, whose models are in-tree)."""
+    """The project in the current directory: a folder holding aphro_models/ or model_specs/
+    (not the engine's own checkout, whose models are in-tree)."""
     cwd = (cwd or Path.cwd()).resolve()
-    if (cwd / PROJECT_PACKAGE / "__init__.py").is_file() and cwd != IN_TREE.parents[1]:
+    if cwd == IN_TREE.parents[1]:
+        return None
+    if (cwd / PROJECT_PACKAGE / "__init__.py").is_file() or (cwd / "model_specs").is_dir():
         return cwd
     return None
 
@@ -114,19 +118,23 @@ def suggest_architecture(name: str, candidates: list[str]) -> list[str]:
                    if c not in same and c != name]
 
 
+def did_you_mean(architecture: str) -> str:
+    """" Did you mean X?" naming registered and transformers' architectures close to the name
+    (a different capitalisation first), or ""."""
+    known, hf = supported_architectures(), _hf_causal_lm_names()
+    close = suggest_architecture(architecture, sorted(set(known) | set(hf)))[:3]
+    labels = [n if n in known else f"{n} (transformers' name, model_type {hf[n]})" for n in close]
+    return f" Did you mean {' or '.join(labels)}?" if labels else ""
+
+
 def resolve(architecture: str) -> str | type:
     target = _all_models().get(architecture)
     if target is None:
-        known = supported_architectures()
-        hints = suggest_architecture(architecture, known)
-        hf = _hf_causal_lm_names()
-        hints += [f"{n} (transformers, model_type {hf[n]})"
-                  for n in suggest_architecture(architecture, list(hf)) if n not in hints]
-        hint = f" Did you mean {' or '.join(hints[:3])}?" if hints else ""
         raise ModelNotSupportedError(
-            f"architecture {architecture!r} is not registered.{hint} Registered: "
-            f"{', '.join(known)}. Add it with `aphro new-model NAME --like FAMILY` (a spec, or "
-            "--explicit for a model file) or engine.register_model().")
+            f"architecture {architecture!r} is not registered.{did_you_mean(architecture)} "
+            f"Registered: {', '.join(supported_architectures())}. Add it with `aphro new-model "
+            "NAME --like FAMILY` (a spec, or --explicit for a model file) or "
+            "engine.register_model().")
     return target
 
 
@@ -163,7 +171,11 @@ def load_class(target: str | type) -> type:
         return target
     module_name, _, cls_name = target.partition(":")
     _importable(module_name)
-    module = importlib.import_module(module_name)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError:  # a model file written since this process looked: look again
+        importlib.invalidate_caches()
+        module = importlib.import_module(module_name)
     obj = module
     try:
         for part in cls_name.split("."):

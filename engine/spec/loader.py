@@ -17,7 +17,7 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from engine.errors import SpecError
+from engine.errors import AphroError, SpecError
 from engine.spec.schema import (
     ARCH_TABLES,
     REQUIRED_TABLES,
@@ -314,10 +314,30 @@ def load_spec(path: str | Path) -> ModelSpec:
     return parse_spec(text, path)
 
 
-def tiny_hf_config(spec: ModelSpec):
-    """The HF config of the spec's tiny test checkpoint: the model_type's defaults, then the
-    [tiny] overrides, with `architectures` = the spec's first."""
+def build_hf_config(model_type: str | None, architecture: str, fields: dict, where: str):
+    """AutoConfig.for_model(model_type, architectures=[architecture], **fields); a model_type
+    the installed transformers does not know is an AphroError that starts with `where` (the
+    key that declared it) and names close types."""
     from transformers import AutoConfig
 
-    fields = {"architectures": [spec.model.architectures[0]], **spec.tiny}
-    return AutoConfig.for_model(spec.model.model_type, **fields)
+    from engine.spec.project import check_model_type
+
+    check_model_type(str(model_type), where)
+    try:
+        return AutoConfig.for_model(model_type, architectures=[architecture], **fields)
+    except (ValueError, TypeError) as e:
+        raise AphroError(f"{where} {model_type!r}: transformers cannot build its config from "
+                         f"the tiny fields: {e}") from None
+
+
+def tiny_hf_config(spec: ModelSpec):
+    """The HF config of the spec's tiny test checkpoint: the model_type's defaults, then the
+    [tiny] overrides, with `architectures` = the spec's first. A model_type transformers does
+    not know is a SpecError naming model.model_type."""
+    try:
+        return build_hf_config(spec.model.model_type, spec.model.architectures[0], spec.tiny,
+                               f"{spec.path}: model.model_type")
+    except SpecError:
+        raise
+    except AphroError as e:
+        raise SpecError(str(e)) from None
