@@ -111,11 +111,26 @@ def _hf_causal_lm_names() -> dict[str, str]:
     return out
 
 
+_CLASS_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+
+
+def _stem(name: str) -> str:
+    """LlamaForCausalLM -> llama: what tells architectures apart."""
+    for suffix in _CLASS_SUFFIXES:
+        if name.endswith(suffix) and name != suffix:
+            return name[: -len(suffix)].lower()
+    return name.lower()
+
+
 def suggest_architecture(name: str, candidates: list[str]) -> list[str]:
-    """Names close to `name` (a different capitalisation first)."""
+    """Names close to `name` (a different capitalisation first), compared without the
+    ForCausalLM-style suffix they share."""
     same = [c for c in candidates if c.lower() == name.lower() and c != name]
-    return same + [c for c in difflib.get_close_matches(name, candidates, n=3, cutoff=0.75)
-                   if c not in same and c != name]
+    by_stem: dict[str, list[str]] = {}
+    for c in candidates:
+        by_stem.setdefault(_stem(c), []).append(c)
+    close = difflib.get_close_matches(_stem(name), list(by_stem), n=3, cutoff=0.7)
+    return same + [c for stem in close for c in by_stem[stem] if c not in same and c != name]
 
 
 def did_you_mean(architecture: str) -> str:
