@@ -178,10 +178,10 @@ def _llama_class(**overrides) -> type:
 @pytest.mark.parametrize("overrides, named", [
     ({"compute_logits": None}, "has no compute_logits(hidden) method"),
     ({"forward": lambda self, input_ids, positions: None},
-     "forward(input_ids, positions) does not take the contract's forward(input_ids, positions, "
-     "kv_caches, attn_metadata)"),
-    ({"load_weights": lambda self: None}, "load_weights() does not take the contract's "
-                                          "load_weights(weights)"),
+     ("forward(input_ids, positions) does not take the contract's forward(input_ids, positions, "
+     "kv_caches, attn_metadata)")),
+    ({"load_weights": lambda self: None}, ("load_weights() does not take the contract's "
+                                          "load_weights(weights)")),
 ], ids=["no-compute-logits", "short-forward", "load-weights-without-weights"])
 def test_a_class_missing_a_method_is_refused_when_registered(overrides, named, monkeypatch):
     monkeypatch.setattr(registry, "_OUT_OF_TREE", {})
@@ -207,10 +207,10 @@ def _broken_init(attr: str):
 @pytest.mark.parametrize("cls_body, named", [
     ({"__init__": _broken_init("num_kv_heads")}, "BrokenLlama.num_kv_heads is None"),
     ({"__init__": _broken_init("norm")},
-     "model.norm (LayerNorm) holds parameters weight, bias but does not describe their "
-     "sharding (tp_shard_spec)"),
-    ({"load_weights": lambda self, weights: None}, "BrokenLlama.load_weights returned "
-                                                   "NoneType, not the LoadTracker"),
+     ("model.norm (LayerNorm) holds parameters weight, bias but does not describe their "
+     "sharding (tp_shard_spec)")),
+    ({"load_weights": lambda self, weights: None}, ("BrokenLlama.load_weights returned "
+                                                   "NoneType, not the LoadTracker")),
 ], ids=["no-kv-heads", "undescribed-sharding", "no-load-report"])
 def test_a_model_breaking_the_contract_when_built_gets_the_named_error(
         cls_body, named, monkeypatch, tiny_llama_dir):
