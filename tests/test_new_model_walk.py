@@ -6,6 +6,7 @@ transformers knows, or the user is told what to do; a wrong family or architectu
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import sys
@@ -80,6 +81,10 @@ def test_spec_walk_in_a_project_ends_in_a_passing_parity_check(tmp_path, monkeyp
     assert spec.model.architectures == ("MymodelForCausalLM",)
     assert "transformers knows no model type 'mymodel'" in flat(results[0])
     assert "[model] model_type" in flat(results[0])
+    # and it runs: generate takes the architecture name too (a tiny random checkpoint)
+    res = run("generate", "MymodelForCausalLM", "-p", "Hello", "--max-tokens", "3", "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)[0]["tokens"] == 3
 
 
 def test_explicit_walk_in_a_project_ends_in_a_passing_parity_check(tmp_path, monkeypatch):

@@ -153,3 +153,23 @@ def test_longrope_table_is_hfs_short_then_long_frequencies():
     cos, sin = rope.cos_sin_cache.double().chunk(2, dim=-1)
     torch.testing.assert_close(cos, angles.cos() * factor, atol=1e-4, rtol=0)
     torch.testing.assert_close(sin, angles.sin() * factor, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family, tp, groups", [
+    ("olmo2", 2, {"qkv", "gate_up", "down"}),
+    ("olmo2", 4, {"qkv", "gate_up", "down"}),  # 2 KV heads on 4 ranks: k_norm replicated too
+    ("qwen2_moe", 2, {"experts", "router"}),
+    ("gemma2", 2, {"gate_up", "down"}),
+], ids=["olmo2-tp2", "olmo2-tp4", "qwen2_moe-tp2", "gemma2-tp2"])
+def test_new_mechanisms_shard(family, tp, groups, checkpoint):
+    """qk-norm across heads (its weight cut like the heads, its mean square summed over the
+    ranks), shared experts and per-layer windows, over tensor-parallel ranks."""
+    from engine.validate.sharding import verify_sharding
+
+    report = verify_sharding(checkpoint(family), tp)
+    assert report.ok, [(p.name, p.problem) for p in report.failures()]
+    assert groups <= {g.group for g in report.groups()}
+    assert report.greedy_match and report.logits_max_abs < 1e-4
+    if family == "olmo2":
+        k_norm = next(p for p in report.params if p.name.endswith("0.self_attn.k_norm.weight"))
+        assert ("replicated" in k_norm.sharding) == (tp == 4), k_norm.sharding
