@@ -1,4 +1,4 @@
-"""`aphro parity-check [MODEL]`: the engine against HF transformers logits (engine/parity.py)."""
+"""`aphro parity-check [MODEL]`: the engine against HF transformers logits (engine/validate/parity.py)."""
 
 from __future__ import annotations
 
@@ -85,7 +85,7 @@ def parity_check(model, dtype, device, prompts_file, max_new_tokens, seed, tp, k
                 bar.update(task, description=msg)
             try:
                 reports.append(run_parity(name, progress=say, **kwargs))
-                if tp > 1:  # the shards of every parameter, reassembled (engine/tp_check.py)
+                if tp > 1:  # the shards of every parameter, reassembled (engine/validate/sharding.py)
                     from engine.validate.sharding import verify_model_sharding
 
                     say(f"{name}: sharding over {tp} ranks")

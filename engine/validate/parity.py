@@ -5,7 +5,7 @@ chunks), then decoded greedily through the paged KV cache; its logits are taken 
 (prompt positions through prompt_logprobs rows, decode positions as sampled). HF then runs the
 engine's own prompt + output tokens in one forward (teacher forcing), so every position is
 compared on the same prefix, and HF `generate` gives the greedy continuation to compare. On
-failure, engine/parity_localize.py names the first sub-layer that diverges.
+failure, engine/validate/localize.py names the first sub-layer that diverges.
 
 The engine is seen only through the model runner's observer hook (engine.runner.observer):
 the logits of every row it computed, and for localization the outputs of the probe points.

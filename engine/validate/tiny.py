@@ -1,6 +1,7 @@
 """Tiny random-weight checkpoints for tests and `aphro parity-check`, and what MODEL names in a
-check: a checkpoint folder, or a tiny checkpoint built from a spec's [tiny] table or a generic
-tiny config of a registered architecture's HF model type.
+check: a checkpoint folder, or a tiny checkpoint built from a spec's [tiny] table, from the tiny
+config a registered class declares (`hf_model_type`, `tiny_config`: generated and explicit
+models do), or from a generic tiny config of a registered architecture's HF model type.
 
 Weights come from engine.checkpoint.random_weights (every parameter drawn, norm weights around 1
 and biases away from 0, so a model that drops a bias or a norm weight cannot agree with
