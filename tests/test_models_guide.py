@@ -21,12 +21,12 @@ FAST = ["--no-chunked", "--max-new-tokens", "4"]
 
 
 def block(kind: str) -> str:
-    return re.search(rf"```{kind}\n(.*?)```", SECTION, re.S).group(1)
+    return re.search(rf"```{kind}\n(.*?)```", SECTION, re.DOTALL).group(1)
 
 
 def apply_diff(text: str, diff: str) -> str:
     """Apply each hunk of a unified diff by its context, not its line numbers."""
-    for hunk in re.split(r"^@@.*@@\n", diff, flags=re.M)[1:]:
+    for hunk in re.split(r"^@@.*@@\n", diff, flags=re.MULTILINE)[1:]:
         lines = hunk.splitlines()
         old = "\n".join(ln[1:] for ln in lines if ln[:1] in (" ", "-")) + "\n"
         new = "\n".join(ln[1:] for ln in lines if ln[:1] in (" ", "+")) + "\n"
@@ -72,9 +72,8 @@ def test_the_worked_example_ports_stablelm(project, make_checkpoint):
     assert after.exit_code == 0, after.output
 
     # the flag's other setting: a checkpoint of sequential layers
-    from transformers import AutoConfig
-
     from aphro_models.stablelm import StableLmForCausalLM
+    from transformers import AutoConfig
 
     fields = dict(StableLmForCausalLM.tiny_config, use_parallel_residual=False)
     config = AutoConfig.for_model("stablelm", architectures=["StableLmForCausalLM"], **fields)
