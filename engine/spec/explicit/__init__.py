@@ -14,10 +14,13 @@ what to start from instead. The output is ruff-formatted at line length 100.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from engine.errors import AphroError
 from engine.spec.explicit.code import LINE, Names
 from engine.spec.explicit.layers import attention_class, mlp_class
 from engine.spec.explicit.stack import causal_lm_class, layer_class, model_class
+from engine.spec.project import Identity
 from engine.spec.schema import ModelSpec
 
 HEADER = "# Written by `aphro new-model {name} --like {family} --explicit`: yours to edit."
@@ -108,13 +111,14 @@ def render_registry(entries: dict[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_explicit(name: str, like: str, specs_dirs: list, models_dir, package: str | None,
-                   architecture: str | None = None, model_type: str | None = None,
-                   force: bool = False):
-    """Write models_dir/<name>.py from the family `like` and register it in
-    models_dir/_explicit.py. Returns (model file, registry file, {arch: target}, Identity)."""
-    from pathlib import Path
-
+def write_explicit(name: str, like: str, specs_dirs: list[Path], models_dir: Path,
+                   package: str | None, architecture: str | None = None,
+                   model_type: str | None = None, force: bool = False
+                   ) -> tuple[Path, Path, dict[str, str], Identity]:
+    """Write models_dir/<name>.py from the family `like` (found in the first of specs_dirs
+    that has it) and register it in models_dir/_explicit.py, its module imported as
+    `package`.<name> (bare <name> without a package). Returns (model file, registry file,
+    {architecture: "module:Class"}, the Identity chosen)."""
     from engine.models.registry import read_registry_file
     from engine.spec.loader import load_spec
     from engine.spec.project import ensure_package, family_spec, new_identity
