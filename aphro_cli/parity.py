@@ -1,4 +1,4 @@
-"""`aphro parity-check [MODEL]`: the engine against HF transformers logits (engine/parity.py)."""
+"""`aphro parity-check [MODEL]`: the engine against HF transformers logits (engine/validate/parity.py)."""
 
 from __future__ import annotations
 
@@ -96,16 +96,17 @@ def parity_check(model, dtype, device, prompts_file, max_new_tokens, seed, tp, k
                 bar.update(task, description=msg)
             try:
                 reports.append(run_parity(name, progress=say, **kwargs))
-                if tp > 1:  # the shards of every parameter, reassembled (engine/tp_check.py)
+                if tp > 1:  # the shards of every parameter, reassembled (engine/validate/sharding.py)
                     from engine.validate.sharding import verify_model_sharding
 
                     say(f"{name}: sharding over {tp} ranks")
                     shardings[name] = verify_model_sharding(name, tp, device, dtype, seed,
                                                             quantization)
-            except AphroError as e:
-                if model:  # the one model asked for: a usage error
+            except Exception as e:  # one model's failure, whatever it is, is that model's row
+                if model:  # the one model asked for: a usage error (or a bug: exit 3)
                     raise
-                errors[name] = str(e).splitlines()[0]
+                msg = str(e).splitlines()[0] if str(e) else ""
+                errors[name] = msg if isinstance(e, AphroError) else f"{type(e).__name__}: {msg}"
             bar.advance(task)
     passed = (not errors and all(r.passed for r in reports)
               and all(s.ok for s in shardings.values()))
@@ -193,6 +194,8 @@ def _print_tolerances(r) -> None:
 
 def _print_load(r) -> None:
     load = r.load
+    if load is None:  # the engine never loaded the weights: nothing to report
+        return
     if r.load_ok:
         console.print("load: every checkpoint tensor used once, with the right shape",
                       highlight=False)
@@ -259,11 +262,13 @@ def _print_summary(reports, errors) -> None:
         n = sum(p.num_positions for p in prompts)
         worst, kl = _worst([p.max_abs for p in prompts]), _worst([p.max_kl for p in prompts])
         top1 = (sum(p.top1_agreement * p.num_positions for p in prompts) / n) if n else None
-        problems = sum(len(r.load.get(k, [])) for k in ("missing", "unexpected", "misshaped"))
+        problems = sum(len((r.load or {}).get(k, []))
+                       for k in ("missing", "unexpected", "misshaped"))
+        load = "-" if r.load is None else "ok" if r.load_ok else f"[red]{problems} bad[/]"
         table.add_row(r.model, _fmt(worst), _fmt(kl),
                       "-" if top1 is None else f"{top1:.0%}",
-                      f"{sum(p.greedy_ok for p in prompts)}/{len(prompts)}",
-                      "ok" if r.load_ok else f"[red]{problems} bad[/]", _verdict(r.passed))
+                      f"{sum(p.greedy_ok for p in prompts)}/{len(prompts)}", load,
+                      _verdict(r.passed))
         if not r.passed:
             notes.append(f"{r.model}: {_why(r)}")
     for name, msg in errors.items():
@@ -286,7 +291,7 @@ def _why(r) -> str:
     parts = []
     for key, what in (("missing", "missing"), ("unexpected", "unused"),
                       ("misshaped", "misshaped")):
-        names = [m["name"] if isinstance(m, dict) else m for m in r.load.get(key, [])]
+        names = [m["name"] if isinstance(m, dict) else m for m in (r.load or {}).get(key, [])]
         if names:
             parts.append(f"{len(names)} {what} tensors ({names[0]}"
                          + (", …)" if len(names) > 1 else ")"))

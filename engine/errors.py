@@ -26,6 +26,11 @@ class ModelNotSupportedError(AphroError):
     """No registered model for an HF architecture name."""
 
 
+class ModelContractError(AphroError):
+    """A model class that breaks the model contract (engine/models/contract.py): names the
+    missing piece."""
+
+
 class RequestError(AphroError, ValueError):
     """An invalid request: bad sampling values, a prompt longer than the context."""
 

@@ -161,6 +161,8 @@ def test_like_variant_end_to_end(tmp_path, monkeypatch):
     from engine.models.blocks import Dims
 
     specs, out = tmp_path / "specs", tmp_path / "models"
+    # the variant's HF code exists (as a model_type transformers knows) before the spec names it
+    _register_hf_variant()
     result = run_cli("my_qwen2", "--like", "qwen2", "--specs-dir", str(specs))
     assert result.exit_code == 0, result.output
     path = specs / "my_qwen2.toml"
@@ -179,7 +181,6 @@ def test_like_variant_end_to_end(tmp_path, monkeypatch):
     assert entries == {"MyQwen2ForCausalLM": "my_qwen2:MyQwen2ForCausalLM"}
 
     # register as a user would (module on sys.path + engine.register_model), undone afterwards
-    _register_hf_variant()
     monkeypatch.syspath_prepend(str(out))
     monkeypatch.setattr(registry, "_OUT_OF_TREE", dict(registry._OUT_OF_TREE))
     for arch, target in entries.items():

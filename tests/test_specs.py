@@ -117,6 +117,54 @@ BAD = {
         edited('rope_style = "neox"', 'rope_style = "neox"\noffset = 2'),
         "position.offset: only position kind learned takes an offset",
     ),
+    "unknown norm position": (
+        edited('residual = "sequential"', 'norm_position = "between"'),
+        "layer.norm_position: 'between' is not one of pre, post, sandwich",
+    ),
+    "post norm with parallel residual": (
+        edited('residual = "sequential"', 'residual = "parallel"\nnorm_position = "post"'),
+        "layer.norm_position: 'post' needs residual = sequential",
+    ),
+    "qk-norm scope without qk-norm": (
+        edited("qk_norm = false", 'qk_norm = false\nqk_norm_scope = "all_heads"'),
+        "attention.qk_norm_scope: only with qk_norm = true",
+    ),
+    "qk-norm scope of a layer norm": (
+        edited("qk_norm = false", 'qk_norm = true\nqk_norm_scope = "all_heads"').replace(
+            'kind = "rms"', 'kind = "layer"'
+        ),
+        "attention.qk_norm_scope: all_heads needs an RMS norm kind",
+    ),
+    "rotary_dim and partial factor": (
+        edited('head_dim = "head_dim"', 'rotary_dim = "rotary_dim"\npartial_rotary_factor = "p"'),
+        "config.rotary_dim: give rotary_dim (a number of dims) or partial_rotary_factor",
+    ),
+    "rotary_dim without rope": (
+        edited('head_dim = "head_dim"', 'rotary_dim = "rotary_dim"').replace(
+            'kind = "rope"', 'kind = "none"'
+        ),
+        "config.rotary_dim: only position kind rope rotates",
+    ),
+    "two attention scales": (
+        edited('head_dim = "head_dim"', 'attention_multiplier = "a"\nquery_pre_attn_scalar = "q"'),
+        "config.query_pre_attn_scalar: the attention scale is attention_multiplier or",
+    ),
+    "layer types without a window": (
+        edited('head_dim = "head_dim"', 'layer_types = "layer_types"'),
+        "config.layer_types: names the layers that use sliding_window: map that too",
+    ),
+    "shared expert without experts": (
+        edited('head_dim = "head_dim"', 'shared_expert_intermediate_size = "s"'),
+        "config.shared_expert_intermediate_size: a shared expert needs mlp kind moe",
+    ),
+    "shared gate without a shared expert": (
+        edited('kind = "gated"', 'kind = "gated"\nshared_gate = "sigmoid"'),
+        "mlp.shared_gate: gates a shared expert: map config.shared_expert_intermediate_size too",
+    ),
+    "unknown shared gate": (
+        edited('kind = "gated"', 'kind = "gated"\nshared_gate = "tanh"'),
+        "mlp.shared_gate: 'tanh' is not one of none, sigmoid",
+    ),
 }
 
 
@@ -180,3 +228,30 @@ def test_docs_describe_every_key():
         for f in dataclasses.fields(cls):
             assert re.search(rf"`{f.name}`", doc), f"docs/SPEC.md lacks [{table}] {f.name}"
     assert "[tiny]" in doc
+
+
+def test_config_values_are_checked_when_the_model_is_built():
+    """Keys that pass the spec but meet a config value that cannot work: a ConfigError naming
+    the value (layer_types of the wrong length or kind, a soft cap that is not positive)."""
+    from types import SimpleNamespace
+
+    from transformers import Gemma2Config
+
+    from engine.errors import ConfigError
+    from engine.models.blocks import Dims
+
+    arch = load_spec(ROOT / "model_specs" / "gemma2.toml").arch
+    base = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "head_dim": 16, "sliding_window": 4}
+    dims = Dims.from_hf(Gemma2Config(**base), arch)
+
+    def raw(**fields):  # a config transformers would not let through its own checks
+        return SimpleNamespace(**Gemma2Config(**base).to_dict() | fields)
+
+    assert dims.sliding_windows == (4, None) and dims.attn_scale == 256**-0.5
+    with pytest.raises(ConfigError, match="layer_types=.*expected 2 entries"):
+        Dims.from_hf(raw(layer_types=["sliding_attention"] * 3), arch)
+    with pytest.raises(ConfigError, match="layer_types=.*each one of sliding_attention"):
+        Dims.from_hf(raw(layer_types=["local", "global"]), arch)
+    with pytest.raises(ConfigError, match="attn_logit_softcap = -1.0: must be a positive"):
+        Dims.from_hf(raw(attn_logit_softcapping=-1.0), arch)

@@ -9,7 +9,8 @@ and a `weight_loader` that cuts it from the full checkpoint tensor; models never
     attention.py         PagedAttention (writes the step's K/V to the paged cache, attends)
     attention_metadata.py  AttentionMetadata: the step's slot mapping, block tables, lengths
     rotary.py            rotary embeddings with HF's scaling schemes
-    layernorm.py         RMSNorm (fused residual add), LayerNorm
+    layernorm.py         RMSNorm (fused residual add), LayerNorm, ShardedRMSNorm (one norm
+                         over a vector split across ranks)
     activation.py        SiluAndMul, GeluAndMul, plain activations
     moe.py               fused mixture of experts
     sharding.py          ShardSpec: how each parameter is split across ranks

@@ -1,4 +1,5 @@
-"""RMSNorm (with fused residual add, and Gemma's (1 + w) variant) and LayerNorm."""
+"""RMSNorm (with fused residual add, and Gemma's (1 + w) variant), LayerNorm, and
+ShardedRMSNorm (one RMSNorm over a vector split across tensor-parallel ranks)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.layers.sharding import REPLICATED, ShardSpec
+from engine.distributed.parallel_state import get_tp_rank, get_tp_size, tp_all_reduce
+from engine.layers.linear import load_shard
+from engine.layers.sharding import REPLICATED, ShardPart, ShardSpec
 from kernels import ops
 
 
@@ -44,3 +47,36 @@ class LayerNorm(nn.LayerNorm):
 
     def tp_shard_spec(self, param_name: str) -> ShardSpec | None:
         return REPLICATED if param_name in ("weight", "bias") else None
+
+
+class ShardedRMSNorm(nn.Module):
+    """RMSNorm over a `full_size` vector of which this rank holds `per_rank` entries: the q (or
+    k) of all heads at once, OLMo 2's qk-norm. The mean square is summed over the ranks; a
+    piece held by `replicas` ranks (KV heads replicated when fewer than ranks) counts once.
+    The weight is cut like the heads: rank r holds piece r // replicas."""
+
+    def __init__(self, full_size: int, per_rank: int, eps: float = 1e-6, replicas: int = 1,
+                 weight_offset: float = 0.0) -> None:
+        super().__init__()
+        self.full_size, self.per_rank, self.replicas = full_size, per_rank, replicas
+        self.eps, self.weight_offset = eps, weight_offset
+        self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
+        self.weight = nn.Parameter(torch.empty(per_rank), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor,
+                      shard_id: int | str | None = None) -> None:
+        load_shard(param.data, loaded, 0, self.tp_rank // self.replicas, self.full_size)
+
+    def tp_shard_spec(self, param_name: str) -> ShardSpec | None:
+        if param_name != "weight":
+            return None
+        return ShardSpec(0, (ShardPart(self.full_size, self.per_rank, self.replicas),))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, per_rank] -> [T, per_rank]
+        if self.tp_size == 1:
+            return ops.rms_norm(x, self.weight, self.eps, None, self.weight_offset)[0]
+        h = x.float()
+        square_sum = tp_all_reduce(h.pow(2).sum(-1, keepdim=True)) / self.replicas  # [T, 1]
+        h = h * torch.rsqrt(square_sum / self.full_size + self.eps)
+        return (h * (self.weight.float() + self.weight_offset)).to(x.dtype)

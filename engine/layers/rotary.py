@@ -61,6 +61,26 @@ def _yarn_inv_freq(base: float, rotary_dim: int, p: dict) -> tuple[torch.Tensor,
     return extrapolation / factor * (1 - keep) + extrapolation * keep, attn_factor
 
 
+def _longrope(base: float, rotary_dim: int, max_position: int, p: dict
+              ) -> tuple[torch.Tensor, torch.Tensor, float, int]:
+    """LongRoPE (Phi-3 128k): per-frequency factors, `short_factor` for positions below
+    original_max_position_embeddings and `long_factor` from there on, and one attention factor
+    on cos/sin. Returns (short inv_freq, long inv_freq, attention factor, original length)."""
+    original = p.get("original_max_position_embeddings")
+    if not original:
+        raise ConfigError("rope_type 'longrope' needs original_max_position_embeddings")
+    factor = p.get("factor") or max_position / original
+    attn_factor = p.get("attention_factor")
+    if attn_factor is None:
+        attn_factor = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
+    default = _default_inv_freq(base, rotary_dim)
+    factors = [torch.tensor(p[k], dtype=torch.float64) for k in ("short_factor", "long_factor")]
+    if any(f.shape != default.shape for f in factors):
+        raise ConfigError(f"longrope short_factor / long_factor need {rotary_dim // 2} entries "
+                          f"each (rotary_dim {rotary_dim} / 2)")
+    return default / factors[0], default / factors[1], attn_factor, int(original)
+
+
 def rope_params_from_config(config) -> dict:
     """HF config -> one rope dict, whichever transformers version wrote the config."""
     params = dict(getattr(config, "rope_parameters", None) or {})
@@ -68,6 +88,9 @@ def rope_params_from_config(config) -> dict:
     params = {**legacy, **params}
     params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
     params["rope_type"] = params.get("rope_type") or params.get("type") or "default"
+    original = getattr(config, "original_max_position_embeddings", None)
+    if original and params["rope_type"] == "longrope":  # Phi-3 keeps it beside rope_scaling
+        params.setdefault("original_max_position_embeddings", original)
     return params
 
 
@@ -79,7 +102,7 @@ class RotaryEmbedding(nn.Module):
         base = float(rope_params.get("rope_theta", 10000.0))
         kind = rope_params.get("rope_type", "default")
         inv_freq = _default_inv_freq(base, rotary_dim)
-        t_scale, mscale = 1.0, 1.0
+        t_scale, mscale, long_freq, long_from = 1.0, 1.0, None, max_position
         if kind == "default":
             pass
         elif kind == "linear":
@@ -98,11 +121,16 @@ class RotaryEmbedding(nn.Module):
                 rotary_dim / (rotary_dim - 2))
             inv_freq = _default_inv_freq(base, rotary_dim)
             max_position = max(max_position, new_len)
+        elif kind == "longrope":
+            inv_freq, long_freq, mscale, long_from = _longrope(base, rotary_dim, max_position,
+                                                               rope_params)
         else:
             raise ConfigError(f"rope_type {kind!r} is not supported; one of default, linear, "
-                              "dynamic, yarn, llama3")
+                              "dynamic, yarn, llama3, longrope")
         t = torch.arange(max_position, dtype=torch.float64) * t_scale
         freqs = torch.outer(t, inv_freq.to(torch.float32).double())
+        if long_freq is not None:  # longrope: other frequencies past the original length
+            freqs[long_from:] = torch.outer(t[long_from:], long_freq.to(torch.float32).double())
         cache = torch.cat((freqs.cos() * mscale, freqs.sin() * mscale), dim=-1).float()
         self.register_buffer("cos_sin_cache", cache, persistent=False)  # [max_pos, rotary_dim]
 

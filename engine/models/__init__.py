@@ -1,8 +1,10 @@
-"""Models: the registry (HF architecture name -> "module:Class", imported lazily), the shared
-blocks generated models are wired from, generic weight loading, and the model files themselves
-(generated from model_specs/, or written by hand).
+"""Models: the registry (HF architecture name -> "module:Class", imported lazily), the model
+contract every model class meets, the shared blocks generated models are wired from, generic
+weight loading, and the model files themselves (generated from model_specs/, or explicit files
+written once by `aphro new-model --explicit` and edited by hand).
 
-    registry.py   register_model, resolve, load_class; in-tree, plugin and registered models
+    registry.py   register_model, resolve, load_class; in-tree, project, plugin and registered
+    contract.py   CausalLM (the contract), checked when a class is registered, loaded or built
     records.py    validation records; the user registry file and the in-tree validation.json
     sources.py    a model's source files and their content hashes (what makes a record stale)
     catalog.py    every known model with its source, features and record; check_validated
@@ -10,4 +12,5 @@ blocks generated models are wired from, generic weight loading, and the model fi
     blocks/       the decoder built from a spec's Arch (attention, MLPs, layers, the LM)
     weights.py    load_params: checkpoint names onto (fused) parameters, with a load report
     _generated.py the generated models' registry entries (written by `aphro new-model`)
+    _explicit.py  the explicit models' registry entries (`aphro new-model --explicit`)
 """

@@ -3,16 +3,22 @@
 
 GENERATED_MODELS = {
     "BloomForCausalLM": "engine.models.bloom:BloomForCausalLM",
+    "CohereForCausalLM": "engine.models.cohere:CohereForCausalLM",
     "FalconForCausalLM": "engine.models.falcon:FalconForCausalLM",
     "GPT2LMHeadModel": "engine.models.gpt2:GPT2LMHeadModel",
     "GPTBigCodeForCausalLM": "engine.models.gpt_bigcode:GPTBigCodeForCausalLM",
+    "GPTJForCausalLM": "engine.models.gptj:GPTJForCausalLM",
     "GPTNeoXForCausalLM": "engine.models.gpt_neox:GPTNeoXForCausalLM",
+    "Gemma2ForCausalLM": "engine.models.gemma2:Gemma2ForCausalLM",
     "GemmaForCausalLM": "engine.models.gemma:GemmaForCausalLM",
+    "GraniteForCausalLM": "engine.models.granite:GraniteForCausalLM",
     "LlamaForCausalLM": "engine.models.llama:LlamaForCausalLM",
     "MistralForCausalLM": "engine.models.mistral:MistralForCausalLM",
     "MixtralForCausalLM": "engine.models.mixtral:MixtralForCausalLM",
     "OPTForCausalLM": "engine.models.opt:OPTForCausalLM",
+    "Olmo2ForCausalLM": "engine.models.olmo2:Olmo2ForCausalLM",
     "Phi3ForCausalLM": "engine.models.phi3:Phi3ForCausalLM",
     "Qwen2ForCausalLM": "engine.models.qwen2:Qwen2ForCausalLM",
+    "Qwen2MoeForCausalLM": "engine.models.qwen2_moe:Qwen2MoeForCausalLM",
     "Qwen3ForCausalLM": "engine.models.qwen3:Qwen3ForCausalLM",
 }

@@ -18,7 +18,7 @@ from engine.models import registry
 from engine.models.records import ValidationRecord, in_tree_records, user_records
 from engine.models.sources import SPEC_TARGET, generated_from, module_file, shown
 
-SOURCES = ("in-tree generated", "in-tree explicit", "spec", "plugin entry point",
+SOURCES = ("in-tree generated", "in-tree explicit", "spec", "project", "plugin entry point",
            "user registry", "register_model")
 
 

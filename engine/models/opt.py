@@ -50,3 +50,13 @@ class OPTForCausalLM(DecoderOnlyForCausalLM):
         "k_proj": ("qkv_proj", "k"),
         "v_proj": ("qkv_proj", "v"),
     }
+    hf_model_type = "opt"
+    tiny_config: ClassVar[dict] = {
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "ffn_dim": 128,
+        "word_embed_proj_dim": 64,
+        "max_position_embeddings": 512,
+        "vocab_size": 512,
+    }

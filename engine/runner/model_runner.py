@@ -83,6 +83,7 @@ def build_model(config: EngineConfig, device: torch.device):
     from engine.checkpoint.files import iterate_weights
     from engine.checkpoint.random_weights import randomize_weights
     from engine.layers.quantization import construct_model, process_weights_after_loading
+    from engine.models.contract import check_load_result, check_model_instance
     from engine.models.registry import load_class
 
     model_cls = load_class(config.model_class)
@@ -95,12 +96,13 @@ def build_model(config: EngineConfig, device: torch.device):
             model = construct_model(model_cls, config.hf_config, quant)
     finally:
         torch.set_default_dtype(old_dtype)
+    check_model_instance(model)
     report = None
     if config.load_format == "dummy":
         randomize_weights(model, config.seed)
     else:
         tracker = model.load_weights(quant.checkpoint_weights(iterate_weights(config.model)))
-        report = tracker.report() if hasattr(tracker, "report") else None
+        report = check_load_result(model, tracker).report()
     process_weights_after_loading(model)  # e.g. quantize what was loaded in the model dtype
     return model.eval(), report
 

@@ -1,4 +1,4 @@
-"""Reading a model spec: TOML text -> the engine/spec.py dataclasses, validated.
+"""Reading a model spec: TOML text -> the engine/spec/schema.py dataclasses, validated.
 
 Every problem (bad TOML, an unknown or missing table or key, a value of the wrong type or outside
 its `Literal`, a rule across keys) is a one-line SpecError `file: table.key: problem` that says
@@ -17,7 +17,7 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from engine.errors import SpecError
+from engine.errors import AphroError, SpecError
 from engine.spec.schema import (
     ARCH_TABLES,
     REQUIRED_TABLES,
@@ -225,6 +225,53 @@ def _check_arch(model: ModelInfo, a: Arch, where: _Where) -> None:
         )
     if a.position.kind == "alibi" and c.partial_rotary_factor is not None:
         raise where.error("config", "partial_rotary_factor", "only position kind rope rotates")
+    _check_mechanisms(a, where)
+
+
+def _check_mechanisms(a: Arch, where: _Where) -> None:
+    """Rules of the keys that reach scales, soft caps, per-layer windows, norm placement,
+    qk-norm scope and shared experts."""
+    c = a.config
+    if c.rotary_dim is not None:
+        if a.position.kind != "rope":
+            raise where.error("config", "rotary_dim", "only position kind rope rotates")
+        if c.partial_rotary_factor is not None:
+            raise where.error(
+                "config",
+                "rotary_dim",
+                "give rotary_dim (a number of dims) or partial_rotary_factor (a share), not both",
+            )
+    if c.attention_multiplier is not None and c.query_pre_attn_scalar is not None:
+        raise where.error(
+            "config",
+            "query_pre_attn_scalar",
+            "the attention scale is attention_multiplier or query_pre_attn_scalar ** -0.5, "
+            "not both",
+        )
+    if c.layer_types is not None and c.sliding_window is None:
+        raise where.error(
+            "config", "layer_types", "names the layers that use sliding_window: map that too"
+        )
+    if a.attention.qk_norm_scope != "per_head" and not a.attention.qk_norm:
+        raise where.error("attention", "qk_norm_scope", "only with qk_norm = true")
+    if a.attention.qk_norm_scope == "all_heads" and a.norm.kind == "layer":
+        raise where.error("attention", "qk_norm_scope", "all_heads needs an RMS norm kind")
+    if a.layer.norm_position != "pre" and a.layer.residual != "sequential":
+        raise where.error(
+            "layer",
+            "norm_position",
+            f"{a.layer.norm_position!r} needs residual = sequential (parallel layers are pre-norm)",
+        )
+    if c.shared_expert_intermediate_size is not None and a.mlp.kind != "moe":
+        raise where.error(
+            "config", "shared_expert_intermediate_size", "a shared expert needs mlp kind moe"
+        )
+    if a.mlp.shared_gate != "none" and c.shared_expert_intermediate_size is None:
+        raise where.error(
+            "mlp",
+            "shared_gate",
+            "gates a shared expert: map config.shared_expert_intermediate_size too",
+        )
 
 
 def parse_spec(text: str, path: str | Path) -> ModelSpec:
@@ -267,10 +314,30 @@ def load_spec(path: str | Path) -> ModelSpec:
     return parse_spec(text, path)
 
 
-def tiny_hf_config(spec: ModelSpec):
-    """The HF config of the spec's tiny test checkpoint: the model_type's defaults, then the
-    [tiny] overrides, with `architectures` = the spec's first."""
+def build_hf_config(model_type: str | None, architecture: str, fields: dict, where: str):
+    """AutoConfig.for_model(model_type, architectures=[architecture], **fields); a model_type
+    the installed transformers does not know is an AphroError that starts with `where` (the
+    key that declared it) and names close types."""
     from transformers import AutoConfig
 
-    fields = {"architectures": [spec.model.architectures[0]], **spec.tiny}
-    return AutoConfig.for_model(spec.model.model_type, **fields)
+    from engine.spec.project import check_model_type
+
+    check_model_type(str(model_type), where)
+    try:
+        return AutoConfig.for_model(model_type, architectures=[architecture], **fields)
+    except (ValueError, TypeError) as e:
+        raise AphroError(f"{where} {model_type!r}: transformers cannot build its config from "
+                         f"the tiny fields: {e}") from None
+
+
+def tiny_hf_config(spec: ModelSpec):
+    """The HF config of the spec's tiny test checkpoint: the model_type's defaults, then the
+    [tiny] overrides, with `architectures` = the spec's first. A model_type transformers does
+    not know is a SpecError naming model.model_type."""
+    try:
+        return build_hf_config(spec.model.model_type, spec.model.architectures[0], spec.tiny,
+                               f"{spec.path}: model.model_type")
+    except SpecError:
+        raise
+    except AphroError as e:
+        raise SpecError(str(e)) from None

@@ -2,7 +2,7 @@
 
 The dataclasses below are the schema. Each TOML table is one dataclass and each key one field:
 its type is the annotation, its allowed values a `Literal`, its default the field default, and a
-field without a default must be given. engine/spec_loader.py reads a spec file into them.
+field without a default must be given. engine/spec/loader.py reads a spec file into them.
 Generated models hold the same dataclasses as constants (`arch = Arch(...)`) and
 engine/models/blocks/ builds the network from them, so a spec, a generated file and the running
 model cannot disagree.
@@ -52,6 +52,18 @@ class ConfigMap:
     mlp_bias: ConfigSource = None  # -> false
     num_experts: ConfigSource = None  # mlp kind moe
     experts_per_token: ConfigSource = None  # mlp kind moe
+    shared_expert_intermediate_size: ConfigSource = None  # moe: a shared expert beside them
+    rotary_dim: ConfigSource = None  # rotated dims per head, a number (GPT-J) -> partial factor
+    layer_types: ConfigSource = None  # per layer "sliding_attention" | "full_attention"
+    attention_multiplier: ConfigSource = None  # the attention-score scale itself (Granite)
+    query_pre_attn_scalar: ConfigSource = None  # scale = value ** -0.5 (Gemma 2)
+    attn_logit_softcap: ConfigSource = None  # scores -> cap * tanh(scores / cap)
+    final_logit_softcap: ConfigSource = None  # logits -> cap * tanh(logits / cap)
+    embedding_multiplier: ConfigSource = None  # embeddings * value (Granite)
+    residual_multiplier: ConfigSource = None  # each sub-layer's output * value (Granite)
+    logit_scale: ConfigSource = None  # logits * value (Cohere)
+    logit_divisor: ConfigSource = None  # logits / value (Granite's logits_scaling)
+    lm_head_bias: ConfigSource = None  # the output head has a bias (GPT-J) -> false
 
 
 @dataclass(frozen=True)
@@ -59,7 +71,10 @@ class AttentionSpec:
     """[attention]"""
 
     kind: Literal["mha", "mqa", "gqa"]  # kv heads: mha = heads, mqa = 1, gqa = from config
-    qk_norm: bool = False  # per-head norm of q and k before the rotary embedding (Qwen3)
+    qk_norm: bool = False  # norm of q and k before the rotary embedding (Qwen3, OLMo 2)
+    # per_head: one head_dim-wide norm shared by every head (Qwen3); all_heads: one norm over
+    # all heads' q (and k) at once, a weight per element (OLMo 2)
+    qk_norm_scope: Literal["per_head", "all_heads"] = "per_head"
 
 
 @dataclass(frozen=True)
@@ -85,6 +100,7 @@ class MlpSpec:
 
     kind: Literal["gated", "plain", "moe"]  # gated: down(act(gate) * up); plain: fc_out(act(fc_in))
     renormalize: bool = True  # moe: the top-k routing weights are renormalised to sum to 1
+    shared_gate: Literal["none", "sigmoid"] = "none"  # shared expert * sigmoid(gate(x))
 
 
 @dataclass(frozen=True)
@@ -93,6 +109,9 @@ class LayerSpec:
 
     residual: Literal["sequential", "parallel"] = "sequential"  # parallel: x + attn + mlp
     shared_norm: bool = False  # parallel: attention and MLP read the same norm (Falcon)
+    # pre: norm before each sub-layer; post: a norm on each sub-layer's output before it joins
+    # the residual (OLMo 2); sandwich: both (Gemma 2)
+    norm_position: Literal["pre", "post", "sandwich"] = "pre"
 
 
 @dataclass(frozen=True)
@@ -116,7 +135,9 @@ class CheckpointNames:
     final_norm: str = "norm"
     lm_head: str = "lm_head"
     input_norm: str = "input_layernorm"
-    post_attention_norm: str = "post_attention_layernorm"
+    post_attention_norm: str = "post_attention_layernorm"  # pre: before the MLP; else after attn
+    pre_mlp_norm: str = "pre_feedforward_layernorm"  # sandwich: before the MLP
+    post_mlp_norm: str = "post_feedforward_layernorm"  # post, sandwich: after the MLP
     attention: str = "self_attn"
     qkv: str | tuple[str, ...] = ("q_proj", "k_proj", "v_proj")
     qkv_layout: Literal["separate", "fused", "interleaved"] = "separate"
@@ -133,6 +154,8 @@ class CheckpointNames:
     expert_gate: str = "w1"
     expert_up: str = "w3"
     expert_down: str = "w2"
+    shared_expert: str = "shared_expert"  # moe: the shared expert (a gated MLP)
+    shared_expert_gate: str = "shared_expert_gate"  # moe: its gate (shared_gate sigmoid)
     transpose: tuple[str, ...] = ()  # modules whose 2-D weights are stored [in, out] (Conv1D)
     rename: dict[str, str] | None = None  # checkpoint name piece -> ours
     ignore: tuple[str, ...] = ("rotary_emb.inv_freq",)  # skip tensors whose name contains one

@@ -158,3 +158,13 @@ def load_hints(load: dict) -> list[str]:
         hints.append("parameters left unloaded keep uninitialised memory: check the model's "
                      "load_weights name mapping and skip list")
     return hints
+
+
+def load_summary(load: dict, limit: int = 3) -> str:
+    """The load report's problems in one line: misshaped first, naming each tensor."""
+    parts = [f"misshaped {m['name']} (model expects {m['expected']}, checkpoint has "
+             f"{m['got']})" for m in load.get("misshaped", [])]
+    parts += [f"missing {n}" for n in load.get("missing", [])]
+    parts += [f"unused {n}" for n in load.get("unexpected", [])]
+    more = f", and {len(parts) - limit} more" if len(parts) > limit else ""
+    return ", ".join(parts[:limit]) + more

@@ -5,7 +5,7 @@ chunks), then decoded greedily through the paged KV cache; its logits are taken 
 (prompt positions through prompt_logprobs rows, decode positions as sampled). HF then runs the
 engine's own prompt + output tokens in one forward (teacher forcing), so every position is
 compared on the same prefix, and HF `generate` gives the greedy continuation to compare. On
-failure, engine/parity_localize.py names the first sub-layer that diverges.
+failure, engine/validate/localize.py names the first sub-layer that diverges.
 
 The engine is seen only through the model runner's observer hook (engine.runner.observer):
 the logits of every row it computed, and for localization the outputs of the probe points.
@@ -24,10 +24,16 @@ from pathlib import Path
 import torch
 
 from engine.checkpoint.report import non_strict_loading
-from engine.errors import AphroError
+from engine.errors import AphroError, CheckpointError, ModelNotSupportedError
 from engine.runner.observer import Capture, ObserveSpec, probe_names
 from engine.validate.compare import compare_run, hf_greedy, load_hf
-from engine.validate.localize import Localization, layer_list_name, load_hints, localize
+from engine.validate.localize import (
+    Localization,
+    layer_list_name,
+    load_hints,
+    load_summary,
+    localize,
+)
 from engine.validate.report import (
     CheckPlan,
     EngineFailure,
@@ -135,15 +141,26 @@ def _check(plan: CheckPlan, chunked: bool, localize_always: bool, keep: bool,
         try:
             run = _run_engine(plan, plan.prompt_ids, plan.max_new_tokens, chunk, plan.tp,
                               probe=name == "batched")
+        except (ModelNotSupportedError, CheckpointError):
+            raise  # an unknown architecture, a truncated or missing file: the user's to fix
         except Exception as e:  # noqa: BLE001 - a model that cannot run is a failed check
             report.failure = _failure(f"engine ({name} run)", e)
             return report
-        report.load = report.load or run.load
+        if report.load is None:
+            report.load = run.load
         runs.append((name, chunk, run))
-    report.load_hints = load_hints(report.load)
+    report.load_hints = load_hints(report.load or {})
 
     say(f"{plan.label}: HF transformers reference (float32)")
-    hf = load_hf(plan.ckpt, plan.device)
+    try:
+        hf = load_hf(plan.ckpt, plan.device)
+    except AphroError as e:
+        if report.load is None or report.load_ok:
+            raise
+        # the checkpoint disagrees with its own config: say which tensors, then HF's word
+        raise CheckpointError(f"{plan.ckpt}: the checkpoint does not match its config.json "
+                              f"({load_summary(report.load)}); transformers cannot load it "
+                              f"either: {str(e).splitlines()[0]}") from None
     try:
         hf_tokens = [hf_greedy(hf, ids, plan.max_new_tokens, plan.device)
                      for ids in plan.prompt_ids]
@@ -202,7 +219,7 @@ def _run_engine(plan: CheckPlan, prompt_ids: list[list[int]], n_new: int, chunk:
         seen = engine.take_observations().logits
         logits = [{pos: row for (sid, pos), row in seen.items() if sid == seq_id}
                   for seq_id in seq_ids]
-        run = EngineRun([tokens[r] for r in rids], logits, engine.load_report or {})
+        run = EngineRun([tokens[r] for r in rids], logits, engine.load_report)
         if probe and tp == 1:
             engine.observe(ObserveSpec(probe=True, trace_errors=True))
             one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True, prompt_logprobs=0)

@@ -68,7 +68,7 @@ def worst_errors(report: ParityReport) -> dict | None:
 
 def failure_reason(report: ParityReport, sharding: ShardingReport | None) -> str:
     """One line: what failed first."""
-    if not report.load_ok:
+    if report.load is not None and not report.load_ok:
         counts = ", ".join(f"{len(report.load[k])} {k}" for k in ("missing", "unexpected",
                                                                   "misshaped") if report.load.get(k))
         return f"the checkpoint does not match the model ({counts} tensors)"

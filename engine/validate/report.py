@@ -45,7 +45,7 @@ class CheckPlan:
 class EngineRun:
     tokens: list[list[int]]
     logits: list[dict[int, torch.Tensor]]  # per prompt: position -> logits [vocab] float32 CPU
-    load: dict
+    load: dict | None  # the load report; None when nothing was loaded (random weights)
     probe: Observations | None = None  # probe points of one prefill of plan.probe_ids
 
 
@@ -170,15 +170,22 @@ class ParityReport:
     max_new_tokens: int
     tolerances: Tolerances
     quantization: str = "none"  # the engine's scheme (HF runs at full precision)
-    load: dict = field(default_factory=dict)  # {"missing", "unexpected", "misshaped"}
+    # {"missing", "unexpected", "misshaped"}; None when the engine never loaded the weights
+    load: dict | None = None
     load_hints: list[str] = field(default_factory=list)
     runs: list[RunResult] = field(default_factory=list)
     failure: EngineFailure | None = None
     localization: Localization | None = None
 
     @property
+    def loaded(self) -> bool:
+        return self.load is not None
+
+    @property
     def load_ok(self) -> bool:
-        return not any(self.load.get(k) for k in ("missing", "unexpected", "misshaped"))
+        """Weights were loaded, every tensor once with the right shape."""
+        return self.load is not None and not any(
+            self.load.get(k) for k in ("missing", "unexpected", "misshaped"))
 
     @property
     def passed(self) -> bool:

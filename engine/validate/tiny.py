@@ -1,6 +1,7 @@
 """Tiny random-weight checkpoints for tests and `aphro parity-check`, and what MODEL names in a
-check: a checkpoint folder, or a tiny checkpoint built from a spec's [tiny] table or a generic
-tiny config of a registered architecture's HF model type.
+check: a checkpoint folder, or a tiny checkpoint built from a spec's [tiny] table, from the tiny
+config a registered class declares (`hf_model_type`, `tiny_config`: generated and explicit
+models do), or from a generic tiny config of a registered architecture's HF model type.
 
 Weights come from engine.checkpoint.random_weights (every parameter drawn, norm weights around 1
 and biases away from 0, so a model that drops a bias or a norm weight cannot agree with
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import os
 import shutil
 import tempfile
@@ -141,10 +143,23 @@ def make_tiny_checkpoint(hf_config, out_dir: str | os.PathLike, seed: int = 0,
                                                pad_token_id=PAD_ID)
     kwargs = {} if shard_max_bytes is None else {"max_shard_size": shard_max_bytes}
     model.save_pretrained(str(out), **kwargs)
+    _keep_architectures(out / "config.json", getattr(hf_config, "architectures", None))
     if not (out / "generation_config.json").is_file():
         model.generation_config.save_pretrained(str(out))
     train_tokenizer(out, config.vocab_size)
     return out
+
+
+def _keep_architectures(config_json: Path, architectures: list[str] | None) -> None:
+    """save_pretrained writes the HF class it built (LlamaForCausalLM for model_type llama);
+    the checkpoint must name the architecture asked for, which the engine then resolves (a
+    model of one's own over HF's code of an existing model type)."""
+    if not architectures:
+        return
+    raw = json.loads(config_json.read_text(encoding="utf-8"))
+    if raw.get("architectures") != list(architectures):
+        raw["architectures"] = list(architectures)
+        config_json.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 # -- what MODEL names ----------------------------------------------------------------------
@@ -164,26 +179,43 @@ def tiny_checkpoint_for(model_name_or_spec: str | Path, out_dir: str | Path,
     return make_tiny_checkpoint(tiny_config_for(model_name_or_spec), out_dir, seed=seed)
 
 
+def spec_dirs() -> list[Path]:
+    """Where a spec name is looked up: the current project's model_specs/, then the
+    checkout's."""
+    from engine.models.registry import project_root
+
+    root = project_root()
+    return ([root / "model_specs"] if root is not None else []) + [SPECS_DIR]
+
+
 def tiny_config_for(model: str | Path):
     """The HF config of the tiny model: the [tiny] table of the spec `model` names (a .toml
-    path, a name in model_specs/, or a registered architecture a spec declares), else a
-    generic tiny config of the architecture's HF model type."""
-    from engine.models.registry import supported_architectures
-    from engine.spec.loader import load_spec, tiny_hf_config
+    path, or a name in spec_dirs()), else, for a registered architecture, the tiny config its
+    class declares (`hf_model_type` and `tiny_config`, as every generated and explicit model
+    does), else a generic tiny config of the architecture's HF model type."""
+    from engine.models.registry import (
+        did_you_mean,
+        load_class,
+        resolve,
+        supported_architectures,
+    )
+    from engine.spec.loader import build_hf_config, load_spec, tiny_hf_config
 
     path, name = Path(model), str(model)
     if path.suffix == ".toml":
         return tiny_hf_config(load_spec(path))
-    if (SPECS_DIR / f"{name}.toml").is_file():
-        return tiny_hf_config(load_spec(SPECS_DIR / f"{name}.toml"))
+    for folder in spec_dirs():
+        if (folder / f"{name}.toml").is_file():
+            return tiny_hf_config(load_spec(folder / f"{name}.toml"))
     if name not in supported_architectures():
         raise AphroError(f"{name!r} is not a checkpoint folder, a spec or a registered "
-                         f"architecture (registered: {', '.join(supported_architectures())}); "
-                         "pass a local HF checkpoint folder, a model_specs/*.toml or one of those")
-    for file in sorted(SPECS_DIR.glob("*.toml")):
-        spec = load_spec(file)
-        if name in spec.model.architectures:
-            return tiny_hf_config(spec)
+                         f"architecture.{did_you_mean(name)} Registered: "
+                         f"{', '.join(supported_architectures())}; pass a local HF checkpoint "
+                         "folder, a model_specs/*.toml or one of those")
+    cls = load_class(resolve(name))
+    if getattr(cls, "tiny_config", None) is not None:
+        where = f"{cls.__module__}.{cls.__qualname__}.hf_model_type"
+        return build_hf_config(getattr(cls, "hf_model_type", None), name, cls.tiny_config, where)
     return _generic_tiny_config(name)
 
 

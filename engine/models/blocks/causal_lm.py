@@ -29,7 +29,8 @@ def packed_modules_for(arch: Arch) -> dict[str, tuple[str, int | str]]:
     names, packed = arch.checkpoint, {}
     if names.qkv_layout == "separate":
         packed.update(zip(names.qkv, (("qkv_proj", s) for s in "qkv")))
-    if arch.mlp.kind == "gated" and isinstance(names.gate_up, tuple):
+    gated = arch.mlp.kind == "gated" or arch.config.shared_expert_intermediate_size is not None
+    if gated and isinstance(names.gate_up, tuple):
         packed.update(zip(names.gate_up, (("gate_up_proj", 0), ("gate_up_proj", 1))))
     return packed
 
@@ -58,13 +59,15 @@ class DecoderOnlyForCausalLM(nn.Module):
         self.dims = dims = Dims.from_hf(config, arch)
         model = DecoderModel(arch, dims, linear_method)
         _attach(self, names.model, model)
-        head = ParallelLMHead(dims.vocab_size, dims.hidden_size)
+        head = ParallelLMHead(dims.vocab_size, dims.hidden_size, bias=dims.lm_head_bias)
         self.add_module(names.lm_head, head)
         self.tie_word_embeddings = dims.tie_word_embeddings
         if self.tie_word_embeddings:
             head.weight = model.parts.embed.weight
         self.parts = SimpleNamespace(model=model, lm_head=head)
-        self.logits_processor = LogitsProcessor(dims.vocab_size)
+        self.logits_processor = LogitsProcessor(
+            dims.vocab_size, dims.logit_scale, dims.final_soft_cap
+        )
         self.lm_head_weight_name = f"{names.lm_head}.weight"
         self.embed_weight_name = f"{names.model}.{names.embed_tokens}.weight"
         # the KV cache contract: layers, this rank's KV heads, head size

@@ -58,6 +58,15 @@ class Dims:
     mlp_bias: bool
     num_experts: int
     experts_per_token: int
+    shared_expert_intermediate_size: int  # 0: no shared expert
+    sliding_windows: tuple[int | None, ...]  # per layer: the window, or None for full attention
+    attn_scale: float  # multiplies q.k
+    attn_soft_cap: float | None
+    final_soft_cap: float | None
+    embedding_multiplier: float | None
+    residual_multiplier: float | None
+    logit_scale: float  # logits * logit_scale / logit_divisor
+    lm_head_bias: bool
 
     @classmethod
     def from_hf(cls, config, arch: Arch) -> Dims:
@@ -75,10 +84,20 @@ class Dims:
         head_dim = int(read("head_dim", hidden // heads))
         rope = rope_params_from_config(config) if arch.position.kind == "rope" else {}
         partial = float(read("partial_rotary_factor", rope.get("partial_rotary_factor", 1.0)))
+        rotary_dim = int(read("rotary_dim", None) or head_dim * partial)
         moe = arch.mlp.kind == "moe"
+        num_layers = int(read("num_layers"))
+        window = read("sliding_window", None)
+        scale = read("attention_multiplier", None)
+        if scale is None:
+            scale = float(read("query_pre_attn_scalar", head_dim)) ** -0.5
+        optional = {k: read(k, None) for k in _OPTIONAL_FLOATS}
+        for key, value in optional.items():
+            if value is not None and not float(value) > 0:
+                raise ConfigError(f"{key} = {value!r}: must be a positive number")
         dims = cls(
             hidden_size=hidden,
-            num_layers=int(read("num_layers")),
+            num_layers=num_layers,
             num_heads=heads,
             num_kv_heads=kv_heads,
             head_dim=head_dim,
@@ -87,19 +106,62 @@ class Dims:
             max_position=int(read("max_position", 2048)),
             norm_eps=float(read("norm_eps")),
             activation=str(read("activation")),
-            rotary_dim=int(head_dim * partial),
+            rotary_dim=rotary_dim,
             rope=rope,
-            sliding_window=read("sliding_window", None),
+            sliding_window=window,
             tie_word_embeddings=bool(read("tie_word_embeddings", False)),
             qkv_bias=bool(read("qkv_bias", False)),
             o_bias=bool(read("o_bias", False)),
             mlp_bias=bool(read("mlp_bias", False)),
             num_experts=int(read("num_experts")) if moe else 0,
             experts_per_token=int(read("experts_per_token")) if moe else 0,
+            shared_expert_intermediate_size=int(read("shared_expert_intermediate_size", 0)),
+            sliding_windows=_layer_windows(read("layer_types", None), window, num_layers),
+            attn_scale=float(scale),
+            attn_soft_cap=_float_or_none(optional["attn_logit_softcap"]),
+            final_soft_cap=_float_or_none(optional["final_logit_softcap"]),
+            embedding_multiplier=_float_or_none(optional["embedding_multiplier"]),
+            residual_multiplier=_float_or_none(optional["residual_multiplier"]),
+            logit_scale=float(optional["logit_scale"] or 1.0)
+            / float(optional["logit_divisor"] or 1.0),
+            lm_head_bias=bool(read("lm_head_bias", False)),
         )
+        if rotary_dim > head_dim or rotary_dim % 2:
+            raise ConfigError(
+                f"rotary_dim={rotary_dim}: must be even and at most head_dim={head_dim}"
+            )
         if heads % kv_heads:
             raise ConfigError(f"num_heads={heads} is not a multiple of num_kv_heads={kv_heads}")
         return dims
+
+
+_OPTIONAL_FLOATS = (
+    "attn_logit_softcap",
+    "final_logit_softcap",
+    "embedding_multiplier",
+    "residual_multiplier",
+    "logit_scale",
+    "logit_divisor",
+)
+LAYER_TYPES = ("sliding_attention", "full_attention")
+
+
+def _float_or_none(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _layer_windows(layer_types: Any, window: int | None, num_layers: int) -> tuple:
+    """Each layer's window: the sliding window on "sliding_attention" layers, none on the
+    others; without layer_types the window (if any) on every layer."""
+    if layer_types is None:
+        return (window,) * num_layers
+    types = list(layer_types)
+    if len(types) != num_layers or any(t not in LAYER_TYPES for t in types):
+        raise ConfigError(
+            f"layer_types={types!r}: expected {num_layers} entries, each one of "
+            f"{', '.join(LAYER_TYPES)}"
+        )
+    return tuple(window if t == "sliding_attention" else None for t in types)
 
 
 def make_norm(arch: Arch, dims: Dims, size: int) -> nn.Module:

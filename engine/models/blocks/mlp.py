@@ -1,4 +1,5 @@
-"""The MLP blocks a spec chooses among (`MLP_KINDS`): gated, plain, and mixture of experts."""
+"""The MLP blocks a spec chooses among (`MLP_KINDS`): gated, plain, and mixture of experts
+(optionally with a shared expert beside the routed ones)."""
 
 from __future__ import annotations
 
@@ -21,11 +22,19 @@ from engine.spec import Arch
 
 
 class GatedMLP(nn.Module):
-    """down(act(gate) * up), gate and up in one column-parallel matmul (SwiGLU, GeGLU)."""
+    """down(act(gate) * up), gate and up in one column-parallel matmul (SwiGLU, GeGLU); of
+    width `intermediate_size` (default: the config's)."""
 
-    def __init__(self, arch: Arch, dims: Dims, linear_method: LinearMethod | None) -> None:
+    def __init__(
+        self,
+        arch: Arch,
+        dims: Dims,
+        linear_method: LinearMethod | None,
+        intermediate_size: int | None = None,
+    ) -> None:
         super().__init__()
-        names, h, i = arch.checkpoint, dims.hidden_size, dims.intermediate_size
+        names, h = arch.checkpoint, dims.hidden_size
+        i = intermediate_size or dims.intermediate_size
         gate_up = MergedColumnParallelLinear(
             h, [i, i], bias=dims.mlp_bias, linear_method=linear_method
         )
@@ -59,7 +68,8 @@ class PlainMLP(nn.Module):
 
 
 class MoEMLP(nn.Module):
-    """Router (replicated linear) + fused experts, top-k softmax routing (Mixtral)."""
+    """Router (replicated linear) + fused experts, top-k softmax routing (Mixtral); plus a
+    shared expert every token goes through, optionally scaled by sigmoid(gate(x)) (Qwen2-MoE)."""
 
     def __init__(self, arch: Arch, dims: Dims, linear_method: LinearMethod | None) -> None:
         super().__init__()
@@ -77,10 +87,28 @@ class MoEMLP(nn.Module):
         )
         self.add_module(names.router, router)
         self.add_module(names.experts, experts)
-        self.parts = SimpleNamespace(router=router, experts=experts)
+        shared = shared_gate = None
+        if d.shared_expert_intermediate_size:
+            shared = GatedMLP(arch, d, linear_method, d.shared_expert_intermediate_size)
+            self.add_module(names.shared_expert, shared)
+        if arch.mlp.shared_gate == "sigmoid":
+            shared_gate = ReplicatedLinear(
+                d.hidden_size, 1, bias=False, linear_method=linear_method
+            )
+            self.add_module(names.shared_expert_gate, shared_gate)
+        self.parts = SimpleNamespace(
+            router=router, experts=experts, shared=shared, shared_gate=shared_gate
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.parts.experts(x, self.parts.router(x))
+        p = self.parts
+        out = p.experts(x, p.router(x))  # [T, hidden]
+        if p.shared is not None:
+            shared = p.shared(x)
+            if p.shared_gate is not None:
+                shared = torch.sigmoid(p.shared_gate(x)) * shared  # gate [T, 1]
+            out = out + shared
+        return out
 
 
 MLP_KINDS: dict[str, type[nn.Module]] = {"gated": GatedMLP, "plain": PlainMLP, "moe": MoEMLP}
