@@ -17,8 +17,19 @@ from rich.markup import escape
 
 from engine.errors import AphroError
 
-console = Console()
-err_console = Console(stderr=True)
+WIDE_COLUMNS = 200  # rich's width when the output is not a terminal (a log, a pipe)
+
+
+def make_console(stderr: bool = False) -> Console:
+    """A console as wide as the terminal, or WIDE_COLUMNS off a terminal (rich would wrap a
+    log at 80); COLUMNS, when set, wins."""
+    stream = sys.stderr if stderr else sys.stdout
+    tty = hasattr(stream, "isatty") and stream.isatty()
+    return Console(stderr=stderr, width=None if tty or os.environ.get("COLUMNS") else WIDE_COLUMNS)
+
+
+console = make_console()
+err_console = make_console(stderr=True)
 
 
 def handle_errors(fn):
@@ -30,7 +41,8 @@ def handle_errors(fn):
         try:
             return fn(*args, **kwargs)
         except AphroError as e:
-            err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
+            err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False,
+                              soft_wrap=True)
             sys.exit(2)
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]")
@@ -45,7 +57,7 @@ def handle_errors(fn):
                 traceback.print_exc(file=f)
             err_console.print(f"[bold red]internal error:[/] {escape(type(e).__name__)}: "
                               f"{escape(str(e))}\n(traceback in {escape(f.name)}; "
-                              "APHRO_TRACEBACK=1 prints it)", highlight=False)
+                              "APHRO_TRACEBACK=1 prints it)", highlight=False, soft_wrap=True)
             sys.exit(3)
 
     return wrapper

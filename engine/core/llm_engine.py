@@ -18,7 +18,7 @@ from engine.config import EngineConfig
 from engine.core.batch import RunnerOutput, build_batch
 from engine.core.block_manager import BlockManager
 from engine.core.detokenizer import IncrementalDetokenizer, find_stop_string, visible_text
-from engine.core.outputs import CompletionOutput, RequestOutput
+from engine.core.outputs import CompletionOutput, EngineStats, RequestOutput
 from engine.core.sampling_params import SamplingParams
 from engine.core.scheduler import Scheduler
 from engine.core.sequence import Sequence, SequenceStatus
@@ -203,6 +203,13 @@ class LLMEngine:
         if finished:
             del self.requests[req.request_id]
         return out
+
+    def stats(self) -> EngineStats:
+        """Read-only load figures for monitoring (running and waiting requests, KV usage)."""
+        running = {s.request_id for s in self.scheduler.running}
+        waiting = {s.request_id for s in self.scheduler.waiting} - running
+        return EngineStats(len(running), len(waiting), self.block_manager.usage,
+                           self.num_kv_blocks)
 
     def close(self) -> None:
         """Free the model and KV cache; with tensor parallelism stop and join the workers.
