@@ -178,6 +178,8 @@ class LLMEngine:
         if status is not None:
             self.scheduler.finish(seq, status)
             self._finished_seq_ids.append(seq.seq_id)
+            if incremental and not isinstance(seq.stop_reason, str):  # no stop string cut it
+                seq.output_text += detok.flush(seq.output_token_ids)
             if detok is not None and not incremental:
                 seq.output_text = self.tokenizer.decode(seq.output_token_ids,
                                                         skip_special_tokens=p.skip_special_tokens)
