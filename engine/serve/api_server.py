@@ -102,7 +102,8 @@ def build_app(serving: Serving) -> FastAPI:
             return {"version": "unknown"}
 
     app.add_middleware(GuardMiddleware, api_key=serving.options.api_key,
-                       max_body_bytes=serving.limits.max_body_bytes)
+                       max_body_bytes=serving.limits.max_body_bytes,
+                       max_header_bytes=serving.limits.max_header_bytes)
     return app
 
 
@@ -113,13 +114,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, e: RequestValidationError) -> Response:
-        problems, param = [], None
-        for err in e.errors()[:5]:
-            loc = [str(p) for p in err.get("loc", ()) if p != "body"]
-            field = ".".join(loc)
-            param = param or (loc[0] if loc else None)
-            problems.append(f"{field}: {err.get('msg')}" if field else str(err.get("msg")))
-        message = "invalid request: " + "; ".join(problems or ["the body is not valid JSON"])
+        message, param = validation_message(e.errors())
         return JSONResponse(error_body(400, message, param), status_code=400)
 
     @app.exception_handler(HTTPException)
@@ -142,3 +137,31 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def internal(_: Request, e: Exception) -> Response:
         return JSONResponse(error_body(500, f"internal error: {type(e).__name__}: {e}"),
                             status_code=500)
+
+
+_UNION_FIELDS = {"prompt": "a string, a list of strings, a list of token ids or a list of lists "
+                           "of token ids",
+                 "stop": "a string or a list of strings",
+                 "content": "a string or a list of content parts"}
+
+
+def validation_message(errors: list[dict]) -> tuple[str, str | None]:
+    """pydantic's errors as one sentence naming the fields, and the first field."""
+    problems: dict[str, str] = {}
+    for err in errors:
+        if err.get("type") == "json_invalid":
+            return f"the body is not valid JSON: {err.get('msg')}", None
+        loc = [p for p in err.get("loc", ()) if p != "body"]
+        names = [str(p) for p in loc]
+        union = next((u for u in _UNION_FIELDS if u in names), None)
+        if union is not None:
+            at = ".".join(names[:names.index(union) + 1])
+            problems.setdefault(at, f"{at}: must be {_UNION_FIELDS[union]}")
+        else:
+            at = ".".join(names)
+            problems.setdefault(at, f"{at}: {err.get('msg')}" if at else str(err.get("msg")))
+        if len(problems) >= 5:
+            break
+    first = next(iter(problems), None)
+    param = first.split(".")[0] if first else None
+    return "invalid request: " + ("; ".join(problems.values()) or "the body is invalid"), param

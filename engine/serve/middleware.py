@@ -1,10 +1,11 @@
-"""The guard in front of every route, on the raw ASGI scope: the API key, then the body limit.
+"""The guard in front of every route, on the raw ASGI scope: the header limit, the API key, then
+the body limit.
 
 Auth is decided on the request path exactly as the router sees it and as it came over the wire:
 only `/health` (both `scope["path"]` and `raw_path`) is open, so neither a Host header nor a
 percent-encoded or dotted path can move a route out of auth. The key is compared in constant
-time (SHA-256 of both sides, `hmac.compare_digest`). A body larger than the limit is a 413
-before any route sees it.
+time (SHA-256 of both sides, `hmac.compare_digest`). Headers over their limit are a 431 and a
+body over its limit a 413 before any route sees them (uvicorn's h11 bounds what it buffers).
 """
 
 from __future__ import annotations
@@ -19,14 +20,23 @@ _DRAIN_BYTES = 64 << 20  # read (and drop) this much of an oversized body before
 
 
 class GuardMiddleware:
-    def __init__(self, app, api_key: str | None, max_body_bytes: int) -> None:
-        self.app, self.max_body = app, max_body_bytes
+    def __init__(self, app, api_key: str | None, max_body_bytes: int,
+                 max_header_bytes: int) -> None:
+        self.app, self.max_body, self.max_header = app, max_body_bytes, max_header_bytes
         self.key_digest = (hashlib.sha256(api_key.encode()).digest()
                            if api_key is not None else None)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        header_bytes = len(scope.get("raw_path") or b"") + len(scope.get("query_string", b"")) \
+            + sum(len(k) + len(v) + 4 for k, v in scope.get("headers", []))
+        if header_bytes > self.max_header:
+            await send_json(send, 431, error_body(
+                431, f"the request line and headers have more than {self.max_header} bytes, "
+                "this server's limit (aphro serve --max-header-bytes)",
+                code="headers_too_large"))
             return
         if self.key_digest is not None and not _is_health(scope) and not self._authorized(scope):
             await send_json(send, 401, error_body(
