@@ -9,9 +9,9 @@ import socket
 import httpx
 import openai
 import pytest
+from serve_server import WAIT_S, running_server
 
 from engine.serve.serving import ServerLimits
-from serve_server import WAIT_S, running_server
 
 KEY = "sekrit-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -76,7 +76,7 @@ def test_completion_errors_then_a_good_request(server, body, status, words, para
 
 def test_other_errors_then_a_good_request(server):
     base = server.base_url
-    post = lambda path, **kw: httpx.post(base + path, timeout=WAIT_S, **kw)  # noqa: E731
+    post = lambda path, **kw: httpx.post(base + path, timeout=WAIT_S, **kw)
     check_error(post("/v1/completions", headers={**AUTH, "content-type": "application/json"},
                      content=b"{not json"), 400, "JSON")
     good(server)

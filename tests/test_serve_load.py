@@ -9,9 +9,9 @@ import random
 
 import httpx
 import pytest
+from serve_server import ENGINE_DEFAULTS, WAIT_S, running_server
 
 from engine import LLM, SamplingParams
-from serve_server import ENGINE_DEFAULTS, WAIT_S, running_server
 
 NEW = 5
 

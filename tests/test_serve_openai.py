@@ -8,12 +8,12 @@ import httpx
 import openai
 import pytest
 import torch
+from serve_server import ENGINE_DEFAULTS, running_server
 from transformers import AutoModelForCausalLM
 
 from engine import LLM, SamplingParams
 from engine.checkpoint.files import load_tokenizer
 from engine.serve.chat import SIMPLE_CHAT_TEMPLATE
-from serve_server import ENGINE_DEFAULTS, running_server
 
 PROMPTS = ["hello", "the quick brown fox", "a paged attention engine keeps",
            "why do leaves turn red"]

@@ -98,6 +98,8 @@ class APIServer(uvicorn.Server):
     def begin_shutdown(self) -> None:
         """On the server's loop: start the graceful stop (a second call aborts at once)."""
         if self._stopping is None:
+            self.serving.draining = True  # from now on new requests get 503
+            self.should_exit = True  # uvicorn closes the listener and waits for connections
             self._stopping = asyncio.ensure_future(self._drain())
         else:
             self.serving.llm.abort_all()
@@ -108,8 +110,6 @@ class APIServer(uvicorn.Server):
             self._loop.call_soon_threadsafe(self.begin_shutdown)
 
     async def _drain(self) -> None:
-        self.serving.draining = True
-        self.should_exit = True  # uvicorn closes the listener and waits for connections
         llm = self.serving.llm
         deadline = time.monotonic() + self.shutdown_timeout
         while llm.num_streams and time.monotonic() < deadline:
