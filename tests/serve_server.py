@@ -68,8 +68,7 @@ def running_server(model_dir, names=("tiny",), api_key: str | None = None,
     thread.start()
     try:
         assert ready.wait(WAIT_S), "the server did not start"
-        host, port = server.address
-        yield Running(f"http://{host}:{port}", server, llm, loop)
+        yield Running(server.url, server, llm, loop)
     finally:
         server.shutdown_threadsafe()
         thread.join(WAIT_S)

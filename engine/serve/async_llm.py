@@ -25,6 +25,7 @@ from typing import Any
 from engine.config import EngineConfig
 from engine.core.outputs import CompletionOutput, EngineStats, RequestOutput
 from engine.core.sampling_params import SamplingParams
+from engine.errors import RequestError
 from engine.serve.metrics import RequestTrack, ServingMetrics
 
 _STOP = object()
@@ -68,7 +69,7 @@ class RequestStream:
         return self._iterate()
 
     async def _iterate(self) -> AsyncIterator[list[RequestOutput]]:
-        while not self.finished:
+        while not self.finished or self._error is not None:  # next() raises the error
             yield await self.next()
 
     async def next(self) -> list[RequestOutput]:
@@ -169,8 +170,6 @@ class AsyncLLM:
         stream = RequestStream(self, requests, time.monotonic())
         for rid in stream.requests:
             if rid in self._streams:
-                from engine.errors import RequestError
-
                 raise RequestError(f"request id {rid!r} is already in use by a running request")
         for rid in stream.requests:
             self._streams[rid] = stream

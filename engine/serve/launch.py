@@ -70,6 +70,11 @@ class APIServer(uvicorn.Server):
         host, port = self.sock.getsockname()[:2]
         return host, port
 
+    @property
+    def url(self) -> str:
+        host, port = self.address
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
     async def serve(self, sockets=None) -> None:
         self._loop = asyncio.get_running_loop()
         await super().serve(sockets=[self.sock])
@@ -128,10 +133,9 @@ def run_server(config: EngineConfig, options: ServeOptions, host: str = "127.0.0
         llm = AsyncLLM(config)
         try:
             server = APIServer(llm, options, sock, shutdown_timeout)
-            bound_host, bound_port = server.address
             server.on_ready = lambda: say(
-                f"serving {options.served_model_names[0]!r} on "
-                f"http://{bound_host}:{bound_port} (OpenAI API under /v1; Ctrl-C stops)")
+                f"serving {options.served_model_names[0]!r} on {server.url} "
+                "(OpenAI API under /v1; Ctrl-C stops)")
             asyncio.run(server.serve())
             say("stopped")
         finally:
