@@ -15,7 +15,7 @@ import httpx
 from engine.config import EngineConfig
 from engine.serve.async_llm import AsyncLLM
 from engine.serve.chat import SIMPLE_CHAT_TEMPLATE
-from engine.serve.launch import APIServer, bind_socket
+from engine.serve.launch import APIServer, bind_socket, new_event_loop
 from engine.serve.serving import ServeOptions, ServerLimits
 
 WAIT_S = 60.0
@@ -62,7 +62,7 @@ def running_server(model_dir, names=("tiny",), api_key: str | None = None,
                                          limits or ServerLimits()), sock, shutdown_timeout)
     ready = threading.Event()
     server.on_ready = ready.set
-    loop = asyncio.new_event_loop()
+    loop = new_event_loop()
     thread = threading.Thread(target=loop.run_until_complete, args=(server.serve(),),
                               name="test-server", daemon=True)
     thread.start()

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -26,6 +27,20 @@ from engine.serve.async_llm import AsyncLLM
 from engine.serve.serving import ServeOptions, Serving
 
 _ABORT_GRACE_S = 10.0  # after the abort: time for handlers to write their last chunk
+# The engine thread and the event loop share the GIL. A thread that gives it up (a socket write,
+# a torch op) and wants it back waits for the other to reach a switch point: at CPython's
+# default 5 ms interval that wait is paid at every hand-over, many times per engine step.
+SWITCH_INTERVAL_S = 0.0005
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop's loop when it is installed (its socket writes keep the GIL, so far fewer
+    hand-overs per streamed chunk), else asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -126,8 +141,11 @@ class APIServer(uvicorn.Server):
 def run_server(config: EngineConfig, options: ServeOptions, host: str = "127.0.0.1",
                port: int = 8000, shutdown_timeout: float = 30.0,
                say: Callable[[str], None] = print) -> None:
-    """Serve until SIGTERM / SIGINT; returns once drained and the engine is closed."""
+    """Serve until SIGTERM / SIGINT; returns once drained and the engine is closed. Sets the
+    process's GIL switch interval to SWITCH_INTERVAL_S while it runs."""
     sock = bind_socket(host, port)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     try:
         say(f"loading {config.model} ...")
         llm = AsyncLLM(config)
@@ -136,9 +154,15 @@ def run_server(config: EngineConfig, options: ServeOptions, host: str = "127.0.0
             server.on_ready = lambda: say(
                 f"serving {options.served_model_names[0]!r} on {server.url} "
                 "(OpenAI API under /v1; Ctrl-C stops)")
-            asyncio.run(server.serve())
+            loop = new_event_loop()
+            try:
+                loop.run_until_complete(server.serve())
+                loop.run_until_complete(loop.shutdown_asyncgens())
+            finally:
+                loop.close()
             say("stopped")
         finally:
             llm.close()
     finally:
+        sys.setswitchinterval(interval)
         sock.close()
