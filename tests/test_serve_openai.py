@@ -4,6 +4,9 @@ greedy text, HF transformers for chat templates, tokenization and prompt log-pro
 
 from __future__ import annotations
 
+import json
+import re
+
 import httpx
 import openai
 import pytest
@@ -176,3 +179,16 @@ def test_models_request_id_and_metrics(server, client):
     assert after["aphro:kv_cache_usage_perc"] == 0
     for name in ("aphro:num_preemptions_total", "aphro:prefix_cache_hits_total"):
         assert name in after
+
+
+def test_sse_framing_is_exact(server):
+    body = {"prompt": "hello", "max_tokens": 3, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", f"{server.base_url}/v1/completions", json=body,
+                      timeout=60) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        raw = r.read().decode()
+    assert re.fullmatch(r"(data: \{[^\n]*\}\n\n)+data: \[DONE\]\n\n", raw), raw
+    events = [json.loads(e[len("data: "):]) for e in raw.split("\n\n")[:-2]]
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 3
+    assert all(e["usage"] is None for e in events[:-1])
