@@ -14,7 +14,8 @@ from serve_server import ENGINE_DEFAULTS, WAIT_S, running_server
 from engine import LLM, SamplingParams
 from engine.config import EngineConfig
 from engine.errors import RequestError
-from engine.serve.async_llm import AsyncLLM, EngineRequest
+from engine.serve.async_llm import AsyncLLM
+from engine.serve.streams import EngineRequest
 
 
 def greedy(n: int) -> SamplingParams:

@@ -1,6 +1,7 @@
 """The OpenAI-compatible server (`aphro serve`): an asyncio front over the same LLMEngine.
 
-    async_llm.py         AsyncLLM: one thread owns the engine and runs step(); RequestStream
+    async_llm.py         AsyncLLM: one thread owns the engine and runs step()
+    streams.py           EngineRequest in, RequestStream (newest output per request) out
     protocol.py          pydantic v2 request models, OpenAI's error JSON
     serving.py           what the endpoints share: tokenizer, names, limits, request checks
     completions.py       POST /v1/completions (echo + logprobs: lm-eval's scoring requests)

@@ -12,7 +12,6 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response
 
-from engine.serve.async_llm import EngineLoopError
 from engine.serve.chat_completions import create_chat_completion, render_prompt
 from engine.serve.completions import create_completion
 from engine.serve.middleware import GuardMiddleware
@@ -26,6 +25,7 @@ from engine.serve.protocol import (
 )
 from engine.serve.serving import Serving
 from engine.serve.sse import ClientGone
+from engine.serve.streams import EngineLoopError
 
 
 def build_app(serving: Serving) -> FastAPI:

@@ -3,9 +3,8 @@
 The engine is not thread-safe, so a dedicated thread owns it. The event loop hands it commands
 (add requests, abort, call a function) through a thread-safe queue; the thread applies them
 between steps, runs `step()` while any request is unfinished and blocks on the queue when none
-is. Each step's outputs go back to the loop in one `call_soon_threadsafe`. On the loop, a
-`RequestStream` holds the newest output of each of its requests (outputs carry the text so far),
-so a slow consumer skips intermediate outputs instead of queueing them.
+is. Each step's outputs go back to the loop in one `call_soon_threadsafe`, to the
+RequestStream of each request (streams.py).
 
 Leaving a stream unfinished (a consumer cancelled, a client gone) aborts its requests: the
 thread frees their KV blocks before the next step. A step that raises fails every unfinished
@@ -19,106 +18,16 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from typing import Any
 
 from engine.config import EngineConfig
-from engine.core.outputs import CompletionOutput, EngineStats, RequestOutput
+from engine.core.outputs import EngineStats, RequestOutput
 from engine.core.sampling_params import SamplingParams
 from engine.errors import RequestError
-from engine.serve.metrics import RequestTrack, ServingMetrics
+from engine.serve.metrics import ServingMetrics
+from engine.serve.streams import EngineLoopError, EngineRequest, RequestStream
 
 _STOP = object()
-
-
-class EngineLoopError(RuntimeError):
-    """The engine failed while it ran a request (not the request's fault), or has stopped."""
-
-
-@dataclass
-class EngineRequest:
-    request_id: str
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    prompt: str | None = None
-
-
-class RequestStream:
-    """The outputs of a group of engine requests (one HTTP request's prompts), newest only.
-
-    `async for outputs in stream` yields lists of RequestOutputs, one per request that advanced
-    since the last iteration, until every request has finished. `abort()` ends the unfinished
-    ones; it is idempotent and safe after the end.
-    """
-
-    def __init__(self, llm: AsyncLLM, requests: list[EngineRequest], arrival: float) -> None:
-        self._llm = llm
-        self.requests = {r.request_id: r for r in requests}
-        self._tracks = {r.request_id: RequestTrack(arrival) for r in requests}
-        self._latest: dict[str, RequestOutput] = {}
-        self._changed: dict[str, None] = {}  # an ordered set
-        self._unfinished = set(self.requests)
-        self._error: BaseException | None = None
-        self._event = asyncio.Event()
-
-    @property
-    def finished(self) -> bool:
-        return not self._unfinished and not self._changed
-
-    def __aiter__(self) -> AsyncIterator[list[RequestOutput]]:
-        return self._iterate()
-
-    async def _iterate(self) -> AsyncIterator[list[RequestOutput]]:
-        while not self.finished or self._error is not None:  # next() raises the error
-            yield await self.next()
-
-    async def next(self) -> list[RequestOutput]:
-        """The newest output of every request that advanced; waits for one."""
-        while not self._changed and self._error is None:
-            self._event.clear()
-            await self._event.wait()
-        if self._error is not None and not self._changed:
-            raise self._error
-        outs = [self._latest[rid] for rid in self._changed]
-        self._changed.clear()
-        return outs
-
-    def abort(self) -> None:
-        if self._unfinished:
-            ids, self._unfinished = list(self._unfinished), set()
-            self._llm.forget(ids, abort=True)
-            now = time.monotonic()
-            for rid in ids:
-                self._llm.metrics.on_finished(self._tracks[rid], "abort", now)
-
-    # -- called on the loop by AsyncLLM --------------------------------------------------------
-    def _put(self, out: RequestOutput, now: float, step_start: float) -> None:
-        rid = out.request_id
-        if rid not in self._unfinished:
-            return
-        self._llm.metrics.on_output(self._tracks[rid], out, now, step_start)
-        self._latest[rid] = out
-        self._changed[rid] = None
-        if out.finished:
-            self._unfinished.discard(rid)
-        self._event.set()
-
-    def _end_aborted(self, rid: str) -> None:
-        """The server aborted this request: end it with finish_reason "abort"."""
-        req, last = self.requests[rid], self._latest.get(rid)
-        outs = [CompletionOutput(c.index, c.text, c.token_ids, c.finish_reason or "abort",
-                                 c.stop_reason, c.logprobs) for c in last.outputs] if last else \
-            [CompletionOutput(i, "", [], "abort") for i in range(req.params.n)]
-        self._put(RequestOutput(rid, req.prompt, req.prompt_token_ids, outs,
-                                last.prompt_logprobs if last else None, True,
-                                last.metrics if last else {}), time.monotonic(), 0.0)
-
-    def _fail(self, rid: str, error: BaseException) -> None:
-        if rid in self._unfinished:
-            self._unfinished.discard(rid)
-            self._llm.metrics.on_finished(self._tracks[rid], "abort", time.monotonic())
-            self._error = error
-            self._event.set()
 
 
 class AsyncLLM:
@@ -167,7 +76,8 @@ class AsyncLLM:
         all. A request the engine refuses (RequestError, ConfigError) raises here, and none of
         the group is kept."""
         loop = self._bind_loop()
-        stream = RequestStream(self, requests, time.monotonic())
+        stream = RequestStream(requests, time.monotonic(), self.metrics,
+                               lambda ids: self.forget(ids, abort=True))
         for rid in stream.requests:
             if rid in self._streams:
                 raise RequestError(f"request id {rid!r} is already in use by a running request")
@@ -181,7 +91,7 @@ class AsyncLLM:
             refused = accepted.done() and not accepted.cancelled() \
                 and accepted.exception() is not None
             self.forget(list(stream.requests), abort=not refused)  # cancelled: maybe added
-            stream._unfinished.clear()
+            stream.refused()
             raise
         return stream
 
@@ -230,7 +140,7 @@ class AsyncLLM:
                 out = event[1]
                 stream = self._streams.get(out.request_id)
                 if stream is not None:
-                    stream._put(out, now, step_start)
+                    stream.put(out, now, step_start)
                     if out.finished:
                         del self._streams[out.request_id]
             elif kind == "result":
@@ -240,8 +150,8 @@ class AsyncLLM:
             else:  # "aborted" / "failed"
                 stream = self._streams.pop(event[1], None)
                 if stream is not None:
-                    stream._end_aborted(event[1]) if kind == "aborted" else \
-                        stream._fail(event[1], event[2])
+                    stream.end_aborted(event[1]) if kind == "aborted" else \
+                        stream.fail(event[1], event[2])
 
     # -- the engine thread -------------------------------------------------------------------
     def _run(self) -> None:

@@ -11,10 +11,10 @@ from starlette.responses import JSONResponse, Response
 
 from engine.core.outputs import RequestOutput
 from engine.errors import AphroError
-from engine.serve.async_llm import EngineLoopError, EngineRequest, RequestStream
 from engine.serve.protocol import APIError, ChatCompletionRequest, TextPart, error_body
 from engine.serve.serving import Serving, bad_request, usage
 from engine.serve.sse import DONE, SSEResponse, sse, unless_disconnected
+from engine.serve.streams import EngineLoopError, EngineRequest, RequestStream
 
 
 def render_prompt(serving: Serving, req) -> tuple[str, list[int]]:

@@ -14,10 +14,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from engine.core.outputs import RequestOutput
-from engine.serve.async_llm import EngineLoopError, EngineRequest, RequestStream
 from engine.serve.protocol import APIError, CompletionRequest, error_body
 from engine.serve.serving import Serving, usage
 from engine.serve.sse import DONE, SSEResponse, sse, unless_disconnected
+from engine.serve.streams import EngineLoopError, EngineRequest, RequestStream
 
 
 async def create_completion(serving: Serving, req: CompletionRequest,

@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 from engine.checkpoint.files import load_tokenizer
 from engine.core.sampling_params import SamplingParams
 from engine.errors import AphroError, ConfigError
-from engine.serve.async_llm import AsyncLLM, EngineRequest, RequestStream
+from engine.serve.async_llm import AsyncLLM
 from engine.serve.chat import ChatTemplate, special_tokens_of
 from engine.serve.protocol import APIError, SamplingRequest
+from engine.serve.streams import EngineRequest, RequestStream
 
 _MIN_LOGPROB = -9999.0  # stands for -inf / nan: JSON has neither (vLLM's choice)
 _REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")  # printable ASCII, no spaces

@@ -17,7 +17,7 @@ from typing import TypeVar
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
-from engine.serve.async_llm import RequestStream
+from engine.serve.streams import RequestStream
 
 DONE = "data: [DONE]\n\n"
 T = TypeVar("T")
