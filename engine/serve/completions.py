@@ -130,8 +130,9 @@ class _View:
                         delta = c.text[chars:]
                         new_tokens = len(c.token_ids) - toks
                         echo = req.echo and first
-                        new_logprobs = req.logprobs is not None and new_tokens > 0
-                        if not (delta or new_logprobs or c.finish_reason or echo):
+                        # a chunk for new tokens even when their text is held back (a partial
+                        # character), as vLLM sends it: clients time tokens by chunks
+                        if not (delta or new_tokens or c.finish_reason or echo):
                             continue
                         text = (self.prompt_text(i) if echo else "") + delta
                         choice = {"index": idx, "text": text,
