@@ -141,11 +141,16 @@ class APIServer(uvicorn.Server):
 def run_server(config: EngineConfig, options: ServeOptions, host: str = "127.0.0.1",
                port: int = 8000, shutdown_timeout: float = 30.0,
                say: Callable[[str], None] = print) -> None:
-    """Serve until SIGTERM / SIGINT; returns once drained and the engine is closed. Sets the
-    process's GIL switch interval to SWITCH_INTERVAL_S while it runs."""
+    """Serve until SIGTERM / SIGINT; returns once drained and the engine is closed. While it
+    runs, the process's GIL switch interval is SWITCH_INTERVAL_S and, on CPU, torch uses one
+    thread fewer."""
+    import torch
+
     sock = bind_socket(host, port)
-    interval = sys.getswitchinterval()
+    interval, threads = sys.getswitchinterval(), torch.get_num_threads()
     sys.setswitchinterval(SWITCH_INTERVAL_S)
+    if config.device.type == "cpu":  # a core for the event loop: torch's threads spin-wait
+        torch.set_num_threads(max(1, threads - 1))  # when the loop takes one of theirs
     try:
         say(f"loading {config.model} ...")
         llm = AsyncLLM(config)
@@ -165,4 +170,5 @@ def run_server(config: EngineConfig, options: ServeOptions, host: str = "127.0.0
             llm.close()
     finally:
         sys.setswitchinterval(interval)
+        torch.set_num_threads(threads)
         sock.close()
