@@ -6,6 +6,7 @@ import json
 import tempfile
 
 import click
+from rich.markup import escape
 from rich.table import Table
 
 from aphro_cli.main import console, err_console, handle_errors
@@ -15,7 +16,8 @@ QUANT_CHOICES = ("fp8", "int8", "compressed-tensors")
 
 @click.group()
 def bench() -> None:
-    """Benchmarks: kernels against copy bandwidth / torch SDPA, the engine against HF."""
+    """Benchmarks: kernels against copy bandwidth / torch SDPA, the engine against HF, a
+    running server under load."""
 
 
 @bench.command()
@@ -210,3 +212,69 @@ def quantization(preset, schemes, device, dtype, num_prompts, input_len, output_
         console.print(f"  {m['layer']:8s} m={m['m']:<5d} bf16 {m['bf16_ms']:.4f} ms  int8 "
                       f"{m['int8_ms']:.4f} ms" + (f"  fp8 {m['fp8_ms']:.4f} ms"
                                                   if "fp8_ms" in m else ""), highlight=False)
+
+
+@bench.command("serve")
+@click.option("--base-url", default="http://127.0.0.1:8000", show_default=True,
+              help="The server: aphro serve, or any OpenAI-compatible one.")
+@click.option("--endpoint", default="/v1/completions", show_default=True,
+              type=click.Choice(["/v1/completions", "/v1/chat/completions"]))
+@click.option("--model", default=None, help="Model name to send (default: the server's first).")
+@click.option("--num-prompts", default=100, show_default=True, type=click.IntRange(1))
+@click.option("--random-input-len", default=128, show_default=True, type=click.IntRange(1))
+@click.option("--random-output-len", default=128, show_default=True, type=click.IntRange(1))
+@click.option("--request-rate", default="inf", show_default=True,
+              help="Requests per second (Poisson arrivals), or inf: all at once.")
+@click.option("--max-concurrency", default=None, type=click.IntRange(1),
+              help="Requests in flight at most.")
+@click.option("--ignore-eos", is_flag=True, help="Generate exactly --random-output-len tokens.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--api-key", envvar="APHRO_API_KEY", default=None, show_envvar=True)
+@click.option("--tokenizer", default=None, type=click.Path(exists=True, file_okay=False),
+              help="Checkpoint folder for the vocabulary (default: the server's "
+                   "/tokenizer_info).")
+@click.option("--save-result", type=click.Path(dir_okay=False), default=None,
+              help="Write the report as JSON to this file.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@handle_errors
+def serve_bench(base_url, endpoint, model, num_prompts, random_input_len, random_output_len,
+                request_rate, max_concurrency, ignore_eos, seed, api_key, tokenizer,
+                save_result, as_json):
+    """Online serving benchmark against a running server, as `vllm bench serve` measures it:
+    request and token throughput, TTFT, TPOT, ITL, end-to-end latency, failures."""
+    from aphro_cli.main import err_console
+    from aphro_cli.progress import progress
+    from engine.bench.serve_bench import ServeBenchConfig, result_record, run_serve_bench
+    from engine.errors import ConfigError
+
+    try:
+        rate = float(request_rate)
+    except ValueError:
+        raise ConfigError(f"--request-rate {request_rate!r}: a number or inf") from None
+    config = ServeBenchConfig(base_url, endpoint, model, num_prompts, random_input_len,
+                              random_output_len, rate, max_concurrency, ignore_eos, seed,
+                              api_key, tokenizer)
+    with progress(err_console, "bench serve", num_prompts) as update:
+        report = run_serve_bench(config, update)
+    if save_result:
+        with open(save_result, "w") as f:
+            f.write(result_record(report) + "\n")
+    if as_json:
+        click.echo(result_record(report))
+        return
+    console.print(f"{report['model']} at {base_url}{endpoint}: {num_prompts} prompts x "
+                  f"{random_input_len} in / {random_output_len} out, rate {report['request_rate']}"
+                  f", max concurrency {max_concurrency or '-'}", highlight=False, soft_wrap=True)
+    table = Table("metric", "value")
+    table.add_row("successful / failed requests", f"{report['completed']} / {report['failed']}")
+    table.add_row("duration (s)", f"{report['duration']:.2f}")
+    table.add_row("request throughput (req/s)", f"{report['request_throughput']:.2f}")
+    table.add_row("output throughput (tok/s)", f"{report['output_throughput']:.1f}")
+    table.add_row("total throughput (tok/s)", f"{report['total_token_throughput']:.1f}")
+    for key, label in (("ttft", "TTFT"), ("tpot", "TPOT"), ("itl", "ITL"), ("e2el", "E2E")):
+        table.add_row(f"{label} ms (mean / median / p99)",
+                      f"{report[f'mean_{key}_ms']:.2f} / {report[f'median_{key}_ms']:.2f} / "
+                      f"{report[f'p99_{key}_ms']:.2f}")
+    console.print(table)
+    for error in report["errors"]:
+        err_console.print(f"[red]failed:[/] {escape(error)}", soft_wrap=True)

@@ -17,9 +17,21 @@ from rich.markup import escape
 
 from engine.errors import AphroError
 
-# no emoji codes: "pkg.mod:X: ..." in a message must not become "pkg.mod❌ ..."
-console = Console(emoji=False)
-err_console = Console(stderr=True, emoji=False)
+WIDE_COLUMNS = 200  # rich's width when the output is not a terminal (a log, a pipe)
+
+
+def make_console(stderr: bool = False) -> Console:
+    """A console as wide as the terminal, or WIDE_COLUMNS off a terminal (rich would wrap a
+    log at 80); COLUMNS, when set, wins."""
+    stream = sys.stderr if stderr else sys.stdout
+    tty = hasattr(stream, "isatty") and stream.isatty()
+    # no emoji codes: "pkg.mod:X: ..." in a message must not become "pkg.mod❌ ..."
+    return Console(stderr=stderr, emoji=False,
+                   width=None if tty or os.environ.get("COLUMNS") else WIDE_COLUMNS)
+
+
+console = make_console()
+err_console = make_console(stderr=True)
 
 
 def handle_errors(fn):
@@ -32,7 +44,7 @@ def handle_errors(fn):
             return fn(*args, **kwargs)
         except AphroError as e:
             err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False,
-                              soft_wrap=True)  # one line, however long
+                              soft_wrap=True)
             sys.exit(2)
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]")
@@ -47,7 +59,7 @@ def handle_errors(fn):
                 traceback.print_exc(file=f)
             err_console.print(f"[bold red]internal error:[/] {escape(type(e).__name__)}: "
                               f"{escape(str(e))}\n(traceback in {escape(f.name)}; "
-                              "APHRO_TRACEBACK=1 prints it)", highlight=False)
+                              "APHRO_TRACEBACK=1 prints it)", highlight=False, soft_wrap=True)
             sys.exit(3)
 
     return wrapper

@@ -13,6 +13,7 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 from rich.table import Table
 
 from aphro_cli.main import console, err_console, handle_errors
+from aphro_cli.progress import log_lines
 from engine.errors import AphroError
 
 _MAX_LISTED = 12
@@ -91,6 +92,7 @@ def parity_check(model, dtype, device, prompts_file, max_new_tokens, seed, tp, k
                   console=err_console, transient=True,
                   disable=not err_console.is_terminal) as bar:
         task = bar.add_task("parity-check", total=len(models))
+        log = log_lines(err_console, "parity-check")  # off a terminal: a line now and then
         for name in models:
             def say(msg: str) -> None:
                 bar.update(task, description=msg)
@@ -108,6 +110,7 @@ def parity_check(model, dtype, device, prompts_file, max_new_tokens, seed, tp, k
                 msg = str(e).splitlines()[0] if str(e) else ""
                 errors[name] = msg if isinstance(e, AphroError) else f"{type(e).__name__}: {msg}"
             bar.advance(task)
+            log(len(reports) + len(errors), len(models))
     passed = (not errors and all(r.passed for r in reports)
               and all(s.ok for s in shardings.values()))
     if as_json:

@@ -12,6 +12,7 @@ The tree is the architecture (docs/ARCHITECTURE.md walks one request through it)
     checkpoint/   reading HF checkpoint folders; load reports; random weights
     spec/         model specs: schema, loader, generator
     validate/     parity with HF transformers, localization, the sharding check, tiny models
+    serve/        the OpenAI-compatible server: AsyncLLM, routes, metrics (`aphro serve`)
     bench/        benchmarks
 """
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Installs aphro and its test tools into the current Python. On a machine without an NVIDIA GPU
-# it first installs the CPU build of torch 2.13.0 (a plain `torch` requirement would pull a
-# multi-GB CUDA build); where torch is already importable it is kept as it is.
+# Installs aphro, its server (the serve extra) and its test tools into the current Python. On a
+# machine without an NVIDIA GPU it first installs the CPU build of torch 2.13.0 (a plain `torch`
+# requirement would pull a multi-GB CUDA build); where torch is already importable it is kept.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -12,4 +12,4 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
     "$PY" -m pip install -q torch==2.13.0
   fi
 fi
-"$PY" -m pip install -q -e ".[dev]"
+"$PY" -m pip install -q -e ".[dev,serve]"

@@ -5,4 +5,5 @@ measured beside it.
     kernels.py       the Triton kernels against copy bandwidth / torch SDPA
     quant_bench.py   bf16 vs fp8 vs int8 side by side (TPOT, throughput, weight bytes,
                      parity), and the quantized matmuls beside cuBLAS bf16
+    serve_bench.py   a running server under load, as `vllm bench serve` measures it
 """

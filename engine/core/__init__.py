@@ -9,5 +9,5 @@ model runs behind the executor (engine.distributed).
     sampling_params.py SamplingParams, validated
     batch.py           StepBatch (one step as flat host arrays) and RunnerOutput
     detokenizer.py     incremental detokenization, stop strings
-    outputs.py         RequestOutput, CompletionOutput
+    outputs.py         RequestOutput, CompletionOutput, EngineStats
 """

@@ -25,6 +25,16 @@ class IncrementalDetokenizer:
             return full[len(prefix):]
         return ""
 
+    def flush(self, output_ids: list[int]) -> str:
+        """The text step() still holds back (a trailing partial character), when the sequence
+        has ended: the streamed text then equals one decode of all the tokens."""
+        decode = self.tokenizer.decode
+        prefix = decode(output_ids[self.prefix_offset:self.read_offset],
+                        skip_special_tokens=self.skip_special)
+        full = decode(output_ids[self.prefix_offset:], skip_special_tokens=self.skip_special)
+        self.prefix_offset = self.read_offset = len(output_ids)
+        return full[len(prefix):]
+
 
 def find_stop_string(seq: Sequence, new_chars: int) -> str | None:
     """If a stop string appears in the text added by the last `new_chars` characters, cut the

@@ -19,7 +19,7 @@ from engine.config import EngineConfig
 from engine.core.batch import RunnerOutput, StepBatch, build_batch
 from engine.core.block_manager import BlockManager
 from engine.core.detokenizer import IncrementalDetokenizer, find_stop_string, visible_text
-from engine.core.outputs import CompletionOutput, RequestOutput
+from engine.core.outputs import CompletionOutput, EngineStats, RequestOutput
 from engine.core.sampling_params import SamplingParams
 from engine.core.scheduler import Scheduler
 from engine.core.sequence import Sequence, SequenceStatus
@@ -265,6 +265,8 @@ class LLMEngine:
         if status is not None:
             self.scheduler.finish(seq, status)
             self._finished_seq_ids.append(seq.seq_id)
+            if incremental and not isinstance(seq.stop_reason, str):  # no stop string cut it
+                seq.output_text += detok.flush(seq.output_token_ids)
             if detok is not None and not incremental:
                 seq.output_text = self.tokenizer.decode(seq.output_token_ids,
                                                         skip_special_tokens=p.skip_special_tokens)
@@ -291,6 +293,13 @@ class LLMEngine:
             del self.requests[req.request_id]
             self._penalized.discard(req.request_id)
         return out
+
+    def stats(self) -> EngineStats:
+        """Read-only load figures for monitoring (running and waiting requests, KV usage)."""
+        running = {s.request_id for s in self.scheduler.running}
+        waiting = {s.request_id for s in self.scheduler.waiting} - running
+        return EngineStats(len(running), len(waiting), self.block_manager.usage,
+                           self.num_kv_blocks)
 
     def close(self) -> None:
         """Free the model and KV cache; with tensor parallelism stop and join the workers.

@@ -1,4 +1,4 @@
-"""What generate() returns, in vLLM's shape."""
+"""What generate() returns, in vLLM's shape; EngineStats, what LLMEngine.stats() reports."""
 
 from __future__ import annotations
 
@@ -28,3 +28,13 @@ class RequestOutput:
     prompt_logprobs: list[dict[int, float] | None] | None = None
     finished: bool = False
     metrics: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of the engine's load (LLMEngine.stats(); the server's /metrics)."""
+
+    num_requests_running: int  # requests with a sequence scheduled (holding KV blocks)
+    num_requests_waiting: int  # requests with every sequence still queued
+    kv_cache_usage: float  # share of KV blocks held by live sequences, 0..1
+    num_kv_blocks: int

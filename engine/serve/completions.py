@@ -1,0 +1,157 @@
+"""POST /v1/completions: prompts (a string, strings, token ids, lists of token ids) in,
+OpenAI's text_completion objects out, whole or streamed.
+
+Choice `index` is prompt_index * n + sample_index, and choices are sorted by it. With `echo`
+the prompt's text leads each choice, and with `logprobs` too, its tokens lead `logprobs`
+(the first with a null logprob): this is the scoring request lm-eval's local-completions sends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from engine.core.outputs import RequestOutput
+from engine.serve.protocol import APIError, CompletionRequest, error_body
+from engine.serve.serving import Serving, usage
+from engine.serve.sse import DONE, SSEResponse, sse, unless_disconnected
+from engine.serve.streams import EngineLoopError, EngineRequest, RequestStream
+
+
+async def create_completion(serving: Serving, req: CompletionRequest,
+                            raw: Request) -> Response:
+    serving.check_model(req.model)
+    if req.suffix:
+        raise APIError(400, "suffix is not supported", "suffix")
+    if req.best_of is not None and req.best_of != req.n:
+        raise APIError(400, "best_of is not supported (leave it out, or equal to n)", "best_of")
+    prompts = req.prompts()
+    if not prompts:
+        raise APIError(400, "the prompt is empty", "prompt")
+    if len(prompts) > serving.limits.max_prompts:
+        raise APIError(400, f"{len(prompts)} prompts in one request: at most "
+                       f"{serving.limits.max_prompts}", "prompt")
+    rid = serving.request_id(raw.headers)
+    prompt_logprobs = req.logprobs if req.echo else None
+    requests = []
+    for i, prompt in enumerate(prompts):
+        if isinstance(prompt, str):
+            if not prompt:
+                raise APIError(400, "the prompt is empty", "prompt")
+            ids, text = serving.encode(prompt), prompt
+        else:
+            ids, text = prompt, None
+        max_tokens = serving.check_prompt(ids, req.max_tokens)
+        params = serving.sampling_params(req, max_tokens, req.logprobs, prompt_logprobs)
+        requests.append(EngineRequest(rid if len(prompts) == 1 else f"{rid}-{i}", ids, params,
+                                      text))
+    view = _View(serving, req, rid, requests)
+    stream = await serving.start(requests)
+    headers = {"x-request-id": rid}
+    if req.stream:
+        return SSEResponse(view.chunks(stream), stream, headers)
+    try:
+        final = await unless_disconnected(raw, _collect(stream))
+    finally:
+        stream.abort()
+    return JSONResponse(view.body(final), headers=headers)
+
+
+async def _collect(stream: RequestStream) -> dict[str, RequestOutput]:
+    final: dict[str, RequestOutput] = {}
+    async for outs in stream:
+        for out in outs:
+            final[out.request_id] = out
+    return final
+
+
+class _View:
+    """One request's outputs in OpenAI's shape."""
+
+    def __init__(self, serving: Serving, req: CompletionRequest, rid: str,
+                 requests: list[EngineRequest]) -> None:
+        self.serving, self.req, self.requests = serving, req, requests
+        self.index = {r.request_id: i for i, r in enumerate(requests)}
+        self.head = {"id": f"cmpl-{rid}", "object": "text_completion",
+                     "created": serving.created, "model": serving.model_name}
+
+    def prompt_text(self, i: int) -> str:
+        r = self.requests[i]
+        if r.prompt is None:
+            r.prompt = (self.serving.tokenizer.decode(r.prompt_token_ids)
+                        if self.serving.tokenizer is not None else "")
+        return r.prompt
+
+    def logprobs(self, i: int, out: RequestOutput, c, first_token: int, echo: bool,
+                 offset: int) -> dict | None:
+        if self.req.logprobs is None:
+            return None
+        ids, entries = [], []
+        if echo:
+            prompt = self.requests[i].prompt_token_ids
+            ids += prompt
+            entries += out.prompt_logprobs or [None] * len(prompt)
+        ids += c.token_ids[first_token:]
+        entries += (c.logprobs or [])[first_token:]
+        return self.serving.completion_logprobs(ids, entries, offset)
+
+    def body(self, final: dict[str, RequestOutput]) -> dict:
+        choices, prompt_tokens, completion_tokens = [], 0, 0
+        for i, r in enumerate(self.requests):
+            out = final[r.request_id]
+            prompt_tokens += len(r.prompt_token_ids)
+            for c in out.outputs:
+                completion_tokens += len(c.token_ids)
+                prefix = self.prompt_text(i) if self.req.echo else ""
+                choices.append({"index": i * self.req.n + c.index, "text": prefix + c.text,
+                                "logprobs": self.logprobs(i, out, c, 0, self.req.echo, 0),
+                                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+        choices.sort(key=lambda ch: ch["index"])
+        return {**self.head, "choices": choices,
+                "usage": usage(prompt_tokens, completion_tokens)}
+
+    async def chunks(self, stream: RequestStream) -> AsyncIterator[str]:
+        req, n = self.req, self.req.n
+        sent_chars: dict[int, int] = {}
+        sent_tokens: dict[int, int] = {}
+        offsets: dict[int, int] = {}
+        with_usage = req.include_usage
+        completion_tokens = 0
+        try:
+            async for outs in stream:
+                for out in outs:
+                    i = self.index[out.request_id]
+                    for c in out.outputs:
+                        idx = i * n + c.index
+                        first = idx not in sent_chars
+                        chars, toks = sent_chars.get(idx, 0), sent_tokens.get(idx, 0)
+                        delta = c.text[chars:]
+                        new_tokens = len(c.token_ids) - toks
+                        echo = req.echo and first
+                        # a chunk for new tokens even when their text is held back (a partial
+                        # character), as vLLM sends it: clients time tokens by chunks
+                        if not (delta or new_tokens or c.finish_reason or echo):
+                            continue
+                        text = (self.prompt_text(i) if echo else "") + delta
+                        choice = {"index": idx, "text": text,
+                                  "logprobs": self.logprobs(i, out, c, toks, echo,
+                                                            offsets.get(idx, 0)),
+                                  "finish_reason": c.finish_reason,
+                                  "stop_reason": c.stop_reason}
+                        chunk = {**self.head, "choices": [choice]}
+                        if with_usage:
+                            chunk["usage"] = None
+                        yield sse(chunk)
+                        sent_chars[idx], sent_tokens[idx] = len(c.text), len(c.token_ids)
+                        if (lp := choice["logprobs"]) and lp["tokens"]:
+                            offsets[idx] = lp["text_offset"][-1] + len(lp["tokens"][-1])
+                        completion_tokens += new_tokens
+            if with_usage:
+                prompt_tokens = sum(len(r.prompt_token_ids) for r in self.requests)
+                yield sse({**self.head, "choices": [],
+                           "usage": usage(prompt_tokens, completion_tokens)})
+        except EngineLoopError as e:
+            yield sse(error_body(500, str(e)))
+        yield DONE
