@@ -6,7 +6,7 @@ import click
 from rich.markup import escape
 
 from aphro_cli.main import console, err_console, handle_errors
-from aphro_cli.options import with_engine_options
+from aphro_cli.options import check_validated_model, strict_option, with_engine_options
 
 DEFAULT_MODEL = "llama"  # a spec in model_specs/: a tiny random-weight Llama is built
 DEFAULT_NAME = "tiny-llama"
@@ -36,10 +36,11 @@ DEFAULT_NAME = "tiny-llama"
               help="Most stop strings (and stop token ids) per request.")
 @click.option("--max-prompts", type=click.IntRange(1), default=1024, show_default=True,
               help="Most prompts in one /v1/completions request.")
+@strict_option
 @with_engine_options
 @handle_errors
 def serve(model, host, port, api_key, served_model_names, chat_template, shutdown_timeout,
-          max_request_bytes, max_header_bytes, max_n, max_stop, max_prompts, engine):
+          max_request_bytes, max_header_bytes, max_n, max_stop, max_prompts, strict, engine):
     """Serve MODEL over an OpenAI-compatible HTTP API: /v1/completions, /v1/chat/completions,
     /v1/models, /tokenize, /detokenize, /tokenizer_info, /health, /metrics.
 
@@ -69,6 +70,7 @@ def serve(model, host, port, api_key, served_model_names, chat_template, shutdow
         if template is None:
             say("this checkpoint has no chat template: /v1/chat/completions answers 400 "
                 "(give --chat-template FILE)")
+        check_validated_model(path, strict)
         config = EngineConfig.create(str(path), **engine)
         run_server(config, ServeOptions(names, api_key, template, limits), host, port,
                    shutdown_timeout, say)

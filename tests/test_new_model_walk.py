@@ -95,8 +95,10 @@ def test_explicit_walk_in_a_project_ends_in_a_passing_parity_check(tmp_path, mon
     text = (tmp_path / "aphro_models" / "mine.py").read_text()
     assert "class MineForCausalLM(nn.Module):" in text and "def load_weights" in text
     assert 150 <= len(text.splitlines()) <= 260
-    listed = run("models", "--json")
-    assert '"MineForCausalLM": "aphro_models.mine:MineForCausalLM"' in listed.output
+    listed = json.loads(run("models", "--json").stdout)["models"]
+    mine = [m for m in listed if m["architecture"] == "MineForCausalLM"]
+    assert [(m["target"], m["source"]) for m in mine] == [
+        ("aphro_models.mine:MineForCausalLM", "project")]
 
 
 def test_out_writes_into_another_project_and_the_hints_say_how(tmp_path, monkeypatch):

@@ -30,7 +30,7 @@ class ModelEntry:
     spec: str | None  # the spec file of a generated or spec model
     module: str | None  # the module file of the class
     # attention kind, position scheme, MoE, sliding window (None: the class does not say);
-    # quantization: the methods the model supports (none exist in the engine yet)
+    # quantization: the schemes the model supports (engine.layers.quantization)
     features: dict
     status: str  # "passed" | "failed" | "not validated" | "missing" (no record)
     stale: bool
@@ -85,11 +85,12 @@ def _source(found: list[registry.Resolution], target: str) -> tuple[str, Path | 
 
 def features_of(cls: type) -> dict:
     """What the model is built of, read from its spec `Arch` (generated and spec models)."""
+    from engine.layers.quantization import supported_schemes
     from engine.spec import Arch
 
     arch = getattr(cls, "arch", None)
     out = {"attention": None, "position": None, "moe": None, "sliding_window": None,
-           "quantization": []}  # quantization: filled in when the engine has methods
+           "quantization": list(supported_schemes(cls))}
     if isinstance(arch, Arch):
         rope = arch.position.kind == "rope"
         out.update(
