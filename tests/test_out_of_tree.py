@@ -95,7 +95,9 @@ def test_installed_package_is_found_loaded_checked_and_generated_with(tmp_path):
         models = subprocess.run([str(python), "-m", "aphro_cli.main", "models", "--json"],
                                 capture_output=True, text=True, cwd=tmp_path, env=env,
                                 check=False, timeout=300)
-        assert json.loads(models.stdout)[ARCH] == f"oot_model.model:{ARCH}"
+        listed = {m["architecture"]: m for m in json.loads(models.stdout)["models"]}
+        assert (listed[ARCH]["target"], listed[ARCH]["source"]) == (
+            f"oot_model.model:{ARCH}", "plugin entry point")
     finally:
         removed = _pip(python, "uninstall", "-y", "aphro-test-oot-model")
     assert removed.returncode == 0, removed.stdout + removed.stderr

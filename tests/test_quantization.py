@@ -154,7 +154,7 @@ def test_cli_parity_check_with_quantization(tiny_llama_dir):
                                       "--device", "cpu", "--no-chunked", "--max-new-tokens",
                                       "4", "--min-top1", "0.999", "--json"])
     assert result.exit_code == 1
-    report = json.loads(result.output)
+    report = json.loads(result.stdout)
     assert report["quantization"] == "fp8" and report["tolerances"]["min_top1"] == 0.999
     assert not report["passed"] and "top-1 agreement" in report["runs"][0]["aggregate_note"]
 

@@ -24,13 +24,13 @@ def greedy(n: int) -> SamplingParams:
 
 def plant_step_failure(engine) -> None:
     """The next step raises (once): as a failing model or a dead worker would."""
-    real = engine.executor.execute
+    real = engine.executor.launch  # the engine launches every step through it
 
     def boom(batch):
-        engine.executor.execute = real
+        engine.executor.launch = real
         raise RuntimeError("planted failure")
 
-    engine.executor.execute = boom
+    engine.executor.launch = boom
 
 
 def test_async_llm_streams_aborts_and_refuses(tiny_llama_dir):
