@@ -42,13 +42,16 @@ class SamplingMetadata:
     suppress_rows: torch.Tensor  # [num_pairs] int64: (row, token) pairs min_tokens sets to -inf
     suppress_tokens: torch.Tensor  # [num_pairs] int64
     suppress_in_vocab: bool  # every suppress token is < the vocabulary (checked on the host)
-    seeds: list[tuple[int, int, int]]  # (row, seq_id, generator seed) of seeded non-greedy rows
-    num_logprobs: list[int | None]  # per row: SamplingParams.logprobs
-    all_greedy: bool
-    do_penalties: bool
-    do_top_k: bool
-    do_top_p: bool
-    do_min_p: bool
+    host: SamplingInputs  # what stays on the host: seeds, logprob counts, which filters run
+
+    # the host side's per-step facts, read where the sampler needs them
+    seeds = property(lambda self: self.host.seeds)  # (row, seq_id, seed) of seeded random rows
+    num_logprobs = property(lambda self: self.host.num_logprobs)  # per row: logprobs asked
+    all_greedy = property(lambda self: self.host.all_greedy)
+    do_penalties = property(lambda self: self.host.do_penalties)
+    do_top_k = property(lambda self: self.host.do_top_k)
+    do_top_p = property(lambda self: self.host.do_top_p)
+    do_min_p = property(lambda self: self.host.do_min_p)
 
     @property
     def num_seqs(self) -> int:
@@ -86,10 +89,7 @@ class SamplingMetadata:
             frequency_penalties=floats[5], top_ks=settings[6].to(torch.int64),
             prompt_tokens=tokens(inp.prompt_tokens), output_tokens=tokens(inp.output_tokens),
             suppress_rows=suppress[0], suppress_tokens=suppress[1],
-            suppress_in_vocab=vocab_size is not None, seeds=list(inp.seeds),
-            num_logprobs=list(inp.num_logprobs), all_greedy=inp.all_greedy,
-            do_penalties=inp.do_penalties, do_top_k=inp.do_top_k, do_top_p=inp.do_top_p,
-            do_min_p=inp.do_min_p)
+            suppress_in_vocab=vocab_size is not None, host=inp)
 
     @classmethod
     def build(cls, seqs: list[Sequence], device: torch.device | str,
