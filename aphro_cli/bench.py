@@ -128,7 +128,7 @@ def latency(model, preset, tp_sizes, input_len, output_len, device, dtype, eager
                           highlight=False)
         rows.append(_latency_run(model, preset, tp, input_len, output_len, device, dtype, e,
                                  quantization))
-    table = Table("TP", "CUDA graphs", "prefill ms", "decode ms (median)", "decode ms (mean)",
+    table = Table("TP", "CUDA graphs", "TTFT ms", "decode ms (median)", "decode ms (mean)",
                   "tok/s", "weights/rank GB")
     for r in rows:
         if json_path:

@@ -50,6 +50,22 @@ def pytest_unconfigure(config):
     shutil.rmtree(getattr(config, "aphro_registry_dir", ""), ignore_errors=True)
 
 
+@pytest.fixture(scope="session")
+def family_checkpoint(tmp_path_factory):
+    """family_checkpoint(name) -> the tiny checkpoint of a family (spec name or architecture),
+    built once per session."""
+    from engine.validate.tiny import tiny_checkpoint_for
+
+    made: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in made:
+            made[family] = tiny_checkpoint_for(family, tmp_path_factory.mktemp(family))
+        return made[family]
+
+    return get
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -24,7 +24,7 @@ from engine.models.contract import check_model_class
 from engine.spec.loader import parse_spec
 from engine.validate.parity import run_parity
 from engine.validate.sharding import verify_sharding
-from engine.validate.tiny import SPECS_DIR, tiny_checkpoint_for
+from engine.validate.tiny import SPECS_DIR
 
 CPU = {"device": "cpu", "dtype": "float32", "chunked_prefill": False, "max_new_tokens": 4}
 ARCH = {"llama": "LlamaForCausalLM", "phi3": "Phi3ForCausalLM"}
@@ -67,18 +67,6 @@ def serve(monkeypatch, tmp_path):
     return use
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    made = {}
-
-    def get(family: str):
-        if family not in made:
-            made[family] = tiny_checkpoint_for(family, tmp_path_factory.mktemp(family))
-        return made[family]
-
-    return get
-
-
 @pytest.mark.parametrize("family", ["llama", "phi3"])
 def test_explicit_file_passes_parity(family, written, serve):
     serve(family, written(family))
@@ -87,9 +75,9 @@ def test_explicit_file_passes_parity(family, written, serve):
 
 
 @pytest.mark.parametrize("family", ["llama", "phi3"])
-def test_explicit_file_passes_the_sharding_check(family, written, serve, checkpoint):
+def test_explicit_file_passes_the_sharding_check(family, written, serve, family_checkpoint):
     serve(family, written(family))
-    report = verify_sharding(checkpoint(family), 2)
+    report = verify_sharding(family_checkpoint(family), 2)
     assert report.ok, [(p.name, p.problem) for p in report.failures()]
     groups = {g.group for g in report.groups()}
     assert {"embedding", "qkv", "o_proj", "gate_up", "down", "norms", "lm_head"} <= groups
@@ -147,13 +135,13 @@ def test_unloaded_tensor_is_named_alike_in_both_tiers(written, serve, tiny_llama
       "hidden_states = residual = hidden_states + residual"), "layer 0 mlp"),
 ], ids=["longrope-dropped", "k-v-swapped", "norm-skipped"])
 def test_hand_edit_that_breaks_the_file_is_caught_and_localized(edit, stage, written, serve,
-                                                                checkpoint):
+                                                                family_checkpoint):
     source = written("phi3")
     if "post_attention_layernorm" in edit[0]:  # still loads: the norm's weight goes unused
         source = source.replace('skip=("rotary_emb.inv_freq",)',
                                 'skip=("rotary_emb.inv_freq", "post_attention_layernorm")')
     serve("phi3", source, edit)
-    r = run_parity(checkpoint("phi3"), **CPU)
+    r = run_parity(family_checkpoint("phi3"), **CPU)
     assert not r.passed and r.failure is None
     assert r.localization.first_divergence == stage, r.localization.verdict
 

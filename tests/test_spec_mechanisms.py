@@ -17,22 +17,10 @@ from engine.models import registry
 from engine.models.blocks import DecoderOnlyForCausalLM, packed_modules_for
 from engine.spec.loader import parse_spec
 from engine.validate.parity import run_parity
-from engine.validate.tiny import SPECS_DIR, tiny_checkpoint_for
+from engine.validate.tiny import SPECS_DIR
 
 CPU = {"device": "cpu", "dtype": "float32", "chunked_prefill": False, "max_new_tokens": 4}
 LOGITS_STAGE = "the difference arises after the last one"
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    made = {}
-
-    def get(family: str):
-        if family not in made:
-            made[family] = tiny_checkpoint_for(family, tmp_path_factory.mktemp(family))
-        return made[family]
-
-    return get
 
 
 def planted(family: str, *edits: tuple[str, str]) -> type:
@@ -46,10 +34,10 @@ def planted(family: str, *edits: tuple[str, str]) -> type:
                 {"arch": spec.arch, "packed_modules": packed_modules_for(spec.arch)})
 
 
-def check(monkeypatch, checkpoint, family: str, *edits: tuple[str, str]):
+def check(monkeypatch, family_checkpoint, family: str, *edits: tuple[str, str]):
     cls = planted(family, *edits)
     monkeypatch.setattr(registry, "_OUT_OF_TREE", {cls.__name__: cls})
-    report = run_parity(checkpoint(family), **CPU)
+    report = run_parity(family_checkpoint(family), **CPU)
     assert not report.passed, f"{family}: {edits} passed the parity check"
     return report
 
@@ -73,9 +61,9 @@ DIVERGES = {
 
 
 @pytest.mark.parametrize("case", DIVERGES, ids=list(DIVERGES))
-def test_wrong_key_diverges_where_it_acts(case, monkeypatch, checkpoint):
+def test_wrong_key_diverges_where_it_acts(case, monkeypatch, family_checkpoint):
     family, old, new, stage = DIVERGES[case]
-    r = check(monkeypatch, checkpoint, family, (old, new))
+    r = check(monkeypatch, family_checkpoint, family, (old, new))
     assert r.load_ok and r.failure is None, (r.load, r.failure)
     assert r.localization.first_divergence == stage, r.localization.verdict
 
@@ -85,8 +73,8 @@ def test_wrong_key_diverges_where_it_acts(case, monkeypatch, checkpoint):
     ("cohere", 'logit_scale = "logit_scale"\n'),
     ("gemma2", 'final_logit_softcap = "final_logit_softcapping"\n'),
 ], ids=["logit_divisor", "logit_scale", "final_logit_softcap"])
-def test_wrong_logit_key_is_placed_after_the_layers(family, old, monkeypatch, checkpoint):
-    r = check(monkeypatch, checkpoint, family, (old, ""))
+def test_wrong_logit_key_is_placed_after_the_layers(family, old, monkeypatch, family_checkpoint):
+    r = check(monkeypatch, family_checkpoint, family, (old, ""))
     assert r.load_ok and r.failure is None
     assert any(p.max_abs > r.tolerances.atol for p in r.runs[0].prompts)
     loc = r.localization
@@ -122,9 +110,9 @@ LOAD = {
 
 
 @pytest.mark.parametrize("case", LOAD, ids=list(LOAD))
-def test_wrong_key_names_the_tensors(case, monkeypatch, checkpoint):
+def test_wrong_key_names_the_tensors(case, monkeypatch, family_checkpoint):
     family, edits, (missing, unused, misshaped) = LOAD[case]
-    r = check(monkeypatch, checkpoint, family, *edits)
+    r = check(monkeypatch, family_checkpoint, family, *edits)
     assert missing <= set(r.load["missing"]), r.load
     assert unused <= set(r.load["unexpected"]), r.load
     assert misshaped <= {m["name"] for m in r.load["misshaped"]}, r.load
@@ -161,12 +149,12 @@ def test_longrope_table_is_hfs_short_then_long_frequencies():
     ("qwen2_moe", 2, {"experts", "router"}),
     ("gemma2", 2, {"gate_up", "down"}),
 ], ids=["olmo2-tp2", "olmo2-tp4", "qwen2_moe-tp2", "gemma2-tp2"])
-def test_new_mechanisms_shard(family, tp, groups, checkpoint):
+def test_new_mechanisms_shard(family, tp, groups, family_checkpoint):
     """qk-norm across heads (its weight cut like the heads, its mean square summed over the
     ranks), shared experts and per-layer windows, over tensor-parallel ranks."""
     from engine.validate.sharding import verify_sharding
 
-    report = verify_sharding(checkpoint(family), tp)
+    report = verify_sharding(family_checkpoint(family), tp)
     assert report.ok, [(p.name, p.problem) for p in report.failures()]
     assert groups <= {g.group for g in report.groups()}
     assert report.greedy_match and report.logits_max_abs < 1e-4

@@ -26,7 +26,7 @@ def random_prompts(num_prompts: int, input_len: int, vocab_size: int,
 
 def run_throughput(model: str | Path, num_prompts: int = 64, input_len: int = 128,
                    output_len: int = 128, device: str = "auto", dtype: str = "auto",
-                   max_num_seqs: int = 256, baseline: bool = True,
+                   max_num_seqs: int | None = None, baseline: bool = True,
                    hf_batch_size: int | None = None, quantization: str | None = None,
                    load_format: str = "auto") -> dict:
     """Generate output_len tokens (greedy, EOS ignored) for num_prompts random prompts of
@@ -35,9 +35,10 @@ def run_throughput(model: str | Path, num_prompts: int = 64, input_len: int = 12
     random weights, only config.json read (no baseline then)."""
     from engine.core.llm import LLM
 
-    llm = LLM(str(model), device=device, dtype=dtype, max_num_seqs=max_num_seqs,
+    seqs = {} if max_num_seqs is None else {"max_num_seqs": max_num_seqs}  # else the default
+    llm = LLM(str(model), device=device, dtype=dtype,
               max_model_len=input_len + output_len + 1, enable_prefix_caching=False,
-              quantization=quantization, load_format=load_format)
+              quantization=quantization, load_format=load_format, **seqs)
     config = llm.engine.config
     dev = str(config.device)
     prompts = random_prompts(num_prompts, input_len, llm.engine.vocab_size)
@@ -152,10 +153,12 @@ def decode_latency(model_dir: str | Path, tp: int = 1, input_len: int = 128,
                    load_format: str = "dummy", enforce_eager: bool = False,
                    seed: int = 0, quantization: str | None = None) -> dict:
     """One request (batch 1) of `input_len` random prompt tokens and `output_len` greedy tokens
-    at tensor_parallel_size=`tp`; the time of every engine step (scheduling, the broadcast to
-    the ranks, the model, sampling), CUDA-synchronised. With load_format="dummy" the weights
-    are random and only config.json is read. Also reports the weight bytes each rank streams
-    per decode step, for the memory roofline."""
+    at tensor_parallel_size=`tp`, timed as a user sees it: TTFT is a 1-token request's wall
+    time, a decode step is (T(output_len tokens) - T(1 token)) / (output_len - 1), nothing
+    synchronised in between (a per-step sync would undo asynchronous scheduling's overlap);
+    the median and mean over 3 runs. With load_format="dummy" the weights are random and only
+    config.json is read. Also reports the weight bytes each rank streams per decode step, for
+    the memory roofline."""
     import statistics
 
     from engine.config import EngineConfig
@@ -175,27 +178,26 @@ def decode_latency(model_dir: str | Path, tp: int = 1, input_len: int = 128,
         weight_bytes = engine.collective_rpc(weight_bytes_of)[0]
         ids = random_prompts(1, input_len, engine.vocab_size, seed)[0]
 
-        def run(n: int) -> list[float]:
+        def run(n: int) -> float:
+            _sync(dev)
+            t0 = time.perf_counter()
             engine.add_request(prompt_token_ids=ids, sampling_params=SamplingParams(
                 temperature=0, max_tokens=n, ignore_eos=True))
-            times = []
             while engine.has_unfinished_requests():
-                _sync(dev)
-                t0 = time.perf_counter()
                 engine.step()
-                _sync(dev)
-                times.append(time.perf_counter() - t0)
-            return times
+            _sync(dev)
+            return time.perf_counter() - t0
 
         run(8)  # warm-up: kernels compiled, graphs replayed once
-        times = run(output_len)
-        decode = times[1:]
+        first = [run(1) for _ in range(3)]
+        decode = [(run(output_len) - statistics.median(first)) / max(output_len - 1, 1)
+                  for _ in range(3)]
         return {"model": str(model_dir), "tp": tp, "dtype": dtype, "device": dev,
                 "quantization": config.quantization.name,
                 "input_len": input_len, "output_len": output_len,
                 "cuda_graphs": dev.startswith("cuda") and not enforce_eager,
                 "weight_bytes_per_rank": weight_bytes,
-                "prefill_ms": times[0] * 1e3,
+                "prefill_ms": statistics.median(first) * 1e3,
                 "decode_ms_median": statistics.median(decode) * 1e3,
                 "decode_ms_mean": statistics.fmean(decode) * 1e3,
                 "decode_tok_s": len(decode) / sum(decode)}
