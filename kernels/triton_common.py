@@ -46,6 +46,11 @@ def tanh(x):
 
 @triton.jit
 def dot(a, b, UPCAST: tl.constexpr):
+    """a @ b with a float32 accumulator. float32 tiles multiply in float32 (IEEE), not in
+    Triton's default TF32: a float32 engine is the precise one parity checks lean on, and TF32's
+    ~1e-3 noise is enough to flip FP8 activation roundings downstream."""
     if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    if a.dtype == tl.float32:
+        return tl.dot(a, b, input_precision="ieee")
     return tl.dot(a, b)

@@ -80,8 +80,9 @@ class Tolerances:
         return self.min_top1 > 0 or math.isfinite(self.mean_kl) or self.min_greedy_prefix > 0
 
 
-# (dtype, device type) -> defaults, measured in docs/VALIDATION.md. On CUDA, float32 engine
-# kernels run their dot products in TF32 (Triton's default): ~1e-3 relative.
+# (dtype, device type) -> defaults, measured in docs/VALIDATION.md. The CUDA float32 bound was
+# measured when the Triton kernels multiplied float32 tiles in TF32 (~1e-3 relative); they now
+# do so in IEEE float32 (kernels/triton_common.dot), so it is loose.
 TOLERANCES = {
     ("float32", "cpu"): Tolerances(1e-4, 1e-5, 1e-6, "exact", 0.0, 1e-4),
     ("float32", "cuda"): Tolerances(1e-2, 5e-3, 2e-4, "exact", 0.0, 1e-2),
