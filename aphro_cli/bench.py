@@ -8,7 +8,7 @@ import click
 from rich.markup import escape
 from rich.table import Table
 
-from aphro_cli.bench_engine import latency, throughput
+from aphro_cli.bench_engine import command_line, latency, throughput
 from aphro_cli.main import console, err_console, handle_errors
 
 
@@ -152,9 +152,9 @@ def serve_bench(base_url, endpoint, model, num_prompts, random_input_len, random
         report = run_serve_bench(config, update)
     if save_result:
         with open(save_result, "w") as f:
-            f.write(result_record(report, seed) + "\n")
+            f.write(result_record(report, seed, command_line()) + "\n")
     if as_json:
-        click.echo(result_record(report, seed))
+        click.echo(result_record(report, seed, command_line()))
         return
     console.print(f"{report['model']} at {base_url}{endpoint}: {num_prompts} prompts x "
                   f"{random_input_len} in / {random_output_len} out, rate {report['request_rate']}"

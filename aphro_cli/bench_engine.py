@@ -22,16 +22,45 @@ DTYPE_HELP = "auto: the checkpoint's / bfloat16 on a GPU, float32 on the CPU."
 JSON_HELP = "Write the result record (schema aphro.bench/1) to FILE; alone or '-': to stdout."
 
 
+def command_line() -> str:
+    """The running bench command as a user would type it: `aphro` + the command path + the
+    options given on the command line (in declaration order), from click's context."""
+    import shlex
+
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context()
+    words = ["aphro", *ctx.command_path.split()[1:]]
+    for param in ctx.command.params:
+        if ctx.get_parameter_source(param.name) is not ParameterSource.COMMANDLINE:
+            continue
+        value = ctx.params[param.name]
+        if isinstance(param, click.Argument):
+            words.append(str(value))
+            continue
+        flag = max(param.opts, key=len)
+        if param.is_flag:
+            words.append(flag)
+        else:
+            for v in value if param.multiple else (value,):
+                words += [flag, str(v)] if v != param.flag_value else [flag]
+    return shlex.join(words)
+
+
 def _emit(record: dict, json_path: str | None, append: bool = False) -> None:
-    """The record to stdout (json_path "-") or to a file; the hint to make a table of it."""
+    """The record to stdout (json_path "-") or to a file (a line appended with `append`)."""
     from engine.bench.results import to_json
 
     if json_path == "-":
-        click.echo(to_json(record))
-        return
-    if json_path:
+        click.echo(to_json(record) if not append else json.dumps(record))
+    elif json_path:
         with open(json_path, "a" if append else "w") as f:
             f.write((json.dumps(record) if append else to_json(record)) + "\n")
+
+
+def _hint(json_path: str | None) -> None:
+    """How to make the docs/PERF.md table of the file just written."""
+    if json_path and json_path != "-":
         console.print(f"next: python scripts/perf_table.py {escape(json_path)}", highlight=False,
                       soft_wrap=True)
 
@@ -131,7 +160,7 @@ def throughput(model, preset, random_weights, dataset, tokenizer, num_prompts, i
     record = throughput_record(
         hw=hw, hf_config=run["hf_config"], facts=run["facts"], model_name=name,
         random_weights=random, prompt_lens=[len(p) for p in prompts], output_len=output_len,
-        rows=rows, workload={"dataset": dataset, "seed": seed,
+        rows=rows, command=command_line(), workload={"dataset": dataset, "seed": seed,
                              "baseline_num_prompts": len(subset),
                              "baseline_batch_size": baseline_batch_size if subset else None})
     for line in describe(record):
@@ -147,6 +176,7 @@ def throughput(model, preset, random_weights, dataset, tokenizer, num_prompts, i
                       f"{r['ratio']:.2f}x" if r.get("ratio") else "-")
     out.print(table)
     _emit(record, json_path)
+    _hint(json_path)
 
 
 @click.command()
@@ -212,7 +242,7 @@ def latency(model, preset, random_weights, tp_sizes, batch_size, input_len, outp
                                      num_iters=num_iters, progress=update)
         record = latency_record(
             hw=hw, hf_config=run["hf_config"], facts=run["facts"], model_name=name,
-            random_weights=random, results=run["results"],
+            random_weights=random, results=run["results"], command=command_line(),
             workload={"batch_size": batch_size, "input_len": input_len,
                       "output_len": output_len, "tp": tp, "num_iters": num_iters,
                       "num_iters_warmup": num_iters_warmup, "seed": seed})
@@ -225,6 +255,7 @@ def latency(model, preset, random_weights, tp_sizes, batch_size, input_len, outp
                       f"{r['tpot']['p50_ms'] / roof['tpot_ms']:.2f}x" if roof else "-")
         _emit(record, json_path, append=True)
     out.print(table)
+    _hint(json_path)
 
 
 def _pcts(s: dict) -> str:

@@ -30,7 +30,7 @@ def cost_model(hw: dict, hf_config, facts: dict) -> CostModel | None:
 
 def throughput_record(*, hw: dict, hf_config, facts: dict, model_name: str, random_weights: bool,
                       workload: dict, prompt_lens: list[int], output_len: int,
-                      rows: list[dict]) -> dict:
+                      rows: list[dict], command: str | None = None) -> dict:
     """rows[0] is the engine's; every row that ran gets "ratio": the engine's output tok/s over
     its own."""
     engine = rows[0]
@@ -50,11 +50,11 @@ def throughput_record(*, hw: dict, hf_config, facts: dict, model_name: str, rand
     return make_record("throughput", hardware=hw,
                        model=model_record(model_name, hf_config, facts, random_weights),
                        workload=workload, results={"rows": rows, "engine": _kv(facts)},
-                       roofline=roofline)
+                       roofline=roofline, command=command)
 
 
 def latency_record(*, hw: dict, hf_config, facts: dict, model_name: str, random_weights: bool,
-                   workload: dict, results: dict) -> dict:
+                   workload: dict, results: dict, command: str | None = None) -> dict:
     cost = cost_model(hw, hf_config, facts)
     roofline = None
     if cost is not None:
@@ -65,7 +65,7 @@ def latency_record(*, hw: dict, hf_config, facts: dict, model_name: str, random_
     return make_record("latency", hardware=hw,
                        model=model_record(model_name, hf_config, facts, random_weights),
                        workload=workload, results={**results, "engine": _kv(facts)},
-                       roofline=roofline)
+                       roofline=roofline, command=command)
 
 
 def _kv(facts: dict) -> dict:

@@ -1,8 +1,9 @@
 """What a model costs per token, from its config, and the rooflines the benchmarks report beside
 their figures (the time no implementation on this card can beat, by this simple model):
 
-- A decode step at batch b and mean context c streams the weights it touches once plus the KV
-  cache of its b sequences, and computes 2 * active parameters + attention FLOPs per token:
+- A decode step at batch b and mean context c streams the weights it touches once (all but the
+  input embedding table, of which it gathers a row a token) plus the KV cache of its b
+  sequences, and computes 2 * active parameters + attention FLOPs per token:
   step >= max((W(b) + b * c * kv_bytes_per_token) / copy_BW, b * flops(c) / matmul_rate).
   W(b) is every weight byte for a dense model; for a mixture of experts the shared weights plus
   the experts b tokens are expected to touch under uniform routing, E * (1 - (1 - k/E)^b) of E.
@@ -80,7 +81,11 @@ class CostModel:
         counts = parameter_counts(shape)
         self.active = counts["active"]
         self.expert_share = counts["experts"] / counts["total"]
-        self.weights = weight_bytes_per_rank
+        # streamed per step: every weight but the input embedding table (one row a token is
+        # gathered; the LM head is streamed, tied or not)
+        embed = 0 if shape["tie_word_embeddings"] else \
+            shape["vocab_size"] * shape["hidden_size"] * kv_elem_bytes // tp
+        self.weights = weight_bytes_per_rank - embed
         kv_heads_rank = max(1, shape["num_key_value_heads"] // tp)
         self.kv_token = kv_bytes_per_token(shape, kv_elem_bytes) // shape[
             "num_key_value_heads"] * kv_heads_rank

@@ -247,7 +247,7 @@ _WORKLOAD_KEYS = ("base_url", "endpoint", "num_prompts", "random_input_len", "ra
                   "request_rate", "max_concurrency", "ignore_eos")
 
 
-def serve_record(report: dict, seed: int = 0) -> dict:
+def serve_record(report: dict, seed: int = 0, command: str | None = None) -> dict:
     """The report as a result record (kind "serve"): the server's model, the configuration as
     the workload, every figure under results; the hardware is this host's (host_hardware)."""
     from engine.bench.hardware import host_hardware
@@ -256,10 +256,10 @@ def serve_record(report: dict, seed: int = 0) -> dict:
     workload["seed"] = seed
     results = {k: v for k, v in report.items() if k not in _WORKLOAD_KEYS and k != "model"}
     return make_record("serve", hardware=host_hardware(), model={"name": report["model"]},
-                       workload=workload, results=results, roofline=None)
+                       workload=workload, results=results, roofline=None, command=command)
 
 
-def result_record(report: dict, seed: int = 0) -> str:
+def result_record(report: dict, seed: int = 0, command: str | None = None) -> str:
     """The report's result record as one JSON document (what --save-result writes); NaN
     becomes null."""
-    return to_json(serve_record(report, seed))
+    return to_json(serve_record(report, seed, command))
