@@ -134,8 +134,13 @@ def run_hf_baselines(model: str | Path, prompts: list[list[int]], output_len: in
                      say: Callable[[str], None] = lambda msg: None,
                      progress: Callable[[int, int], None] | None = None) -> list[dict]:
     """Both HF rows (generate_batch first); a row with "skipped" when one cannot run."""
+    import gc
+
     from engine.validate.tiny import quiet_transformers
 
+    gc.collect()  # the engine closed just before: its weights and KV cache go back first
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
     with quiet_transformers():
         hf = load_hf_model(model, dtype, device, random_weights)
     rows = []
