@@ -30,7 +30,11 @@ def command_line() -> str:
     from click.core import ParameterSource
 
     ctx = click.get_current_context()
-    words = ["aphro", *ctx.command_path.split()[1:]]
+    names, c = [], ctx
+    while c.parent is not None:  # the subcommands' names; the root's is the program's
+        names.insert(0, c.info_name)
+        c = c.parent
+    words = ["aphro", *names]
     for param in ctx.command.params:
         if ctx.get_parameter_source(param.name) is not ParameterSource.COMMANDLINE:
             continue
