@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import tempfile
 
 import click
 from rich.markup import escape
 from rich.table import Table
 
+from aphro_cli.bench_engine import command_line, latency, throughput
 from aphro_cli.main import console, err_console, handle_errors
-
-QUANT_CHOICES = ("fp8", "int8", "compressed-tensors")
 
 
 @click.group()
@@ -49,112 +47,8 @@ def kernels(device, dtype, as_json):
     console.print(table)
 
 
-@bench.command()
-@click.argument("model", required=False, type=click.Path(exists=True, file_okay=False))
-@click.option("--preset", default="tiny", show_default=True,
-              help="Without MODEL: a random-weight Llama of this shape (tiny, llama-1b, llama-8b).")
-@click.option("--num-prompts", default=32, show_default=True)
-@click.option("--input-len", default=128, show_default=True)
-@click.option("--output-len", default=64, show_default=True)
-@click.option("--device", default="auto", show_default=True)
-@click.option("--dtype", default="auto", show_default=True)
-@click.option("--no-baseline", is_flag=True, help="Skip HF transformers' generate.")
-@click.option("--quantization", "-q", type=click.Choice(QUANT_CHOICES), default=None,
-              help="The engine's scheme (HF runs the checkpoint as it is).")
-@click.option("--json", "as_json", is_flag=True)
-@handle_errors
-def throughput(model, preset, num_prompts, input_len, output_len, device, dtype, no_baseline,
-               quantization, as_json):
-    """Offline generation throughput of the engine beside HF transformers' generate."""
-    from engine.bench.engine_bench import make_random_checkpoint, run_throughput
-
-    with tempfile.TemporaryDirectory(prefix="aphro-bench-") as tmp:
-        if model is None:
-            model = str(make_random_checkpoint(tmp, preset))
-        report = run_throughput(model, num_prompts, input_len, output_len, device, dtype,
-                                baseline=not no_baseline, quantization=quantization)
-    if as_json:
-        click.echo(json.dumps(report, indent=2))
-        return
-    table = Table("", "engine", "HF generate")
-    table.add_row("output tok/s", f"{report['engine_output_tok_s']:.1f}",
-                  f"{report.get('hf_output_tok_s', float('nan')):.1f}")
-    table.add_row("seconds", f"{report['engine_s']:.2f}", f"{report.get('hf_s', float('nan')):.2f}")
-    console.print(f"{report['device']} {report['dtype']}: {num_prompts} prompts x {input_len} in "
-                  f"+ {output_len} out, KV {report['kv_blocks']} blocks of "
-                  f"{report['block_size']}")
-    console.print(table)
-    if "speedup" in report:
-        console.print(f"engine / HF: {report['speedup']:.2f}x")
-
-
-@bench.command()
-@click.argument("model", required=False, type=click.Path(exists=True, file_okay=False))
-@click.option("--preset", "--model-config", "preset", default=None,
-              help="Without MODEL: random weights of this shape (tiny, llama-1b, llama-8b, "
-                   "qwen2.5-7b, mistral-7b, mixtral-8x7b). Default: llama-8b on a GPU, tiny on "
-                   "the CPU.")
-@click.option("--tp", "tp_sizes", type=click.IntRange(min=1), multiple=True,
-              help="Tensor-parallel size; repeat to compare (--tp 1 --tp 2). Default 1.")
-@click.option("--input-len", default=128, show_default=True)
-@click.option("--output-len", default=128, show_default=True)
-@click.option("--device", default="auto", show_default=True)
-@click.option("--dtype", default="auto", show_default=True,
-              help="auto: bfloat16 on a GPU, float32 on the CPU.")
-@click.option("--eager-too", is_flag=True, help="Also run without CUDA graphs.")
-@click.option("--eager", is_flag=True, hidden=True, help="Only without CUDA graphs.")
-@click.option("--quantization", "-q", type=click.Choice(QUANT_CHOICES), default=None)
-@click.option("--json", "json_path", type=click.Path(dir_okay=False),
-              help="Append one JSON line per run to this file.")
-@handle_errors
-def latency(model, preset, tp_sizes, input_len, output_len, device, dtype, eager_too, eager,
-            quantization, json_path):
-    """Batch-1 decode latency (ms per token) at one or more tensor-parallel sizes.
-
-    With MODEL the checkpoint's weights are loaded; without it only a config is written and the
-    weights are random (nothing to download or save), so large shapes start in seconds. Several
-    sizes run one after another.
-    """
-    from engine.config import resolve_device
-
-    on_gpu = resolve_device(device).type == "cuda"
-    preset = preset or ("llama-8b" if on_gpu else "tiny")
-    dtype = dtype if dtype != "auto" else ("bfloat16" if on_gpu else "float32")
-    runs = [(tp, e) for e in ((False, True) if eager_too else (eager,)) for tp in tp_sizes or (1,)]
-    rows = []
-    for tp, e in runs:  # one engine after another, in this process
-        err_console.print(f"latency: {model or preset} {dtype}, TP={tp}"
-                          f"{' eager' if e else ''}: {input_len} prompt + {output_len} tokens",
-                          highlight=False)
-        rows.append(_latency_run(model, preset, tp, input_len, output_len, device, dtype, e,
-                                 quantization))
-    table = Table("TP", "CUDA graphs", "TTFT ms", "decode ms (median)", "decode ms (mean)",
-                  "tok/s", "weights/rank GB")
-    for r in rows:
-        if json_path:
-            with open(json_path, "a") as f:
-                f.write(json.dumps(r) + "\n")
-        table.add_row(str(r["tp"]), str(r["cuda_graphs"]), f"{r['prefill_ms']:.2f}",
-                      f"{r['decode_ms_median']:.3f}", f"{r['decode_ms_mean']:.3f}",
-                      f"{r['decode_tok_s']:.1f}", f"{r['weight_bytes_per_rank'] / 1e9:.2f}")
-    console.print(f"{model or preset} {dtype} ({rows[0]['quantization']}) on "
-                  f"{rows[0]['device']}: batch 1, {input_len} prompt tokens, {output_len} "
-                  "generated")
-    console.print(table)
-
-
-def _latency_run(model, preset, tp, input_len, output_len, device, dtype, eager,
-                 quantization=None) -> dict:
-    from engine.bench.engine_bench import decode_latency, preset_config_dir
-
-    with tempfile.TemporaryDirectory(prefix="aphro-bench-") as tmp:
-        path, load_format = ((model, "auto") if model is not None
-                             else (str(preset_config_dir(preset, tmp)), "dummy"))
-        r = decode_latency(path, tp, input_len, output_len, dtype=dtype, device=device,
-                           load_format=load_format, enforce_eager=eager,
-                           quantization=quantization)
-    r["model"] = model or preset
-    return r
+bench.add_command(throughput)
+bench.add_command(latency)
 
 
 @bench.command("quantization")
@@ -258,9 +152,9 @@ def serve_bench(base_url, endpoint, model, num_prompts, random_input_len, random
         report = run_serve_bench(config, update)
     if save_result:
         with open(save_result, "w") as f:
-            f.write(result_record(report) + "\n")
+            f.write(result_record(report, seed, command_line()) + "\n")
     if as_json:
-        click.echo(result_record(report))
+        click.echo(result_record(report, seed, command_line()))
         return
     console.print(f"{report['model']} at {base_url}{endpoint}: {num_prompts} prompts x "
                   f"{random_input_len} in / {random_output_len} out, rate {report['request_rate']}"

@@ -2,7 +2,7 @@
 # One batched GPU session (through the device tool). STAGES picks what runs (default: all):
 #   check    the whole test suite on the GPU(s), and beside it (correctness only, no timing)
 #            `aphro parity-check --tp N` of every family in bf16 for N = 2, 4, .. up to the GPUs
-#   perf     `aphro bench throughput` (engine beside HF generate) for each of BENCH_PRESETS,
+#   perf     `aphro bench throughput` (engine beside HF generate_batch / generate) for each of BENCH_PRESETS,
 #            then `aphro bench latency` at batch 1 on the Llama-3-8B shape, TP 1 .. GPUs
 # Logs and JSON go to $OUT; a short table is printed last.
 set -u
@@ -53,20 +53,25 @@ fi
 
 if [[ " $STAGES " == *" perf "* ]]; then
   for preset in ${BENCH_PRESETS:-llama-1b}; do
-    timeout "${BENCH_TIMEOUT:-240}" $APHRO bench throughput --preset "$preset" \
+    timeout "${BENCH_TIMEOUT:-240}" $APHRO bench throughput --model-config "$preset" \
       --num-prompts "${NUM_PROMPTS:-64}" --input-len "${INPUT_LEN:-512}" \
-      --output-len "${OUTPUT_LEN:-128}" --json > "$OUT/bench-$preset.json" 2> "$TMP/bench-$preset.err"
+      --output-len "${OUTPUT_LEN:-128}" --json "$OUT/bench-$preset.json" \
+      > "$TMP/bench-$preset.log" 2>&1
     summary+=("$(python3 - "$OUT/bench-$preset.json" <<'PY'
 import json, sys
-text = open(sys.argv[1]).read()
 try:
-    r = json.loads(text[text.index("{"):])
+    r = json.load(open(sys.argv[1]))
 except Exception as e:
     print("bench throughput failed:", e); sys.exit()
-print(f"throughput {r['model'][-12:]} {r['dtype']} {r['num_prompts']}x{r['input_len']}+"
-      f"{r['output_len']}: engine {r['engine_output_tok_s']:.0f} tok/s ({r['engine_s']:.2f} s), "
-      f"HF {r['hf_output_tok_s']:.0f} tok/s ({r['hf_s']:.2f} s), {r['speedup']:.2f}x, "
-      f"KV {r['kv_blocks']} blocks")
+w, rows, roof = r["workload"], {x["name"]: x for x in r["results"]["rows"]}, r["roofline"] or {}
+line = (f"throughput {r['model']['name']} {r['model']['dtype']} {w['num_prompts']}x"
+        f"{w['max_input_len']}+{w['output_len']}: engine {rows['aphro']['output_tok_s']:.0f} tok/s")
+for name in ("HF generate_batch", "HF generate"):
+    if rows.get(name, {}).get("output_tok_s"):
+        line += f", {name} {rows[name]['output_tok_s']:.0f} ({rows[name]['ratio']:.2f}x)"
+if roof:
+    line += f"; {roof['fraction']:.0%} of the {roof['output_tok_s']:.0f} tok/s roofline"
+print(line + f", KV {r['results']['engine']['kv_blocks']} blocks")
 PY
 )")
   done
@@ -76,8 +81,8 @@ PY
   summary+=("latency (rc $?): $(python3 -c "
 import json, sys
 for line in open(sys.argv[1]):
-    r = json.loads(line)
-    print(f\"tp={r['tp']} decode {r['decode_ms_median']:.3f} ms, prefill {r['prefill_ms']:.1f} ms;\", end=' ')
+    r = json.loads(line); t = r['results']['tpot']
+    print(f\"tp={r['workload']['tp']} TPOT p50 {t['p50_ms']:.3f} ms, TTFT p50 {r['results']['ttft']['p50_ms']:.1f} ms;\", end=' ')
 " "$OUT/latency.jsonl" 2>&1)")
 fi
 

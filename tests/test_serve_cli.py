@@ -116,7 +116,10 @@ def test_a_graceful_stop_lets_requests_in_flight_finish(tiny_llama_dir):
 
 
 def test_bench_serve_against_a_running_server(tiny_llama_dir, tmp_path):
+    import jsonschema
+
     from aphro_cli.main import cli
+    from engine.bench.results import RESULT_SCHEMA
 
     with running_server(tiny_llama_dir) as server:
         result_file = tmp_path / "result.json"
@@ -125,17 +128,27 @@ def test_bench_serve_against_a_running_server(tiny_llama_dir, tmp_path):
         r = CliRunner().invoke(cli, [*common, "--save-result", str(result_file)])
         assert r.exit_code == 0, r.output
         assert "TTFT" in r.output and "bench serve: 6/6" in r.output
-        report = json.loads(result_file.read_text())
+        record = json.loads(result_file.read_text())  # the bench result schema
+        jsonschema.validate(record, RESULT_SCHEMA)
+        assert record["kind"] == "serve"
+        report = record["results"]
         assert report["failed"] == 0 and report["completed"] == 6
         assert report["total_input_tokens"] == 48 and report["total_output_tokens"] == 24
-        assert report["request_rate"] == "inf"
+        assert record["workload"]["request_rate"] == "inf"
+        table = subprocess.run([sys.executable, "scripts/perf_table.py", str(result_file)],
+                               cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                               text=True, timeout=WAIT_S, check=False)
+        name = record["model"]["name"]
+        row = next(x for x in table.stdout.splitlines() if x.startswith(f"| {name} |"))
+        assert "| 6 x 8 / 4 | inf |" in row and f"| {report['output_throughput']:,.1f} |" in row
         r = CliRunner().invoke(cli, [*common, "--request-rate", "20", "--max-concurrency", "2",
                                      "--endpoint", "/v1/chat/completions",
                                      "--save-result", str(result_file)])
         assert r.exit_code == 0, r.output
-        report = json.loads(result_file.read_text())
+        record = json.loads(result_file.read_text())
+        report = record["results"]
         assert report["failed"] == 0 and report["total_output_tokens"] == 24
-        assert report["request_rate"] == 20
+        assert record["workload"]["request_rate"] == 20
         r = CliRunner().invoke(cli, ["bench", "serve", "--base-url", "http://127.0.0.1:9",
                                      "--num-prompts", "1"])
         assert r.exit_code == 2 and "is the server running" in r.output

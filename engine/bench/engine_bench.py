@@ -1,19 +1,27 @@
-"""Offline throughput of the engine beside HF transformers' generate, in the same process.
+"""Offline throughput of the engine, the well-known model shapes benchmarks run with random
+weights, and the prompts they send (random token ids, or a dataset file).
 
-Figures only: nothing here asserts a time. The report states the workload and the KV budget.
+A dataset file (`--dataset FILE`) is either JSONL - a file named *.jsonl or *.json, one JSON
+object a line with a "prompt" string (other keys are ignored) - or plain text, one prompt a line;
+blank lines are skipped. Its prompts are tokenized with the model's tokenizer (the engine's
+`tokenizer.encode`, as `LLM.generate(prompts)` does), so the engine and the baselines get the same
+token ids. Figures only: nothing here asserts a time.
 """
 
 from __future__ import annotations
 
+import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from engine.core.sampling_params import SamplingParams
+from engine.errors import ConfigError
 
 
-def _sync(device: str) -> None:
+def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
 
@@ -24,71 +32,135 @@ def random_prompts(num_prompts: int, input_len: int, vocab_size: int,
     return torch.randint(4, vocab_size, (num_prompts, input_len), generator=g).tolist()
 
 
-def run_throughput(model: str | Path, num_prompts: int = 64, input_len: int = 128,
-                   output_len: int = 128, device: str = "auto", dtype: str = "auto",
-                   max_num_seqs: int | None = None, baseline: bool = True,
-                   hf_batch_size: int | None = None, quantization: str | None = None,
-                   load_format: str = "auto") -> dict:
-    """Generate output_len tokens (greedy, EOS ignored) for num_prompts random prompts of
-    input_len tokens; returns tokens/s for the engine and, with baseline, for HF generate.
-    `quantization` is the engine's (HF runs the checkpoint as it is); load_format "dummy":
-    random weights, only config.json read (no baseline then)."""
-    from engine.core.llm import LLM
-
-    seqs = {} if max_num_seqs is None else {"max_num_seqs": max_num_seqs}  # else the default
-    llm = LLM(str(model), device=device, dtype=dtype,
-              max_model_len=input_len + output_len + 1, enable_prefix_caching=False,
-              quantization=quantization, load_format=load_format, **seqs)
-    config = llm.engine.config
-    dev = str(config.device)
-    prompts = random_prompts(num_prompts, input_len, llm.engine.vocab_size)
-    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
-    llm.generate(prompt_token_ids=prompts[:2], sampling_params=SamplingParams(
-        temperature=0, max_tokens=4, ignore_eos=True))  # warm-up: kernels compiled
-    _sync(dev)
-    t0 = time.perf_counter()
-    outs = llm.generate(prompt_token_ids=prompts, sampling_params=params)
-    _sync(dev)
-    elapsed = time.perf_counter() - t0
-    generated = sum(len(o.outputs[0].token_ids) for o in outs)
-    report = {
-        "model": str(model), "device": dev, "dtype": str(config.dtype).replace("torch.", ""),
-        "num_prompts": num_prompts, "input_len": input_len, "output_len": output_len,
-        "kv_blocks": llm.engine.num_kv_blocks, "block_size": config.cache.block_size,
-        "quantization": config.quantization.name,
-        "weight_bytes_per_rank": llm.engine.executor.collective_rpc(weight_bytes_of)[0],
-        "engine_s": elapsed, "engine_output_tok_s": generated / elapsed,
-        "engine_total_tok_s": (generated + num_prompts * input_len) / elapsed,
-    }
-    llm.close()
-    if baseline and load_format != "dummy":
-        del llm, outs
-        if dev.startswith("cuda"):
-            torch.cuda.empty_cache()
-        report.update(_hf_throughput(model, prompts, output_len, dev, config.dtype,
-                                     hf_batch_size or num_prompts))
-        report["speedup"] = report["engine_output_tok_s"] / report["hf_output_tok_s"]
-    return report
+def read_dataset(path: str | Path) -> list[str]:
+    """The prompts of a dataset file (the format is in this module's docstring)."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--dataset {path}: cannot be read as UTF-8 text ({e})") from None
+    prompts = []
+    jsonl = path.suffix in (".jsonl", ".json")
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if not jsonl:
+            prompts.append(line)
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--dataset {path}:{number}: not JSON ({e.msg}); a .jsonl file "
+                              'holds one {"prompt": "..."} object a line') from None
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+            raise ConfigError(f'--dataset {path}:{number}: no "prompt" string; a .jsonl file '
+                              'holds one {"prompt": "..."} object a line')
+        prompts.append(row["prompt"])
+    if not prompts:
+        raise ConfigError(f"--dataset {path}: no prompts in the file")
+    return prompts
 
 
-def _hf_throughput(model, prompts, output_len, device, dtype, batch_size) -> dict:
-    from transformers import AutoModelForCausalLM
+def dataset_prompts(path: str | Path, tokenizer, vocab_size: int,
+                    num_prompts: int | None = None) -> list[list[int]]:
+    """The first `num_prompts` (default all) prompts of the file, as token ids."""
+    texts = read_dataset(path)
+    if num_prompts is not None:
+        if num_prompts > len(texts):
+            raise ConfigError(f"--num-prompts {num_prompts}: --dataset {path} has only "
+                              f"{len(texts)} prompts")
+        texts = texts[:num_prompts]
+    ids = [tokenizer.encode(t) for t in texts]
+    for number, p in enumerate(ids, 1):
+        if not p:
+            raise ConfigError(f"--dataset {path}: prompt {number} has no tokens")
+        if max(p) >= vocab_size:
+            raise ConfigError(f"--dataset {path}: prompt {number} has token id {max(p)}, "
+                              f"outside the model's vocabulary of {vocab_size}: use the "
+                              "model's own tokenizer (--tokenizer)")
+    return ids
 
-    hf = AutoModelForCausalLM.from_pretrained(model, dtype=dtype).to(device).eval()
-    ids = torch.tensor(prompts, device=device)  # all prompts have one length: no padding
-    kwargs = {"max_new_tokens": output_len, "min_new_tokens": output_len, "do_sample": False,
-              "pad_token_id": 0}
-    with torch.no_grad():
-        hf.generate(ids[:2], max_new_tokens=4, do_sample=False, pad_token_id=0)
-        _sync(device)
+
+def engine_facts(engine) -> dict:
+    """What the engine was built with: device, dtype, KV budget, batch limits, weight bytes."""
+    config = engine.config
+    return {"device": str(config.device), "dtype": str(config.dtype).replace("torch.", ""),
+            "tp": config.tp_size, "quantization": config.quantization.name,
+            "kv_blocks": engine.num_kv_blocks, "block_size": config.cache.block_size,
+            "kv_tokens": engine.num_kv_blocks * config.cache.block_size,
+            "max_num_seqs": config.scheduler.max_num_seqs,
+            "max_num_batched_tokens": config.scheduler.max_num_batched_tokens,
+            "max_model_len": config.max_model_len,
+            "cuda_graphs": config.device.type == "cuda" and not config.enforce_eager,
+            "async_scheduling": config.async_scheduling,
+            "weight_bytes_per_rank": engine.collective_rpc(weight_bytes_of)[0]}
+
+
+def model_record(name: str, hf_config, facts: dict, random_weights: bool) -> dict:
+    """The "model" part of a result record."""
+    from engine.bench.roofline import parameter_counts, shape_of
+
+    shape = shape_of(hf_config)
+    counts = parameter_counts(shape)
+    return {"name": name, "architecture": (getattr(hf_config, "architectures", None)
+                                           or ["?"])[0],
+            "shape": shape, "parameters": counts["total"],
+            "active_parameters": counts["active"],
+            # all ranks' bytes: known exactly at TP 1 (replicated norms make a sum overcount)
+            "weight_bytes": facts["weight_bytes_per_rank"] if facts["tp"] == 1 else None,
+            "weight_bytes_per_rank": facts["weight_bytes_per_rank"], "tp": facts["tp"],
+            "dtype": facts["dtype"], "quantization": facts["quantization"],
+            "random_weights": random_weights}
+
+
+def run_throughput(model: str | Path, prompts: list[list[int]], output_len: int, *,
+                   progress: Callable[[int, int], None] | None = None, **options) -> dict:
+    """Generate `output_len` tokens (greedy, EOS ignored) for every prompt through the engine
+    (options: EngineConfig.create's; max_model_len defaults to the longest prompt + output_len
+    + 1, prefix caching off). Returns {"row": the engine's figures, "facts": engine_facts,
+    "hf_config"}."""
+    from engine.config import EngineConfig
+    from engine.core.llm_engine import LLMEngine
+
+    options.setdefault("enable_prefix_caching", False)
+    if options.get("max_model_len") is None:
+        options["max_model_len"] = max(len(p) for p in prompts) + output_len + 1
+    options = {k: v for k, v in options.items() if v is not None}
+    engine = LLMEngine(EngineConfig.create(str(model), **options), stream_outputs=False)
+    try:
+        facts = engine_facts(engine)
+        dev = facts["device"]
+        warm = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+        _drive(engine, prompts[:2], warm)  # warm-up: kernels compiled, graphs captured
+        sync(dev)
+        params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
         t0 = time.perf_counter()
-        generated = 0
-        for i in range(0, len(prompts), batch_size):
-            out = hf.generate(ids[i:i + batch_size], **kwargs)
-            generated += (out.shape[1] - ids.shape[1]) * out.shape[0]
-        _sync(device)
-    elapsed = time.perf_counter() - t0
-    return {"hf_s": elapsed, "hf_output_tok_s": generated / elapsed, "hf_batch_size": batch_size}
+        outputs = _drive(engine, prompts, params, progress)
+        sync(dev)
+        elapsed = time.perf_counter() - t0
+        generated = sum(len(o.outputs[0].token_ids) for o in outputs)
+        prompt_tokens = sum(len(p) for p in prompts)
+        row = {"name": "aphro", "requests": len(outputs), "seconds": elapsed,
+               "output_tokens": generated, "prompt_tokens": prompt_tokens,
+               "output_tok_s": generated / elapsed,
+               "total_tok_s": (generated + prompt_tokens) / elapsed}
+        return {"row": row, "facts": facts, "hf_config": engine.config.hf_config}
+    finally:
+        engine.close()
+
+
+def _drive(engine, prompts: list[list[int]], params: SamplingParams,
+           progress: Callable[[int, int], None] | None = None) -> list:
+    """Add every prompt, step to the end; the finished outputs in prompt order."""
+    ids = [engine.add_request(prompt_token_ids=p, sampling_params=params) for p in prompts]
+    done: dict[str, object] = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+                if progress is not None:
+                    progress(len(done), len(ids))
+    return [done[i] for i in ids]
 
 
 def weight_bytes_of(runner) -> int:
@@ -148,58 +220,14 @@ def preset_config_dir(preset: str, out_dir: str | Path) -> Path:
     return out
 
 
-def decode_latency(model_dir: str | Path, tp: int = 1, input_len: int = 128,
-                   output_len: int = 128, dtype: str = "bfloat16", device: str = "auto",
-                   load_format: str = "dummy", enforce_eager: bool = False,
-                   seed: int = 0, quantization: str | None = None) -> dict:
-    """One request (batch 1) of `input_len` random prompt tokens and `output_len` greedy tokens
-    at tensor_parallel_size=`tp`, timed as a user sees it: TTFT is a 1-token request's wall
-    time, a decode step is (T(output_len tokens) - T(1 token)) / (output_len - 1), nothing
-    synchronised in between (a per-step sync would undo asynchronous scheduling's overlap);
-    the median and mean over 3 runs. With load_format="dummy" the weights are random and only
-    config.json is read. Also reports the weight bytes each rank streams per decode step, for
-    the memory roofline."""
-    import statistics
-
-    from engine.config import EngineConfig
-    from engine.core.llm_engine import LLMEngine
-
-    block = 16
-    max_len = input_len + output_len + block
-    config = EngineConfig.create(
-        model_dir, dtype=dtype, device=device, max_model_len=max_len, max_num_seqs=1,
-        max_num_batched_tokens=max(2048, input_len), tensor_parallel_size=tp,
-        enforce_eager=enforce_eager, load_format=load_format, seed=seed, block_size=block,
-        num_kv_blocks=-(-max_len // block) + 2, enable_prefix_caching=False,
-        quantization=quantization)
-    engine = LLMEngine(config)
-    try:
-        dev = str(config.device)
-        weight_bytes = engine.collective_rpc(weight_bytes_of)[0]
-        ids = random_prompts(1, input_len, engine.vocab_size, seed)[0]
-
-        def run(n: int) -> float:
-            _sync(dev)
-            t0 = time.perf_counter()
-            engine.add_request(prompt_token_ids=ids, sampling_params=SamplingParams(
-                temperature=0, max_tokens=n, ignore_eos=True))
-            while engine.has_unfinished_requests():
-                engine.step()
-            _sync(dev)
-            return time.perf_counter() - t0
-
-        run(8)  # warm-up: kernels compiled, graphs replayed once
-        first = [run(1) for _ in range(3)]
-        decode = [(run(output_len) - statistics.median(first)) / max(output_len - 1, 1)
-                  for _ in range(3)]
-        return {"model": str(model_dir), "tp": tp, "dtype": dtype, "device": dev,
-                "quantization": config.quantization.name,
-                "input_len": input_len, "output_len": output_len,
-                "cuda_graphs": dev.startswith("cuda") and not enforce_eager,
-                "weight_bytes_per_rank": weight_bytes,
-                "prefill_ms": statistics.median(first) * 1e3,
-                "decode_ms_median": statistics.median(decode) * 1e3,
-                "decode_ms_mean": statistics.fmean(decode) * 1e3,
-                "decode_tok_s": len(decode) / sum(decode)}
-    finally:
-        engine.close()
+def bench_model(model: str | None, preset: str | None, random_weights: bool, on_gpu: bool,
+                tmp: str | Path) -> tuple[str, str, str, bool]:
+    """(folder, load_format, name, random weights) of what a bench command runs: MODEL's
+    weights; with --random-weights its config only; without MODEL a preset shape (default:
+    llama-8b on a GPU, tiny on the CPU), random weights built on the device."""
+    if model is not None and preset is not None:
+        raise ConfigError("give MODEL or --model-config, not both")
+    if model is not None:
+        return str(model), "dummy" if random_weights else "auto", str(model), random_weights
+    preset = preset or ("llama-8b" if on_gpu else "tiny")
+    return str(preset_config_dir(preset, Path(tmp) / "config")), "dummy", preset, True

@@ -17,12 +17,13 @@ from pathlib import Path
 import torch
 
 from engine.bench.engine_bench import (
-    decode_latency,
     make_random_checkpoint,
     preset_config,
     preset_config_dir,
+    random_prompts,
     run_throughput,
 )
+from engine.bench.latency import decode_latency
 
 SCHEMES = ("none", "fp8", "int8")
 
@@ -50,17 +51,21 @@ def compare_quantization(preset: str = "llama-8b", schemes: tuple[str, ...] = SC
             quant = None if scheme == "none" else scheme
             progress(f"{scheme}: batch-1 decode, {latency_input} + {latency_output} tokens")
             lat = decode_latency(cfg_dir, 1, latency_input, latency_output, dtype=dtype,
-                                 device=device, load_format="dummy", quantization=quant)
+                                 device=device, load_format="dummy", quantization=quant,
+                                 num_iters_warmup=1, num_iters=3)
             _free()
             progress(f"{scheme}: throughput, {num_prompts} x {input_len}/{output_len}")
-            thr = run_throughput(cfg_dir, num_prompts, input_len, output_len, device, dtype,
-                                 baseline=False, quantization=quant, load_format="dummy")
+            prompts = random_prompts(num_prompts, input_len,
+                                     lat["hf_config"].get_text_config().vocab_size)
+            thr = run_throughput(cfg_dir, prompts, output_len, device=device, dtype=dtype,
+                                 quantization=quant, load_format="dummy")
             _free()
-            rows.append({"scheme": scheme, "tpot_ms": lat["decode_ms_median"],
-                         "prefill_ms": lat["prefill_ms"],
-                         "throughput_tok_s": thr["engine_output_tok_s"],
-                         "weight_gb": lat["weight_bytes_per_rank"] / 1e9,
-                         "kv_blocks": thr["kv_blocks"], "device": lat["device"]})
+            rows.append({"scheme": scheme, "tpot_ms": lat["results"]["tpot"]["p50_ms"],
+                         "prefill_ms": lat["results"]["ttft"]["p50_ms"],
+                         "throughput_tok_s": thr["row"]["output_tok_s"],
+                         "weight_gb": lat["facts"]["weight_bytes_per_rank"] / 1e9,
+                         "kv_blocks": thr["facts"]["kv_blocks"],
+                         "device": lat["facts"]["device"]})
         if parity_preset:
             ckpt = make_random_checkpoint(Path(tmp) / "parity", parity_preset)
             for row in rows:

@@ -7,6 +7,8 @@ Prompts are random token ids of exactly `random_input_len` tokens, sent as token
 (the vocabulary comes from `tokenizer`, a local checkpoint folder, or the server's
 /tokenizer_info). The report has vLLM's keys: throughput, TTFT, TPOT, ITL and end-to-end
 latency (mean, median, p99, in ms) and the failures. Figures only: nothing here asserts one.
+`serve_record` puts the report in the one result schema of the benchmarks (engine.bench.results):
+the configuration under "workload", the figures under "results".
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from engine.bench.results import make_record, percentile, to_json
 from engine.errors import AphroError, ConfigError
 
 
@@ -230,17 +233,8 @@ def summarize(cfg: ServeBenchConfig, model: str, results: list[RequestResult],
         ms = [v * 1000 for v in values] or [math.nan]
         report[f"mean_{name}_ms"] = statistics.fmean(ms)
         report[f"median_{name}_ms"] = statistics.median(ms)
-        report[f"p99_{name}_ms"] = _percentile(ms, 99)
+        report[f"p99_{name}_ms"] = percentile(ms, 99)
     return report
-
-
-def _percentile(values: list[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default)."""
-    s = sorted(values)
-    pos = (len(s) - 1) * q / 100
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
 def run_serve_bench(config: ServeBenchConfig,
@@ -249,7 +243,23 @@ def run_serve_bench(config: ServeBenchConfig,
     return asyncio.run(ServeBench(config).run(progress))
 
 
-def result_record(report: dict) -> str:
-    """The report as one JSON document (what --save-result writes); NaN becomes null."""
-    clean = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in report.items()}
-    return json.dumps(clean, indent=2)
+_WORKLOAD_KEYS = ("base_url", "endpoint", "num_prompts", "random_input_len", "random_output_len",
+                  "request_rate", "max_concurrency", "ignore_eos")
+
+
+def serve_record(report: dict, seed: int = 0, command: str | None = None) -> dict:
+    """The report as a result record (kind "serve"): the server's model, the configuration as
+    the workload, every figure under results; the hardware is this host's (host_hardware)."""
+    from engine.bench.hardware import host_hardware
+
+    workload = {k: report[k] for k in _WORKLOAD_KEYS}
+    workload["seed"] = seed
+    results = {k: v for k, v in report.items() if k not in _WORKLOAD_KEYS and k != "model"}
+    return make_record("serve", hardware=host_hardware(), model={"name": report["model"]},
+                       workload=workload, results=results, roofline=None, command=command)
+
+
+def result_record(report: dict, seed: int = 0, command: str | None = None) -> str:
+    """The report's result record as one JSON document (what --save-result writes); NaN
+    becomes null."""
+    return to_json(serve_record(report, seed, command))
