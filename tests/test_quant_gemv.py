@@ -131,6 +131,25 @@ def test_gemv_config_table():
     assert gemv_config(4096, 40, 1).block_k == 64
 
 
+def test_bench_gemv_runs_every_variant():
+    """`aphro bench gemv --json`: one row per variant and token count beside the copy row."""
+    import json
+
+    from click.testing import CliRunner
+
+    from aphro_cli.main import cli
+
+    result = CliRunner().invoke(cli, ["bench", "gemv", "--device", DEV, "--json",
+                                      "--tokens", "1,3"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    variants = {"cublas bf16", "gemv bf16", "gemv int8", "tiled int8 (old)"}
+    assert rows[0]["shape"] == "copy (d2d)"
+    for m in (1, 3):
+        assert variants <= {r["variant"] for r in rows if r["m"] == m}
+    assert all(r["us"] > 0 and r["tb_s"] > 0 for r in rows[1:])
+
+
 # ---------------------------------------------------------------------------------------------
 # the Llama-3-8B decode shapes (GPU only)
 
