@@ -51,6 +51,31 @@ bench.add_command(throughput)
 bench.add_command(latency)
 
 
+@bench.command()
+@click.option("--device", default="auto", show_default=True)
+@click.option("--tokens", default="1,16", show_default=True,
+              help="Comma-separated token counts (rows of x).")
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def gemv(device, tokens, as_json):
+    """Decode-sized linears of Llama-3-8B inside a CUDA graph, weights rotated past L2: cuBLAS
+    bf16, the small-M kernel (bf16, fp8, int8), _scaled_mm fp8, the tiled int8 kernel."""
+    import torch
+
+    from engine.bench.gemv_bench import print_gemv_table, run_gemv_bench
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        err_console.print("[yellow]no GPU: Triton's interpreter, a tiny shape; the figures only "
+                          "show that every variant runs[/]")
+    rows = run_gemv_bench(device, tuple(int(t) for t in tokens.split(",")), print_rows=False)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    print_gemv_table(rows, torch.cuda.get_device_name() if device == "cuda" else "cpu")
+
+
 @bench.command("quantization")
 @click.option("--preset", default="llama-8b", show_default=True,
               help="Random-weight Llama shape of the TPOT / throughput runs.")

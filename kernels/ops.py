@@ -13,6 +13,7 @@ import torch
 
 from kernels.attention_ref import paged_attention_ref, reshape_and_cache_ref
 from kernels.elementwise_ref import gelu_and_mul_ref, rms_norm_ref, rotary_ref, silu_and_mul_ref
+from kernels.gemv_ref import gemv_ref
 from kernels.quant_ref import int8_weight_matmul_ref, per_token_quant_fp8_ref
 
 
@@ -20,7 +21,7 @@ from kernels.quant_ref import int8_weight_matmul_ref, per_token_quant_fp8_ref
 def _triton() -> types.SimpleNamespace | None:
     """The Triton entry points, or None where triton is not installed."""
     try:
-        from kernels import attention_triton, elementwise_triton, quant_triton
+        from kernels import attention_triton, elementwise_triton, gemv_triton, quant_triton
     except ImportError:
         return None
     return types.SimpleNamespace(
@@ -32,6 +33,7 @@ def _triton() -> types.SimpleNamespace | None:
         gelu_and_mul=elementwise_triton.gelu_and_mul_triton,
         per_token_quant_fp8=quant_triton.per_token_quant_fp8_triton,
         int8_weight_matmul=quant_triton.int8_weight_matmul_triton,
+        gemv=gemv_triton.gemv_triton,
     )
 
 
@@ -108,3 +110,15 @@ def int8_weight_matmul(x: torch.Tensor, weight: torch.Tensor,
     if tri is not None:
         return tri.int8_weight_matmul(x, weight, scale)
     return int8_weight_matmul_ref(x, weight, scale)
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None = None,
+         bias: torch.Tensor | None = None, quantize_input: bool = False,
+         input_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """The small-M linear (M <= kernels.gemv_ref.GEMV_MAX_TOKENS rows): [M, K] @ (weight [N, K]
+    * weight_scale [N])^T + bias -> [M, N] in x's dtype. `quantize_input`: x to e4m3 per token
+    (or with the static `input_scale`) first, for an e4m3 weight (the FP8 scheme)."""
+    tri = _use_triton(x)
+    if tri is not None:
+        return tri.gemv(x, weight, weight_scale, bias, quantize_input, input_scale)
+    return gemv_ref(x, weight, weight_scale, bias, quantize_input, input_scale)

@@ -9,20 +9,7 @@ import triton
 import triton.language as tl
 
 from kernels.quant_ref import FP8_DTYPE, FP8_MAX, MIN_SCALE
-from kernels.triton_common import next_pow2, num_sms, upcast_dots
-
-
-@triton.jit
-def _round_to_e4m3(v):
-    """v (float32, |v| <= 448) rounded to the nearest e4m3 value, ties to even, still float32.
-    The conversion to fp8 is then exact; Triton's interpreter rounds some values wrongly when
-    it converts (triton 3.9: a carry into the exponent is lost), the GPU never does."""
-    bits = v.to(tl.int32, bitcast=True)
-    bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576  # keep 3 mantissa bits
-    rounded = (tl.abs(v) + 24576.0) - 24576.0  # a multiple of 2^-9, the subnormal spacing
-    sign = v.to(tl.int32, bitcast=True) & -2147483648  # -0.0 stays -0.0, as in torch
-    subnormal = (rounded.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
-    return tl.where(tl.abs(v) < 0.015625, subnormal, bits.to(tl.float32, bitcast=True))
+from kernels.triton_common import next_pow2, num_sms, round_to_e4m3, upcast_dots
 
 
 @triton.jit
@@ -40,7 +27,7 @@ def _per_token_quant_kernel(
     else:
         scale = tl.maximum(tl.max(tl.abs(x), 0) / FP8_MAX, MIN_SCALE)
     v = tl.clamp(tl.math.div_rn(x, scale), -FP8_MAX, FP8_MAX)
-    tl.store(q_ptr + row * stride_q + offs, _round_to_e4m3(v).to(q_ptr.dtype.element_ty),
+    tl.store(q_ptr + row * stride_q + offs, round_to_e4m3(v).to(q_ptr.dtype.element_ty),
              mask=mask)
     tl.store(s_ptr + row, scale)
 

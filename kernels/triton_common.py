@@ -54,3 +54,16 @@ def dot(a, b, UPCAST: tl.constexpr):
     if a.dtype == tl.float32:
         return tl.dot(a, b, input_precision="ieee")
     return tl.dot(a, b)
+
+
+@triton.jit
+def round_to_e4m3(v):
+    """v (float32, |v| <= 448) rounded to the nearest e4m3 value, ties to even, still float32.
+    The conversion to fp8 is then exact; Triton's interpreter rounds some values wrongly when
+    it converts (triton 3.9: a carry into the exponent is lost), the GPU never does."""
+    bits = v.to(tl.int32, bitcast=True)
+    bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576  # keep 3 mantissa bits
+    rounded = (tl.abs(v) + 24576.0) - 24576.0  # a multiple of 2^-9, the subnormal spacing
+    sign = v.to(tl.int32, bitcast=True) & -2147483648  # -0.0 stays -0.0, as in torch
+    subnormal = (rounded.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+    return tl.where(tl.abs(v) < 0.015625, subnormal, bits.to(tl.float32, bitcast=True))

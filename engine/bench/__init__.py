@@ -10,6 +10,8 @@ measured beside it, and writes one result schema.
     report.py        throughput / latency result records and the lines every run prints
     results.py       the result schema (aphro.bench/1) all benchmarks write, percentiles
     kernels.py       the Triton kernels against copy bandwidth / torch SDPA
+    gemv_bench.py    decode-sized linears in a CUDA graph: cuBLAS, the small-M kernel (bf16,
+                     fp8, int8), _scaled_mm fp8, the tiled int8 kernel
     quant_bench.py   bf16 vs fp8 vs int8 side by side (TPOT, throughput, weight bytes,
                      parity), and the quantized matmuls beside cuBLAS bf16
     serve_bench.py   a running server under load, as `vllm bench serve` measures it

@@ -8,10 +8,13 @@ checkpoint's `quantization_config`, once, into `EngineConfig.quantization`.
                            construct_model (build + per-layer exemptions),
                            process_weights_after_loading, channel_amax
     fp8.py                 Fp8Config, Fp8LinearMethod: FP8 e4m3 weights and per-token (or static)
-                           activations, torch._scaled_mm on compute capability >= 8.9, a
-                           reference on the CPU; quant_method "fp8" checkpoints
-    int8.py                Int8Config, Int8LinearMethod: weight-only per-channel INT8, Triton
-                           dequantizing matmul (kernels/quant_triton.py)
+                           activations; decode batches through the small-M kernel
+                           (kernels/gemv_triton.py), larger ones through torch._scaled_mm on
+                           compute capability >= 8.9; a reference on the CPU; quant_method
+                           "fp8" checkpoints
+    int8.py                Int8Config, Int8LinearMethod: weight-only per-channel INT8; the
+                           small-M kernel for decode batches, the tiled dequantizing matmul
+                           (kernels/quant_triton.py) above
     compressed_tensors.py  CompressedTensorsConfig: compressed-tensors float-quantized (FP8)
                            checkpoints, config_groups and ignore
     registry.py            QUANTIZATION_METHODS, resolve_quantization (flag vs checkpoint),

@@ -6,9 +6,12 @@ already in FP8 with one scale per tensor (kept per fused part: q, k and v each k
 channel. Per-tensor scales are then spread over their part's rows, which is exact: every layer
 multiplies with per-channel scales. Activations: one scale per token, computed on the fly
 (`activation_scheme: dynamic`), or one static scale per layer from the checkpoint (the largest of
-the fused parts' `input_scale`s). The matmul is torch's scaled matmul (`torch._scaled_mm`,
-row-wise scales, bf16 output) on GPUs of compute capability >= 8.9; elsewhere on CUDA it is an
-error, and on the CPU a reference of the same math (FP8 values multiplied in float32).
+the fused parts' `input_scale`s). Up to GEMV_MAX_TOKENS tokens (decode batches; the choice
+follows the static shape, so CUDA graphs capture it) one small-M kernel quantizes x and streams
+the FP8 weight (kernels/gemv_triton.py); larger batches quantize x, then torch's scaled matmul
+(`torch._scaled_mm`, row-wise scales, bf16 output). FP8 needs compute capability >= 8.9 on CUDA
+(elsewhere on CUDA it is an error); on the CPU a reference of the same math (FP8 values
+multiplied in float32).
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ from engine.layers.quantization.base import (
     drop_named,
     matches,
 )
-from kernels.ops import per_token_quant_fp8
+from kernels.gemv_ref import GEMV_MAX_TOKENS
+from kernels.ops import gemv, per_token_quant_fp8
 from kernels.quant_ref import FP8_DTYPE, FP8_MAX, MIN_SCALE
 
 MIN_CAPABILITY = (8, 9)  # Ada / Hopper and later: FP8 tensor cores
@@ -121,6 +125,10 @@ class Fp8LinearMethod(LinearMethod):
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
         static = layer.input_scale if self.activation_scheme == "static" else None
+        if x2.shape[0] <= GEMV_MAX_TOKENS:  # decode: quantize and multiply in one kernel
+            y = gemv(x2, layer.weight, layer.weight_scale, bias, quantize_input=True,
+                     input_scale=static)  # [T, out]
+            return y.view(*x.shape[:-1], y.shape[-1])
         xq, x_scale = per_token_quant_fp8(x2, static)  # [T, in] fp8, [T, 1]
         y = fp8_matmul(xq, x_scale, layer.weight, layer.weight_scale, x.dtype,
                        getattr(layer, "fp8_scaled_mm", False))

@@ -2,8 +2,9 @@
 
 Each weight is loaded in the model dtype and quantized symmetrically per output channel
 (scale = max |row| / 127, round to nearest even, clamp to +-127); activations stay in the model
-dtype. The matmul reads the INT8 weight and dequantizes it tile by tile inside a Triton kernel
-(kernels/quant_triton.py) on CUDA, its torch reference elsewhere (kernels/quant_ref.py): half
+dtype. The matmul reads the INT8 weight and dequantizes it inside a Triton kernel on CUDA, its
+torch reference elsewhere: up to GEMV_MAX_TOKENS tokens the small-M kernel that streams the
+weight once (kernels/gemv_triton.py), above it the tiled matmul (kernels/quant_triton.py). Half
 the weight bytes of bf16 per decode step.
 """
 
@@ -16,7 +17,8 @@ import torch
 
 from engine.layers.linear import LinearMethod, linear_param
 from engine.layers.quantization.base import QuantizationConfig, channel_amax
-from kernels.ops import int8_weight_matmul
+from kernels.gemv_ref import GEMV_MAX_TOKENS
+from kernels.ops import gemv, int8_weight_matmul
 from kernels.quant_ref import MIN_SCALE
 
 INT8_MAX = 127.0
@@ -52,6 +54,9 @@ class Int8LinearMethod(LinearMethod):
         x2 = x.reshape(-1, x.shape[-1])  # [T, in]
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
+        if x2.shape[0] <= GEMV_MAX_TOKENS:  # decode: the small-M kernel, bias included
+            y = gemv(x2, layer.weight, layer.weight_scale, bias)  # [T, out]
+            return y.view(*x.shape[:-1], y.shape[-1])
         y = int8_weight_matmul(x2, layer.weight, layer.weight_scale)  # [T, out]
         if bias is not None:
             y = y + bias

@@ -1,0 +1,39 @@
+"""Reference of the small-M linear (decode-sized batches): y = x @ (weight * scale)^T + bias for
+a few rows of x, the weight in bf16 / fp16, float8_e4m3fn or int8 with an optional scale per
+output channel, accumulated in float32 and returned in x's dtype.
+
+`quantize_input` is the FP8 scheme's numerics: each row of x quantized to e4m3 with its own
+scale (or the one static `input_scale`) exactly as per_token_quant_fp8_ref does, the e4m3
+values multiplied in float32, the sum scaled by x_scale * w_scale.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.quant_ref import per_token_quant_fp8_ref
+
+GEMV_MAX_TOKENS = 16  # the small-M path serves up to this many rows (decode batch sizes)
+
+
+def gemv_ref(
+    x: torch.Tensor,  # [M, K] bf16 / fp16 / fp32
+    weight: torch.Tensor,  # [N, K] bf16 / fp16 / fp32 / float8_e4m3fn / int8
+    weight_scale: torch.Tensor | None = None,  # [N] float32: weight ~= weight * scale per row
+    bias: torch.Tensor | None = None,  # [N]
+    quantize_input: bool = False,  # x to e4m3 per token first (the FP8 scheme)
+    input_scale: torch.Tensor | None = None,  # [] or [1] float32: a static x scale
+) -> torch.Tensor:
+    """-> [M, N] in x's dtype; the scales and the bias applied to the float32 sum."""
+    if quantize_input:
+        xq, x_scale = per_token_quant_fp8_ref(x, input_scale)  # [M, K] fp8, [M, 1]
+        acc = xq.float() @ weight.float().t()  # [M, N]
+        acc = acc * x_scale
+    else:
+        assert input_scale is None, "input_scale goes with quantize_input"
+        acc = x.float() @ weight.float().t()  # [M, N]
+    if weight_scale is not None:
+        acc = acc * weight_scale.float()[None, :]
+    if bias is not None:
+        acc = acc + bias.float()[None, :]
+    return acc.to(x.dtype)

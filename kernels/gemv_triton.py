@@ -1,0 +1,190 @@
+"""Triton version of gemv_ref.py: the small-M linear (decode batches of 1 to 16 rows) that
+streams the weight once.
+
+Each program owns BLOCK_N rows of the weight [N, K] (K contiguous) and walks the whole of K in
+BLOCK_K steps: one pass over the weight with wide coalesced loads, pipelined num_stages deep, no
+split-K and no second kernel. The few rows of x (padded to 16 for tl.dot, the padding masked)
+are re-read from L2 by every program. 8-bit weights are widened in registers (exact: e4m3 and
+int8 values are fp16 / bf16 values) and multiplied on the tensor cores into float32.
+
+With `quantize_input` (the FP8 scheme) a first pass over x finds each row's max |x| (or the
+static scale is read), then every x tile is quantized to e4m3 in registers just before its dot,
+so the products are those of per_token_quant_fp8_ref's values. The quotient x / scale is
+x * (1 / scale) corrected by one fused multiply-add (Markstein): the correctly rounded quotient,
+as the reference's division, at a few instructions per element.
+
+Meta-parameters come from a small table keyed on the shape (gemv_config), never from autotuning:
+the first call at a shape compiles, a CUDA graph captured after it replays the same launch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.gemv_ref import GEMV_MAX_TOKENS
+from kernels.quant_ref import FP8_DTYPE, FP8_MAX, MIN_SCALE
+from kernels.triton_common import interpreting, next_pow2, round_to_e4m3
+
+DOT_ROWS = 16  # tl.dot's smallest M: x is padded to this many rows (masked)
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    block_n: int  # weight rows (output columns) per program
+    block_k: int  # weight columns per step; a step of one row is block_k * element bytes
+    num_warps: int
+    num_stages: int
+
+
+# (smallest N, BLOCK_N, BLOCK_K in bytes of one weight row, num_warps, num_stages), first match
+# wins. Wide N (gate_up, lm_head) takes 64 rows a program; Llama's 4096 and 6144 take 32 (128
+# and 192 programs on an H200's 132 SMs); narrow shards take 16 with deeper steps so that a
+# program keeps 16 KB of weight in flight per stage.
+GEMV_TABLE: tuple[tuple[int, int, int, int, int], ...] = (
+    (16384, 64, 512, 4, 3),
+    (3072, 32, 512, 4, 4),
+    (0, 16, 1024, 2, 4),
+)
+
+
+def gemv_config(n: int, k: int, weight_bytes: int) -> GemvConfig:
+    """The table's launch for a weight [n, k] of `weight_bytes`-byte elements."""
+    for min_n, block_n, row_bytes, warps, stages in GEMV_TABLE:
+        if n >= min_n:
+            block_k = min(row_bytes // weight_bytes, max(16, next_pow2(k)))
+            return GemvConfig(block_n, block_k, warps, stages)
+    raise AssertionError("GEMV_TABLE ends with a row for every N")
+
+
+@triton.jit
+def _to_e4m3(v, s, r, FP8_MAX: tl.constexpr, ROUND: tl.constexpr):
+    """v / s clamped to +-FP8_MAX and rounded to e4m3 (float8e4nv); r = 1 / s correctly
+    rounded. q0 = v * r is within an ulp of v / s, and fma(fma(-q0, s, v), r, q0) is v / s
+    correctly rounded; q0 is clamped first so that a quotient past float32 stays finite."""
+    q0 = tl.clamp(v * r, -2.0 * FP8_MAX, 2.0 * FP8_MAX)
+    q = tl.clamp(tl.fma(tl.fma(-q0, s, v), r, q0), -FP8_MAX, FP8_MAX)
+    if ROUND:
+        q = round_to_e4m3(q)
+    return q.to(tl.float8e4nv)
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr, w_ptr, ws_ptr, b_ptr, xs_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, AMAX_K: tl.constexpr,
+    ONE_ROW: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    QUANT: tl.constexpr, STATIC: tl.constexpr, UPCAST: tl.constexpr, ROUND: tl.constexpr,
+    FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr, DOT_ROWS: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, DOT_ROWS)
+    n_ok = offs_n < N
+    m_ok = offs_m < M
+    w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn  # [BN, 1]
+    x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm  # [16, 1]
+
+    # x's scales (QUANT): s is a scalar (static, or the one row's) or [16, 1]; r = 1 / s
+    s = 1.0
+    r = 1.0
+    if QUANT:
+        if STATIC:
+            s = tl.load(xs_ptr).to(tl.float32)
+        elif ONE_ROW:
+            amax = tl.zeros((AMAX_K,), tl.float32)
+            for k0 in range(0, K, AMAX_K):
+                k = k0 + tl.arange(0, AMAX_K)
+                v = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)  # [AMAX_K]
+                amax = tl.maximum(amax, tl.abs(v))
+            s = tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), FP8_MAX), MIN_SCALE)
+        else:
+            amax = tl.zeros((DOT_ROWS, AMAX_K), tl.float32)
+            for k0 in range(0, K, AMAX_K):
+                k = k0 + tl.arange(0, AMAX_K)
+                v = tl.load(x_rows + k[None, :], mask=m_ok[:, None] & (k[None, :] < K),
+                            other=0.0).to(tl.float32)  # [16, AMAX_K]
+                amax = tl.maximum(amax, tl.abs(v))
+            s = tl.maximum(tl.math.div_rn(tl.max(amax, axis=1), FP8_MAX), MIN_SCALE)[:, None]
+        r = tl.math.div_rn(s * 0.0 + 1.0, s)
+
+    acc = tl.zeros((DOT_ROWS, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < K
+        w = tl.load(w_rows + k[None, :], mask=n_ok[:, None] & k_ok[None, :],
+                    other=0.0)  # [BN, BK]
+        if QUANT and ONE_ROW:  # quantize the one row; the 16 dot rows are copies of it
+            v = tl.load(x_ptr + k, mask=k_ok, other=0.0).to(tl.float32)  # [BK]
+            xq = _to_e4m3(v, s, r, FP8_MAX, ROUND).to(tl.float16)
+            # a broadcast, not a masked pad: it reaches the dot operand without a trip through
+            # shared memory (rows 1..15 are never stored)
+            xt = tl.broadcast_to(xq[None, :], (DOT_ROWS, BLOCK_K))  # [16, BK]
+        else:
+            xt = tl.load(x_rows + k[None, :], mask=m_ok[:, None] & k_ok[None, :],
+                         other=0.0)  # [16, BK]
+            if QUANT:
+                xt = _to_e4m3(xt.to(tl.float32), s, r, FP8_MAX, ROUND).to(tl.float16)
+        if UPCAST:  # the interpreter, or float32 activations: float32 products
+            acc += tl.dot(xt.to(tl.float32), tl.trans(w.to(tl.float32)),
+                          input_precision="ieee")
+        else:  # e4m3 / int8 values are exact in fp16 / bf16
+            acc += tl.dot(xt, tl.trans(w.to(xt.dtype)))
+
+    if QUANT:
+        acc = acc * s
+    if HAS_SCALE:
+        acc = acc * tl.load(ws_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+    if HAS_BIAS:
+        acc = acc + tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :],
+             acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def gemv_triton(
+    x: torch.Tensor,  # [M, K] bf16 / fp16 / fp32, M <= GEMV_MAX_TOKENS
+    weight: torch.Tensor,  # [N, K] x's dtype, float8_e4m3fn or int8 (any with fp32 x)
+    weight_scale: torch.Tensor | None = None,  # [N] float32
+    bias: torch.Tensor | None = None,  # [N]
+    quantize_input: bool = False,  # x to e4m3 per token inside the kernel (fp8 weight)
+    input_scale: torch.Tensor | None = None,  # [] or [1] float32: static x scale
+    config: GemvConfig | None = None,  # default: gemv_config of the shape
+) -> torch.Tensor:
+    """x @ (weight * weight_scale)^T + bias -> [M, N] in x's dtype, accumulated in float32."""
+    assert x.dim() == 2 and x.stride(-1) == 1, "x: [M, K], rows contiguous"
+    assert weight.dim() == 2 and weight.stride(-1) == 1 and weight.shape[1] == x.shape[1], (
+        "weight: [N, K], rows contiguous", tuple(weight.shape), tuple(x.shape))
+    m, k = x.shape
+    n = weight.shape[0]
+    assert m <= GEMV_MAX_TOKENS, f"gemv serves up to {GEMV_MAX_TOKENS} rows, got {m}"
+    if quantize_input:
+        assert weight.dtype == FP8_DTYPE, "quantize_input multiplies e4m3 by e4m3"
+    else:
+        assert input_scale is None, "input_scale goes with quantize_input"
+        assert x.dtype == torch.float32 or weight.dtype in (x.dtype, torch.int8, FP8_DTYPE), (
+            f"{weight.dtype} weight with {x.dtype} x")
+    if weight_scale is not None:
+        assert weight_scale.shape == (n,) and weight_scale.dtype == torch.float32
+    if bias is not None:
+        assert bias.shape == (n,) and bias.stride(0) == 1
+    if input_scale is not None:
+        assert input_scale.numel() == 1 and input_scale.dtype == torch.float32
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return y
+    cfg = config or gemv_config(n, k, weight.element_size())
+    amax_k = min(next_pow2(k), 8192 if m == 1 else 512)
+    _gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
+        x, weight, weight_scale if weight_scale is not None else y,
+        bias if bias is not None else y, input_scale if input_scale is not None else y, y,
+        m, n, k, x.stride(0), weight.stride(0), y.stride(0),
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, AMAX_K=amax_k, ONE_ROW=m == 1,
+        HAS_SCALE=weight_scale is not None, HAS_BIAS=bias is not None, QUANT=quantize_input,
+        STATIC=input_scale is not None, UPCAST=interpreting() or x.dtype == torch.float32,
+        ROUND=interpreting(), FP8_MAX=FP8_MAX, MIN_SCALE=MIN_SCALE, DOT_ROWS=DOT_ROWS,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return y

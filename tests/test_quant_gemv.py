@@ -1,0 +1,170 @@
+"""The small-M linear (kernels/gemv_triton.py) against its torch reference and against the FP8
+scheme's reference math: fresh random inputs, odd N and K, M in {1, 3, 16}, every weight dtype,
+with and without scales and bias; the in-kernel FP8 quantization bit for bit.
+
+Without CUDA the kernel runs on Triton's CPU interpreter (TRITON_INTERPRET=1, set by conftest);
+the `cuda`-marked tests add the Llama-3-8B decode shapes on a GPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from engine.layers.quantization.fp8 import fp8_matmul, quantize_fp8_per_channel
+from kernels.gemv_ref import GEMV_MAX_TOKENS, gemv_ref
+from kernels.gemv_triton import GemvConfig, gemv_config, gemv_triton
+from kernels.quant_ref import FP8_DTYPE, per_token_quant_fp8_ref
+from kernels.triton_common import interpreting
+
+HAS_CUDA = torch.cuda.is_available() and not interpreting()
+DEV = "cuda" if HAS_CUDA else "cpu"
+cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+# one output ulp: the interpreter truncates float32 -> bf16 / fp16 stores (the GPU rounds),
+# and the two sum in different orders
+ULP = {torch.float32: 1e-5, torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10}
+E4M3 = torch.arange(256, dtype=torch.uint8).view(FP8_DTYPE).float()
+E4M3 = E4M3[~E4M3.isnan()].unique()  # every finite e4m3 value, sorted
+SMALL = GemvConfig(block_n=16, block_k=32, num_warps=2, num_stages=2)  # several N and K steps
+
+
+def weight_of(dtype: torch.dtype, n: int, k: int) -> torch.Tensor:
+    if dtype == torch.int8:
+        return torch.randint(-127, 128, (n, k), dtype=torch.int8, device=DEV)
+    return (torch.randn(n, k, device=DEV) * 0.5).to(dtype)
+
+
+def assert_close_ulp(got: torch.Tensor, ref: torch.Tensor) -> None:
+    """Elementwise within one output ulp of the reference (plus float32 noise near zero)."""
+    assert got.dtype == ref.dtype and got.shape == ref.shape
+    err = (got.double() - ref.double()).abs()
+    bound = ULP[ref.dtype] * ref.double().abs() + 1e-5 * ref.double().abs().max()
+    assert bool((err <= bound).all()), f"max excess {(err - bound).max().item():.3g}"
+
+
+def activations(m: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """Rows of very different sizes, a zero row, negative zeros, an outlier."""
+    x = torch.randn(m, k, device=DEV) * torch.logspace(-3, 2, m, device=DEV)[:, None]
+    if m > 1:
+        x[1] = 0.0
+        x[1, ::3] = -0.0
+    x[0, k // 2] = 300.0
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("m", [1, 3, 16])
+@pytest.mark.parametrize("n,k", [(37, 71), (50, 130)])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("w_kind", ["same", "int8", "fp8"])
+def test_gemv_triton_equals_reference(m, n, k, x_dtype, w_kind):
+    w_dtype = {"same": x_dtype, "int8": torch.int8, "fp8": FP8_DTYPE}[w_kind]
+    x = torch.randn(m, k, device=DEV).to(x_dtype)
+    w = weight_of(w_dtype, n, k)
+    scale = torch.rand(n, device=DEV) * 0.05 + 1e-3
+    bias = torch.randn(n, device=DEV).to(x_dtype)
+    for kwargs in ({}, {"weight_scale": scale}, {"weight_scale": scale, "bias": bias}):
+        for config in (None, SMALL):
+            got = gemv_triton(x, w, config=config, **kwargs)
+            assert_close_ulp(got, gemv_ref(x, w, **kwargs))
+
+
+@pytest.mark.parametrize("m", [1, 3, 16])
+@pytest.mark.parametrize("n,k", [(37, 71), (17, 600)])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("static", [False, True])
+def test_gemv_fp8_quantized_input_equals_the_fp8_reference(m, n, k, x_dtype, static):
+    """The FP8 scheme's numbers: x quantized per token (or with the static scale), the e4m3
+    values multiplied in float32, scaled by x_scale * w_scale (fp8_matmul's reference)."""
+    x = activations(m, k, x_dtype)
+    wq, w_scale = quantize_fp8_per_channel(torch.randn(n, k, device=DEV))
+    input_scale = torch.tensor([0.02], device=DEV) if static else None
+    xq, x_scale = per_token_quant_fp8_ref(x, input_scale)
+    ref = fp8_matmul(xq, x_scale, wq, w_scale, x_dtype, scaled_mm=False)
+    for config in (None, SMALL):
+        got = gemv_triton(x, wq, w_scale, quantize_input=True, input_scale=input_scale,
+                          config=config)
+        assert_close_ulp(got, ref)
+
+
+@pytest.mark.parametrize("m", [1, 5, 16])
+@pytest.mark.parametrize("static", [False, True])
+def test_gemv_fp8_quantization_is_the_reference_bit_for_bit(m, static):
+    """With an identity e4m3 weight each output is one product q * x_scale, so any e4m3 value
+    the kernel rounds differently from per_token_quant_fp8_ref shows. Half the entries sit
+    within a float32 ulp or two of a rounding tie of the e4m3 grid, where an inexact x / scale
+    picks the wrong neighbour."""
+    k = 257
+    x = activations(m, k, torch.float32)
+    input_scale = torch.tensor([0.05], device=DEV) if static else None  # clamps the big rows
+    scale = input_scale if static else per_token_quant_fp8_ref(x)[1]  # [m, 1] or [1]
+    grid = E4M3[(E4M3 > 0) & (E4M3 <= 448)].to(DEV)
+    ties = (grid[1:] + grid[:-1]) / 2  # halfway between neighbours
+    t = ties[torch.randint(0, len(ties), (m, 128), device=DEV)]
+    nudge = 1 + torch.randint(-2, 3, (m, 128), device=DEV) * 2.0 ** -23
+    sign = torch.randint(0, 2, (m, 128), device=DEV) * 2.0 - 1
+    x[:, 3:131] = sign * t * nudge * scale  # below 448 * scale: the row scales stay
+    eye = torch.eye(k, device=DEV).to(FP8_DTYPE)
+    xq, x_scale = per_token_quant_fp8_ref(x, input_scale)
+    got = gemv_triton(x, eye, quantize_input=True, input_scale=input_scale)
+    assert torch.equal(got, xq.float() * x_scale)
+
+
+def test_gemv_strided_rows_and_empty():
+    wide = torch.randn(4, 100, device=DEV)
+    x = wide[:, 10:74]  # stride(0) = 100
+    w = weight_of(torch.int8, 40, 64)
+    s = torch.rand(40, device=DEV)
+    assert_close_ulp(gemv_triton(x, w, s), gemv_ref(x, w, s))
+    assert gemv_triton(x[:0], w, s).shape == (0, 40)
+    with pytest.raises(AssertionError):
+        gemv_triton(torch.randn(GEMV_MAX_TOKENS + 1, 64, device=DEV), w, s)
+
+
+def test_gemv_config_table():
+    """Every row count gets a launch; 1-byte weights take twice the columns of 2-byte ones
+    per step (the same bytes), never more than K needs."""
+    for n in (1, 1024, 4096, 6144, 28672, 128256):
+        c2, c1 = gemv_config(n, 4096, 2), gemv_config(n, 4096, 1)
+        assert c1.block_n == c2.block_n and c1.block_k == 2 * c2.block_k
+    assert gemv_config(4096, 40, 1).block_k == 64
+
+
+def test_bench_gemv_runs_every_variant():
+    """`aphro bench gemv --json`: one row per variant and token count beside the copy row."""
+    import json
+
+    from click.testing import CliRunner
+
+    from aphro_cli.main import cli
+
+    result = CliRunner().invoke(cli, ["bench", "gemv", "--device", DEV, "--json",
+                                      "--tokens", "1,3"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    variants = {"cublas bf16", "gemv bf16", "gemv int8", "tiled int8 (old)"}
+    assert rows[0]["shape"] == "copy (d2d)"
+    for m in (1, 3):
+        assert variants <= {r["variant"] for r in rows if r["m"] == m}
+    assert all(r["us"] > 0 and r["tb_s"] > 0 for r in rows[1:])
+
+
+# ---------------------------------------------------------------------------------------------
+# the Llama-3-8B decode shapes (GPU only)
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("m", [1, 2, 16])
+@pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)])
+def test_gemv_real_shapes(m, n, k):
+    x = activations(m, k, torch.bfloat16)
+    for w_dtype in (torch.bfloat16, torch.int8):
+        w = weight_of(w_dtype, n, k)
+        s = torch.rand(n, device=DEV) * 0.01 + 1e-4
+        assert_close_ulp(gemv_triton(x, w, s), gemv_ref(x, w, s))
+    wq, w_scale = quantize_fp8_per_channel(torch.randn(n, k, device=DEV))
+    xq, x_scale = per_token_quant_fp8_ref(x)
+    ref = fp8_matmul(xq, x_scale, wq, w_scale, torch.bfloat16, scaled_mm=False)
+    assert_close_ulp(gemv_triton(x, wq, w_scale, quantize_input=True), ref)
