@@ -13,7 +13,7 @@ from engine.core.outputs import RequestOutput
 from engine.errors import AphroError
 from engine.serve.protocol import APIError, ChatCompletionRequest, TextPart, error_body
 from engine.serve.serving import Serving, bad_request, usage
-from engine.serve.sse import DONE, SSEResponse, sse, unless_disconnected
+from engine.serve.sse import DONE, ChunkEvents, SSEResponse, sse, unless_disconnected
 from engine.serve.streams import EngineLoopError, EngineRequest, RequestStream, merged
 
 
@@ -72,6 +72,8 @@ class _View:
         self.serving, self.req, self.request = serving, req, request
         self.head = {"id": f"chatcmpl-{rid}", "created": serving.created,
                      "model": serving.model_name}
+        self.events = ChunkEvents({**self.head, "object": "chat.completion.chunk"},
+                                  req.include_usage)
 
     def logprobs(self, c) -> dict | None:
         if not self.req.logprobs:
@@ -89,12 +91,8 @@ class _View:
                                sum(len(c.token_ids) for c in out.outputs))}
 
     def _chunk(self, index: int, delta: dict, logprobs=None, finish=None, stop=None) -> str:
-        chunk = {**self.head, "object": "chat.completion.chunk",
-                 "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
-                              "finish_reason": finish, "stop_reason": stop}]}
-        if self.req.include_usage:
-            chunk["usage"] = None
-        return sse(chunk)
+        return self.events.event({"index": index, "delta": delta, "logprobs": logprobs,
+                                  "finish_reason": finish, "stop_reason": stop})
 
     async def chunks(self, stream: RequestStream) -> AsyncIterator[str]:
         n = self.req.n

@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse, Response
 from engine.core.outputs import RequestOutput
 from engine.serve.protocol import APIError, CompletionRequest, error_body
 from engine.serve.serving import Serving, usage
-from engine.serve.sse import DONE, SSEResponse, sse, unless_disconnected
+from engine.serve.sse import DONE, ChunkEvents, SSEResponse, sse, unless_disconnected
 from engine.serve.streams import EngineLoopError, EngineRequest, RequestStream, merged
 
 
@@ -121,6 +121,7 @@ class _View:
         offsets: dict[int, int] = {}
         prompt_logprobs: dict[int, list] = {}  # they come with a request's first output
         with_usage = req.include_usage
+        events = ChunkEvents(self.head, with_usage)
         completion_tokens = 0
         try:
             async for outs in stream:
@@ -143,10 +144,7 @@ class _View:
                         choice = {"index": idx, "text": text, "logprobs": lp,
                                   "finish_reason": c.finish_reason,
                                   "stop_reason": c.stop_reason}
-                        chunk = {**self.head, "choices": [choice]}
-                        if with_usage:
-                            chunk["usage"] = None
-                        yield sse(chunk)
+                        yield events.event(choice)
                         if lp and lp["tokens"]:
                             offsets[idx] = lp["text_offset"][-1] + len(lp["tokens"][-1])
             if with_usage:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import gc
 import pickle
 import signal
 import time
@@ -83,6 +84,8 @@ def run_engine_core(config: EngineConfig, commands: Connection, outputs: Connect
             traceback.print_exc()
         outputs.send(("init_error", sendable(e)))
         return
+    gc.collect()  # the engine's objects out of the collector's full passes: steps stay even
+    gc.freeze()
     try:
         outputs.send(("ready", engine.stats()))
         EngineCore(engine).run(commands, outputs)
