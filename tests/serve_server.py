@@ -30,8 +30,13 @@ class Running:
     loop: asyncio.AbstractEventLoop
 
     def on_engine(self, fn):
-        """fn(engine) on the engine thread (between steps); its result."""
+        """fn(engine) in the engine process (between steps; fn: a module-level function)."""
         return asyncio.run_coroutine_threadsafe(self.llm.run_on_engine(fn), self.loop) \
+            .result(WAIT_S)
+
+    def check_engine(self):
+        """The engine's block invariant checked; (its stats, whether anything is unfinished)."""
+        return asyncio.run_coroutine_threadsafe(self.llm.check_engine(), self.loop) \
             .result(WAIT_S)
 
     def metrics(self) -> dict[str, float]:

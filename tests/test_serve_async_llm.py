@@ -47,11 +47,10 @@ def test_async_llm_streams_aborts_and_refuses(tiny_llama_dir):
         with pytest.raises(RequestError, match="max_model_len"):
             await engine.add_requests([EngineRequest("c", ids, greedy(2)),
                                        EngineRequest("d", [5] * 300, greedy(2))])
-        return await engine.run_on_engine(lambda e: (e.check_invariants(), e.stats(),
-                                                     e.has_unfinished_requests()))
+        return await engine.check_engine()
 
     try:
-        _, stats, busy = asyncio.run(asyncio.wait_for(main(), WAIT_S))
+        stats, busy = asyncio.run(asyncio.wait_for(main(), WAIT_S))
     finally:
         engine.close()
     assert not busy and stats.kv_cache_usage == 0 and stats.num_requests_running == 0
@@ -86,5 +85,5 @@ def test_a_failing_step_fails_its_requests_and_the_server_goes_on(tiny_llama_dir
         r = httpx.post(f"{server.base_url}/v1/completions", timeout=WAIT_S,
                        json={"prompt": "hello", "max_tokens": 3, "ignore_eos": True})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
-        stats = server.on_engine(lambda e: (e.check_invariants(), e.stats())[1])
+        stats, _ = server.check_engine()
         assert stats.kv_cache_usage == 0 and stats.num_requests_running == 0

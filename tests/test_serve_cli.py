@@ -41,6 +41,34 @@ def start_aphro_serve(*args: str) -> tuple[subprocess.Popen, str, list[str]]:
     raise AssertionError(f"aphro serve did not start: {''.join(lines)}")
 
 
+def children_of(pid: int) -> list[int]:
+    """The live processes whose parent is pid (read from /proc)."""
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            fields = stat.rsplit(")", 1)[1].split()  # after "(comm)": state, ppid, ...
+            if int(fields[1]) == pid and fields[0] != "Z":
+                kids.append(int(entry))
+    return kids
+
+
+def gone(pid: int) -> bool:
+    """pid has ended (waited up to a few seconds, for the reaper)."""
+    for _ in range(100):
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return True
+        if state == "Z":
+            return True
+        time.sleep(0.05)
+    return False
+
+
 async def read_stream(client: httpx.AsyncClient, max_tokens: int, started: asyncio.Event,
                       counter: list[int]) -> tuple[list[str], str | None]:
     body = {"prompt": "hello there", "max_tokens": max_tokens, "ignore_eos": True,
@@ -80,8 +108,11 @@ def test_aphro_serve_default_model_drains_16_streams_on_sigterm_and_exits_0():
                 proc.send_signal(signal.SIGTERM)
                 return await asyncio.wait_for(asyncio.gather(*tasks), WAIT_S)
 
+        core = children_of(proc.pid)
+        assert core, "the engine core runs as a child process of the server"
         results = asyncio.run(run())
         assert proc.wait(WAIT_S) == 0
+        assert all(gone(pid) for pid in core), "a child of the server outlived it"
     finally:
         if proc.poll() is None:
             proc.kill()

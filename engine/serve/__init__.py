@@ -1,7 +1,9 @@
-"""The OpenAI-compatible server (`aphro serve`): an asyncio front over the same LLMEngine.
+"""The OpenAI-compatible server (`aphro serve`): an asyncio front over the same LLMEngine, which
+runs in its own process (the engine core) so the HTTP loop and the engine never share a GIL.
 
-    async_llm.py         AsyncLLM: one thread owns the engine and runs step()
-    streams.py           EngineRequest in, RequestStream (newest output per request) out
+    async_llm.py         AsyncLLM: the loop's handle on the core (commands down, outputs up a pipe)
+    engine_core.py       the core process: owns the LLMEngine, steps, sends deltas per step
+    streams.py           EngineRequest in, RequestStream (coalesced delta outputs) out
     protocol.py          pydantic v2 request models, OpenAI's error JSON
     serving.py           what the endpoints share: tokenizer, names, limits, request checks
     completions.py       POST /v1/completions (echo + logprobs: lm-eval's scoring requests)

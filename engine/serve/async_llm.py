@@ -1,21 +1,27 @@
-"""AsyncLLM: one LLMEngine driven by one thread, for an asyncio server.
+"""AsyncLLM: the server's handle on an engine core in its own process, for an asyncio server.
 
-The engine is not thread-safe, so a dedicated thread owns it. The event loop hands it commands
-(add requests, abort, call a function) through a thread-safe queue; the thread applies them
-between steps, runs `step()` while any request is unfinished and blocks on the queue when none
-is. Each step's outputs go back to the loop in one `call_soon_threadsafe`, to the
-RequestStream of each request (streams.py).
+The engine runs in a child process (engine_core.py), so the event loop that serves HTTP never
+shares a GIL with it: the engine steps at its own pace while the loop writes the streams. The
+loop sends commands (add requests, abort, RPCs) down one pipe; the core sends one message per
+step up another, which the loop reads when the pipe is readable (no thread) and hands to the
+RequestStream of each request (streams.py) as deltas.
 
-Leaving a stream unfinished (a consumer cancelled, a client gone) aborts its requests: the
-thread frees their KV blocks before the next step. A step that raises fails every unfinished
-request with an `EngineLoopError` naming the cause, and the loop goes on.
+Leaving a stream unfinished (a consumer cancelled, a client gone) aborts its requests: the core
+frees their KV blocks before its next step. A step that raises fails every unfinished request
+with an `EngineLoopError` naming the cause, and the core goes on. If the core process dies, every
+request in flight fails with an `EngineLoopError` naming how it ended, `is_running` turns false
+(the server's /health answers 503) and the server itself keeps answering.
 """
 
 from __future__ import annotations
 
 import asyncio
-import queue
-import threading
+import atexit
+import contextlib
+import functools
+import itertools
+import multiprocessing
+import pickle
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -23,37 +29,81 @@ from typing import Any
 from engine.config import EngineConfig
 from engine.core.outputs import EngineStats, RequestOutput
 from engine.core.sampling_params import SamplingParams
-from engine.errors import RequestError
+from engine.errors import ConfigError, RequestError
+from engine.serve.engine_core import delta_output, describe_exit, run_engine_core, widen_pipe
 from engine.serve.metrics import ServingMetrics
-from engine.serve.streams import EngineLoopError, EngineRequest, RequestStream
+from engine.serve.streams import EngineLoopError, EngineRequest, RequestStream, merged
 
-_STOP = object()
+_READS_PER_WAKE = 8  # core messages handled per readable event, so HTTP work is not starved
 
 
 class AsyncLLM:
-    """`AsyncLLM(config)` builds the engine on its own thread and returns once it is ready
-    (raising what the engine raised if it could not start). Use it from one event loop."""
+    """`AsyncLLM(config)` starts the engine core process and returns once the engine is ready
+    (raising what the engine raised if it could not start). Use it from one event loop; call
+    `close()` to stop the core (it is also stopped when the interpreter exits)."""
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.metrics = ServingMetrics(prefix_caching=config.cache.enable_prefix_caching)
         self.stats = EngineStats(0, 0, 0.0, 0)
-        self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}  # request id -> stream; the loop's only
+        self._calls: dict[int, asyncio.Future] = {}  # call id -> the caller's future
+        self._call_ids = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._ready = threading.Event()
-        self._init_error: BaseException | None = None
-        self.error: BaseException | None = None  # why the engine thread stopped, if it did
-        self._thread = threading.Thread(target=self._run, name="aphro-engine", daemon=True)
-        self._thread.start()
-        self._ready.wait()
-        if self._init_error is not None:
-            self._thread.join()
-            raise self._init_error
+        self._error: BaseException | None = None
+        self._closed = False
+        ctx = multiprocessing.get_context("spawn")
+        core_commands, self._commands = ctx.Pipe(duplex=False)
+        self._outputs, core_outputs = ctx.Pipe(duplex=False)
+        widen_pipe(core_outputs)
+        # not a daemon: the core may start processes of its own (tensor-parallel workers,
+        # compile pools); it ends itself when this process's end of the pipe closes
+        self._proc = ctx.Process(target=run_engine_core, name="aphro-engine-core",
+                                 args=(config, core_commands, core_outputs), daemon=False)
+        try:
+            self._proc.start()
+        except (pickle.PicklingError, AttributeError, TypeError) as e:
+            self._commands.close()
+            self._outputs.close()
+            raise ConfigError(f"the engine config cannot be sent to the engine process ({e}): "
+                              "register the model class as 'package.module:Class' from an "
+                              "importable module") from e
+        finally:
+            core_commands.close()
+            core_outputs.close()
+        self._at_exit = functools.partial(_stop_core, self._proc, self._commands, self._outputs)
+        atexit.register(self._at_exit)  # runs before multiprocessing joins its children
+        ready = self._wait_ready()
+        if ready[0] != "ready":
+            self.close()
+            if ready[0] == "init_error":
+                raise ready[1]
+            raise EngineLoopError(f"the engine process {describe_exit(self._proc.exitcode)} "
+                                  "while starting (see its output above)")
+        self.stats = ready[1]
+
+    def _wait_ready(self) -> tuple:
+        while True:
+            if self._outputs.poll(0.2):
+                try:
+                    return self._outputs.recv()
+                except EOFError:
+                    break
+            if not self._proc.is_alive() and not self._outputs.poll():
+                break
+        self._proc.join(10)
+        return ("exited",)
 
     @property
     def is_running(self) -> bool:
-        return self._thread.is_alive()
+        return not self._closed and self._error is None and self._proc.is_alive()
+
+    @property
+    def error(self) -> BaseException | None:
+        """Why the engine stopped, if it stopped other than by close()."""
+        if self._error is None and not self._closed and not self._proc.is_alive():
+            return EngineLoopError(f"the engine process {describe_exit(self._proc.exitcode)}")
+        return self._error
 
     @property
     def num_streams(self) -> int:
@@ -65,11 +115,20 @@ class AsyncLLM:
         loop = asyncio.get_running_loop()
         if self._loop is None:
             self._loop = loop
+            loop.add_reader(self._outputs.fileno(), self._on_readable)
         elif self._loop is not loop:
             raise RuntimeError("AsyncLLM is used from two event loops")
-        if not self._thread.is_alive():
+        if not self.is_running:
             raise EngineLoopError(f"the engine has stopped ({self.error or 'closed'})")
         return loop
+
+    def _send(self, cmd: tuple) -> None:
+        try:
+            self._commands.send(cmd)
+        except (OSError, ValueError) as e:  # the core is gone (or closed)
+            if self._loop is not None and not self._closed:
+                self._core_died(f"cannot reach the engine process ({e})")
+            raise EngineLoopError(f"the engine has stopped ({self.error or 'closed'})") from None
 
     async def add_requests(self, requests: list[EngineRequest]) -> RequestStream:
         """Queue requests on the engine; returns their stream once the engine accepted them
@@ -83,11 +142,13 @@ class AsyncLLM:
                 raise RequestError(f"request id {rid!r} is already in use by a running request")
         for rid in stream.requests:
             self._streams[rid] = stream
-        accepted = loop.create_future()
-        self._commands.put(("add", requests, accepted))
+        call_id = next(self._call_ids)
+        accepted = self._calls[call_id] = loop.create_future()
         try:
+            self._send(("add", call_id, requests))
             await accepted
         except BaseException:
+            self._calls.pop(call_id, None)
             refused = accepted.done() and not accepted.cancelled() \
                 and accepted.exception() is not None
             self.forget(list(stream.requests), abort=not refused)  # cancelled: maybe added
@@ -101,143 +162,138 @@ class AsyncLLM:
         """One request's outputs as it advances (text so far); aborts it if left early."""
         stream = await self.add_requests([EngineRequest(request_id, prompt_token_ids, params,
                                                         prompt)])
+        total: RequestOutput | None = None
         try:
             async for outs in stream:
                 for out in outs:
-                    yield out
+                    total = out if total is None else merged(total, out)
+                    yield total
         finally:
             stream.abort()
 
     def forget(self, request_ids: list[str], abort: bool) -> None:
         for rid in request_ids:
             self._streams.pop(rid, None)
-        if abort:
-            self._commands.put(("abort", request_ids))
+        if abort and self.is_running:
+            with contextlib.suppress(EngineLoopError):
+                self._send(("abort", request_ids))
 
     def abort_all(self) -> None:
         """End every request now (finish_reason "abort"); their streams end normally."""
-        self._commands.put(("abort_all",))
+        if self.is_running:
+            with contextlib.suppress(EngineLoopError):
+                self._send(("abort_all",))
 
-    async def run_on_engine(self, fn: Callable[[Any], Any]) -> Any:
-        """fn(engine) on the engine thread between steps; its result (or exception)."""
-        done = self._bind_loop().create_future()
-        self._commands.put(("call", fn, done))
-        return await done
+    async def call(self, name: str | Callable, *args) -> Any:
+        """An RPC on the engine core between steps: "check" (the block manager's invariants
+        hold; returns (EngineStats, whether any request is unfinished)), "stats", or a
+        module-level function fn, run as fn(engine, *args) (it is pickled by reference, so the
+        core imports its module). Returns its result or raises its exception."""
+        try:
+            payload = pickle.dumps((name, args))
+        except (pickle.PicklingError, AttributeError, TypeError) as e:
+            raise TypeError(f"{name!r} cannot be sent to the engine process ({e}): pass a "
+                            "module-level function") from None
+        call_id = next(self._call_ids)
+        done = self._calls[call_id] = self._bind_loop().create_future()
+        try:
+            self._send(("call", call_id, payload))
+            return await done
+        finally:
+            self._calls.pop(call_id, None)
+
+    async def check_engine(self) -> tuple[EngineStats, bool]:
+        """Check the engine's block bookkeeping (raises if broken); its stats, and whether any
+        request is unfinished."""
+        return await self.call("check")
+
+    async def run_on_engine(self, fn: Callable, *args) -> Any:
+        """fn(engine, *args) in the engine process between steps (fn: a module-level
+        function); its result (or exception)."""
+        return await self.call(fn, *args)
 
     def close(self, timeout: float | None = 60.0) -> None:
-        """Stop the engine thread and close the engine (requests left are dropped)."""
-        if self._thread.is_alive():
-            self._commands.put(_STOP)
-            self._thread.join(timeout)
+        """Stop the engine core and wait for it (requests left are dropped). Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        atexit.unregister(self._at_exit)
+        _stop_core(self._proc, self._commands, self._outputs, timeout)
 
-    def _deliver(self, events: list[tuple], stats: EngineStats, step_start: float) -> None:
-        """On the loop: one step's outputs and command results."""
+    # -- core messages, on the loop ----------------------------------------------------------
+    def _on_readable(self) -> None:
+        try:
+            for _ in range(_READS_PER_WAKE):
+                if not self._outputs.poll():
+                    return
+                msg = self._outputs.recv()
+                if msg[0] == "step":
+                    self._deliver(*msg[1:])
+                elif msg[0] == "died":
+                    self._core_died(f"the engine loop stopped: {msg[1]}")
+                    return
+        except (EOFError, OSError):
+            self._proc.join(5)
+            self._core_died(f"the engine process {describe_exit(self._proc.exitcode)}")
+
+    def _deliver(self, step_start: float, stats: EngineStats, outputs: list[tuple],
+                 replies: list[tuple], ended: list[tuple]) -> None:
+        """One step of the core (engine_core's wire format)."""
         self.stats = stats
         now = time.monotonic()
-        for event in events:
-            kind = event[0]
-            if kind == "out":
-                out = event[1]
-                stream = self._streams.get(out.request_id)
-                if stream is not None:
-                    stream.put(out, now, step_start)
-                    if out.finished:
-                        del self._streams[out.request_id]
-            elif kind == "result":
-                _, fut, value, error = event
-                if not fut.done():
-                    fut.set_exception(error) if error is not None else fut.set_result(value)
-            else:  # "aborted" / "failed"
-                stream = self._streams.pop(event[1], None)
-                if stream is not None:
-                    stream.end_aborted(event[1]) if kind == "aborted" else \
-                        stream.fail(event[1], event[2])
+        for call_id, value, error in replies:
+            fut = self._calls.pop(call_id, None)
+            if fut is not None and not fut.done():
+                fut.set_exception(error) if error is not None else fut.set_result(value)
+        streams = self._streams
+        for wire in outputs:
+            rid = wire[0]
+            stream = streams.get(rid)
+            if stream is not None:
+                stream.put(delta_output(stream.requests[rid], wire), now, step_start)
+                if wire[1]:  # finished
+                    del streams[rid]
+        for rid, message in ended:
+            stream = streams.pop(rid, None)
+            if stream is not None:
+                stream.fail(rid, EngineLoopError(message))
 
-    # -- the engine thread -------------------------------------------------------------------
-    def _run(self) -> None:
-        from engine.core.llm_engine import LLMEngine
+    def _core_died(self, reason: str) -> None:
+        """The core is gone: fail everything in flight; the server goes on (unhealthy)."""
+        if self._error is None:
+            self._error = EngineLoopError(reason)
+        with contextlib.suppress(Exception):
+            self._loop.remove_reader(self._outputs.fileno())
+        error = EngineLoopError(reason)
+        for rid, stream in list(self._streams.items()):
+            stream.fail(rid, error)
+        self._streams.clear()
+        for fut in self._calls.values():
+            if not fut.done():
+                fut.set_exception(error)
+        self._calls.clear()
+        self.stats = EngineStats(0, 0, 0.0, self.stats.num_kv_blocks)
 
-        try:
-            engine = LLMEngine(self.config, stream_outputs=True)
-        except BaseException as e:  # noqa: BLE001 - handed to the constructor's caller
-            self._init_error = e
-            self._ready.set()
-            return
-        self.stats = engine.stats()
-        self._ready.set()
-        live: set[str] = set()
-        try:
-            while True:
-                events: list[tuple] = []
-                block = not engine.has_unfinished_requests()
-                commands = [self._commands.get()] if block else []
-                while True:
-                    try:
-                        commands.append(self._commands.get_nowait())
-                    except queue.Empty:
-                        break
-                for cmd in commands:
-                    if cmd is _STOP:
-                        return
-                    self._apply(engine, cmd, live, events)
-                step_start = time.monotonic()
-                if engine.has_unfinished_requests():
-                    try:
-                        outs = engine.step()
-                    except Exception as e:  # noqa: BLE001 - fail the requests, keep serving
-                        error = EngineLoopError(f"the engine step failed: {type(e).__name__}: "
-                                                f"{e}")
-                        for rid in list(live):
-                            engine.abort_request(rid)
-                            events.append(("failed", rid, error))
-                        live.clear()
-                        outs = []
-                    for out in outs:
-                        events.append(("out", out))
-                        if out.finished:
-                            live.discard(out.request_id)
-                if (events or commands) and self._loop is not None:
-                    self._loop.call_soon_threadsafe(self._deliver, events, engine.stats(),
-                                                    step_start)
-        except BaseException as e:  # noqa: BLE001 - the loop itself broke: say why, end
-            self.error = e
-            error = EngineLoopError(f"the engine loop stopped: {type(e).__name__}: {e}")
-            if self._loop is not None and not self._loop.is_closed():
-                self._loop.call_soon_threadsafe(
-                    self._deliver, [("failed", rid, error) for rid in live], EngineStats(
-                        0, 0, 0.0, self.stats.num_kv_blocks), 0.0)
-        finally:
-            engine.close()
 
-    def _apply(self, engine, cmd: tuple, live: set[str], events: list[tuple]) -> None:
-        kind = cmd[0]
-        if kind == "add":
-            _, requests, fut = cmd
-            added: list[str] = []
+def _stop_core(proc, commands, outputs, timeout: float | None = 60.0) -> None:
+    """Ask the core to stop, read (and drop) what it still sends so it never blocks on a full
+    pipe, wait for it; terminate it if it does not end in time."""
+    if proc.is_alive():
+        with contextlib.suppress(OSError, ValueError):
+            commands.send(("stop",))
+        deadline = time.monotonic() + (timeout if timeout is not None else 1e9)
+        while proc.is_alive() and time.monotonic() < deadline:
             try:
-                for r in requests:
-                    engine.add_request(r.prompt, r.params, r.prompt_token_ids, r.request_id)
-                    added.append(r.request_id)
-            except Exception as e:  # noqa: BLE001 - the caller's error (RequestError mostly)
-                for rid in added:
-                    engine.abort_request(rid)
-                events.append(("result", fut, None, e))
-                return
-            live.update(added)
-            events.append(("result", fut, None, None))
-        elif kind == "abort":
-            for rid in cmd[1]:
-                if rid in live:
-                    engine.abort_request(rid)
-                    live.discard(rid)
-        elif kind == "abort_all":
-            for rid in list(live):
-                engine.abort_request(rid)
-                events.append(("aborted", rid))
-            live.clear()
-        elif kind == "call":
-            _, fn, fut = cmd
-            try:
-                events.append(("result", fut, fn(engine), None))
-            except Exception as e:  # noqa: BLE001 - handed to the caller
-                events.append(("result", fut, None, e))
+                if outputs.poll(0.05):
+                    outputs.recv()
+            except (EOFError, OSError):
+                proc.join(max(0.0, deadline - time.monotonic()))
+                break
+        if proc.is_alive():
+            proc.terminate()
+            proc.join(5)
+        if proc.is_alive():
+            proc.kill()
+    proc.join(5)
+    commands.close()
+    outputs.close()

@@ -13,8 +13,8 @@ from engine.core.outputs import RequestOutput
 from engine.errors import AphroError
 from engine.serve.protocol import APIError, ChatCompletionRequest, TextPart, error_body
 from engine.serve.serving import Serving, bad_request, usage
-from engine.serve.sse import DONE, SSEResponse, sse, unless_disconnected
-from engine.serve.streams import EngineLoopError, EngineRequest, RequestStream
+from engine.serve.sse import DONE, ChunkEvents, SSEResponse, sse, unless_disconnected
+from engine.serve.streams import EngineLoopError, EngineRequest, RequestStream, merged
 
 
 def render_prompt(serving: Serving, req) -> tuple[str, list[int]]:
@@ -60,10 +60,10 @@ async def create_chat_completion(serving: Serving, req: ChatCompletionRequest,
 
 
 async def _last(stream: RequestStream) -> RequestOutput:
-    last = None
+    total = None
     async for outs in stream:
-        last = outs[-1]
-    return last
+        total = outs[-1] if total is None else merged(total, outs[-1])
+    return total
 
 
 class _View:
@@ -72,47 +72,42 @@ class _View:
         self.serving, self.req, self.request = serving, req, request
         self.head = {"id": f"chatcmpl-{rid}", "created": serving.created,
                      "model": serving.model_name}
+        self.events = ChunkEvents({**self.head, "object": "chat.completion.chunk"},
+                                  req.include_usage)
 
-    def logprobs(self, c, first: int) -> dict | None:
+    def logprobs(self, c) -> dict | None:
         if not self.req.logprobs:
             return None
-        return {"content": self.serving.chat_logprobs(c.token_ids[first:],
-                                                      (c.logprobs or [])[first:],
+        return {"content": self.serving.chat_logprobs(c.token_ids, c.logprobs or [],
                                                       self.req.top_logprobs or 0)}
 
     def body(self, out: RequestOutput) -> dict:
         choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                    "logprobs": self.logprobs(c, 0), "finish_reason": c.finish_reason,
-                    "stop_reason": c.stop_reason} for c in out.outputs]
+                    "logprobs": self.logprobs(c), "finish_reason": c.finish_reason,
+                    "stop_reason": c.stop_reason}
+                   for c in sorted(out.outputs, key=lambda c: c.index)]
         return {**self.head, "object": "chat.completion", "choices": choices,
                 "usage": usage(len(out.prompt_token_ids),
                                sum(len(c.token_ids) for c in out.outputs))}
 
     def _chunk(self, index: int, delta: dict, logprobs=None, finish=None, stop=None) -> str:
-        chunk = {**self.head, "object": "chat.completion.chunk",
-                 "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
-                              "finish_reason": finish, "stop_reason": stop}]}
-        if self.req.include_usage:
-            chunk["usage"] = None
-        return sse(chunk)
+        return self.events.event({"index": index, "delta": delta, "logprobs": logprobs,
+                                  "finish_reason": finish, "stop_reason": stop})
 
     async def chunks(self, stream: RequestStream) -> AsyncIterator[str]:
         n = self.req.n
-        sent_chars, sent_tokens = [0] * n, [0] * n
+        sent_tokens = [0] * n
         for i in range(n):
             yield self._chunk(i, {"role": "assistant", "content": ""})
         try:
             async for outs in stream:
-                for c in outs[-1].outputs:
+                for c in outs[-1].outputs:  # deltas: only the sequences that moved
                     i = c.index
-                    delta = c.text[sent_chars[i]:]
-                    first = sent_tokens[i]
-                    new_logprobs = self.req.logprobs and len(c.token_ids) > first
-                    if not (delta or new_logprobs or c.finish_reason):
+                    sent_tokens[i] += len(c.token_ids)
+                    if not (c.text or (self.req.logprobs and c.token_ids) or c.finish_reason):
                         continue
-                    yield self._chunk(i, {"content": delta} if delta else {},
-                                      self.logprobs(c, first), c.finish_reason, c.stop_reason)
-                    sent_chars[i], sent_tokens[i] = len(c.text), len(c.token_ids)
+                    yield self._chunk(i, {"content": c.text} if c.text else {},
+                                      self.logprobs(c), c.finish_reason, c.stop_reason)
             if self.req.include_usage:
                 yield sse({**self.head, "object": "chat.completion.chunk", "choices": [],
                            "usage": usage(len(self.request.prompt_token_ids),

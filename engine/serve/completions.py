@@ -16,8 +16,8 @@ from starlette.responses import JSONResponse, Response
 from engine.core.outputs import RequestOutput
 from engine.serve.protocol import APIError, CompletionRequest, error_body
 from engine.serve.serving import Serving, usage
-from engine.serve.sse import DONE, SSEResponse, sse, unless_disconnected
-from engine.serve.streams import EngineLoopError, EngineRequest, RequestStream
+from engine.serve.sse import DONE, ChunkEvents, SSEResponse, sse, unless_disconnected
+from engine.serve.streams import EngineLoopError, EngineRequest, RequestStream, merged
 
 
 async def create_completion(serving: Serving, req: CompletionRequest,
@@ -63,7 +63,8 @@ async def _collect(stream: RequestStream) -> dict[str, RequestOutput]:
     final: dict[str, RequestOutput] = {}
     async for outs in stream:
         for out in outs:
-            final[out.request_id] = out
+            rid = out.request_id
+            final[rid] = merged(final[rid], out) if rid in final else out
     return final
 
 
@@ -84,17 +85,18 @@ class _View:
                         if self.serving.tokenizer is not None else "")
         return r.prompt
 
-    def logprobs(self, i: int, out: RequestOutput, c, first_token: int, echo: bool,
+    def logprobs(self, i: int, prompt_logprobs: list | None, c, echo: bool,
                  offset: int) -> dict | None:
+        """`logprobs` for c's tokens (led by the prompt's with echo)."""
         if self.req.logprobs is None:
             return None
         ids, entries = [], []
         if echo:
             prompt = self.requests[i].prompt_token_ids
             ids += prompt
-            entries += out.prompt_logprobs or [None] * len(prompt)
-        ids += c.token_ids[first_token:]
-        entries += (c.logprobs or [])[first_token:]
+            entries += prompt_logprobs or [None] * len(prompt)
+        ids += c.token_ids
+        entries += c.logprobs or []
         return self.serving.completion_logprobs(ids, entries, offset)
 
     def body(self, final: dict[str, RequestOutput]) -> dict:
@@ -106,7 +108,8 @@ class _View:
                 completion_tokens += len(c.token_ids)
                 prefix = self.prompt_text(i) if self.req.echo else ""
                 choices.append({"index": i * self.req.n + c.index, "text": prefix + c.text,
-                                "logprobs": self.logprobs(i, out, c, 0, self.req.echo, 0),
+                                "logprobs": self.logprobs(i, out.prompt_logprobs, c,
+                                                          self.req.echo, 0),
                                 "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
         choices.sort(key=lambda ch: ch["index"])
         return {**self.head, "choices": choices,
@@ -114,40 +117,36 @@ class _View:
 
     async def chunks(self, stream: RequestStream) -> AsyncIterator[str]:
         req, n = self.req, self.req.n
-        sent_chars: dict[int, int] = {}
-        sent_tokens: dict[int, int] = {}
+        started: set[int] = set()
         offsets: dict[int, int] = {}
+        prompt_logprobs: dict[int, list] = {}  # they come with a request's first output
         with_usage = req.include_usage
+        events = ChunkEvents(self.head, with_usage)
         completion_tokens = 0
         try:
             async for outs in stream:
-                for out in outs:
+                for out in outs:  # deltas: only the sequences that moved
                     i = self.index[out.request_id]
+                    if out.prompt_logprobs is not None:
+                        prompt_logprobs[i] = out.prompt_logprobs
                     for c in out.outputs:
                         idx = i * n + c.index
-                        first = idx not in sent_chars
-                        chars, toks = sent_chars.get(idx, 0), sent_tokens.get(idx, 0)
-                        delta = c.text[chars:]
-                        new_tokens = len(c.token_ids) - toks
-                        echo = req.echo and first
+                        echo = req.echo and idx not in started
+                        started.add(idx)
+                        completion_tokens += len(c.token_ids)
                         # a chunk for new tokens even when their text is held back (a partial
                         # character), as vLLM sends it: clients time tokens by chunks
-                        if not (delta or new_tokens or c.finish_reason or echo):
+                        if not (c.text or c.token_ids or c.finish_reason or echo):
                             continue
-                        text = (self.prompt_text(i) if echo else "") + delta
-                        choice = {"index": idx, "text": text,
-                                  "logprobs": self.logprobs(i, out, c, toks, echo,
-                                                            offsets.get(idx, 0)),
+                        text = (self.prompt_text(i) + c.text) if echo else c.text
+                        lp = self.logprobs(i, prompt_logprobs.get(i), c, echo,
+                                           offsets.get(idx, 0))
+                        choice = {"index": idx, "text": text, "logprobs": lp,
                                   "finish_reason": c.finish_reason,
                                   "stop_reason": c.stop_reason}
-                        chunk = {**self.head, "choices": [choice]}
-                        if with_usage:
-                            chunk["usage"] = None
-                        yield sse(chunk)
-                        sent_chars[idx], sent_tokens[idx] = len(c.text), len(c.token_ids)
-                        if (lp := choice["logprobs"]) and lp["tokens"]:
+                        yield events.event(choice)
+                        if lp and lp["tokens"]:
                             offsets[idx] = lp["text_offset"][-1] + len(lp["tokens"][-1])
-                        completion_tokens += new_tokens
             if with_usage:
                 prompt_tokens = sum(len(r.prompt_token_ids) for r in self.requests)
                 yield sse({**self.head, "choices": [],

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import signal
 import socket
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -27,20 +27,23 @@ from engine.serve.async_llm import AsyncLLM
 from engine.serve.serving import ServeOptions, Serving
 
 _ABORT_GRACE_S = 10.0  # after the abort: time for handlers to write their last chunk
-# The engine thread and the event loop share the GIL. A thread that gives it up (a socket write,
-# a torch op) and wants it back waits for the other to reach a switch point: at CPython's
-# default 5 ms interval that wait is paid at every hand-over, many times per engine step.
-SWITCH_INTERVAL_S = 0.0005
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
-    """uvloop's loop when it is installed (its socket writes keep the GIL, so far fewer
-    hand-overs per streamed chunk), else asyncio's."""
+    """uvloop's loop when it is installed (less work per streamed chunk), else asyncio's."""
     try:
         import uvloop
     except ImportError:
         return asyncio.new_event_loop()
     return uvloop.new_event_loop()
+
+
+def freeze_heap() -> None:
+    """Move everything alive now (imports, tokenizer, app) out of the garbage collector's
+    reach: its full collections no longer walk them while the server streams (vLLM does the
+    same)."""
+    gc.collect()
+    gc.freeze()
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -141,21 +144,15 @@ class APIServer(uvicorn.Server):
 def run_server(config: EngineConfig, options: ServeOptions, host: str = "127.0.0.1",
                port: int = 8000, shutdown_timeout: float = 30.0,
                say: Callable[[str], None] = print) -> None:
-    """Serve until SIGTERM / SIGINT; returns once drained and the engine is closed. While it
-    runs, the process's GIL switch interval is SWITCH_INTERVAL_S and, on CPU, torch uses one
-    thread fewer."""
-    import torch
-
+    """Serve until SIGTERM / SIGINT; returns once drained and the engine core process has
+    stopped."""
     sock = bind_socket(host, port)
-    interval, threads = sys.getswitchinterval(), torch.get_num_threads()
-    sys.setswitchinterval(SWITCH_INTERVAL_S)
-    if config.device.type == "cpu":  # a core for the event loop: torch's threads spin-wait
-        torch.set_num_threads(max(1, threads - 1))  # when the loop takes one of theirs
     try:
         say(f"loading {config.model} ...")
         llm = AsyncLLM(config)
         try:
             server = APIServer(llm, options, sock, shutdown_timeout)
+            freeze_heap()
             server.on_ready = lambda: say(
                 f"serving {options.served_model_names[0]!r} on {server.url} "
                 "(OpenAI API under /v1; Ctrl-C stops)")
@@ -169,6 +166,4 @@ def run_server(config: EngineConfig, options: ServeOptions, host: str = "127.0.0
         finally:
             llm.close()
     finally:
-        sys.setswitchinterval(interval)
-        torch.set_num_threads(threads)
         sock.close()

@@ -82,9 +82,8 @@ class ServingMetrics:
 
     def on_output(self, track: RequestTrack, out: RequestOutput, now: float,
                   step_start: float) -> None:
-        """Account one streamed output of a request (its completions so far)."""
-        num_tokens = sum(len(c.token_ids) for c in out.outputs)
-        new = num_tokens - track.num_tokens
+        """Account one streamed output of a request (a delta: the tokens new since the last)."""
+        new = sum(len(c.token_ids) for c in out.outputs)
         if new > 0:
             if track.first_token_time is None:
                 track.first_token_time = now
@@ -96,7 +95,8 @@ class ServingMetrics:
                     self.prefix_cache_hits += out.metrics.get("num_cached_tokens", 0)
             else:
                 self.itl.observe((now - track.last_token_time) / new)
-            track.last_token_time, track.num_tokens = now, num_tokens
+            track.last_token_time = now
+            track.num_tokens += new
             self.generation_tokens += new
         preemptions = out.metrics.get("num_preemptions", 0)
         self.preemptions += max(0, preemptions - track.num_preemptions)

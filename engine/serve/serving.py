@@ -51,7 +51,7 @@ class Serving:
         config = llm.config
         self.model_path, self.max_model_len = config.model, config.max_model_len
         self.vocab_size = config.vocab_size
-        # its own instance: the engine thread's tokenizer is not shared across threads
+        # its own instance: the engine core (another process) has the engine's
         self.tokenizer = load_tokenizer(config.model)
         self.chat_template = (ChatTemplate(options.chat_template,
                                            special_tokens_of(self.tokenizer))

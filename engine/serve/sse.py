@@ -23,8 +23,26 @@ DONE = "data: [DONE]\n\n"
 T = TypeVar("T")
 
 
+def _dumps(obj) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
 def sse(obj: dict) -> str:
-    return "data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n\n"
+    return "data: " + _dumps(obj) + "\n\n"
+
+
+class ChunkEvents:
+    """The SSE events of one response's chunks: the fields every chunk repeats (`head`) are
+    serialized once, then each chunk's one choice alone, giving exactly
+    `sse({**head, "choices": [choice]} + ({"usage": None} if with_usage))`."""
+
+    def __init__(self, head: dict, with_usage: bool) -> None:
+        whole = _dumps({**head, "choices": [None]})  # ...,"choices":[null]}
+        self.prefix = "data: " + whole[:-len("null]}")]
+        self.suffix = "]" + (',"usage":null' if with_usage else "") + "}\n\n"
+
+    def event(self, choice: dict) -> str:
+        return self.prefix + _dumps(choice) + self.suffix
 
 
 class ClientGone(Exception):

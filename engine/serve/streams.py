@@ -1,8 +1,9 @@
 """What AsyncLLM hands to the event loop: EngineRequest in, RequestStream out.
 
-A RequestStream lives on the event loop only. It keeps the newest output of each of its
-requests (each output carries the text so far), so a consumer that falls behind skips the
-intermediate ones; metrics see every output as it arrives.
+A RequestStream lives on the event loop only. The engine core sends each request's outputs as
+deltas (what is new since its last output); the stream merges the deltas a consumer has not
+taken yet into one (vLLM's output coalescing), so a consumer that falls behind gets fewer,
+larger pieces that still concatenate to the whole; metrics see every output as it arrives.
 """
 
 from __future__ import annotations
@@ -29,12 +30,35 @@ class EngineRequest:
     prompt: str | None = None
 
 
+def merged(a: RequestOutput, b: RequestOutput) -> RequestOutput:
+    """Two successive delta outputs of one request as one: each sequence's text, tokens and
+    logprobs concatenated, the later finish, the later metrics (they are running totals)."""
+    outs = {c.index: c for c in a.outputs}
+    for c in b.outputs:
+        p = outs.get(c.index)
+        if p is None:
+            outs[c.index] = c
+            continue
+        logprobs = None if p.logprobs is None and c.logprobs is None else \
+            (p.logprobs or []) + (c.logprobs or [])
+        outs[c.index] = CompletionOutput(
+            c.index, p.text + c.text, p.token_ids + c.token_ids,
+            c.finish_reason or p.finish_reason,
+            c.stop_reason if c.finish_reason else p.stop_reason, logprobs)
+    return RequestOutput(b.request_id, b.prompt, b.prompt_token_ids, list(outs.values()),
+                         a.prompt_logprobs if a.prompt_logprobs is not None
+                         else b.prompt_logprobs, b.finished, b.metrics)
+
+
 class RequestStream:
-    """The outputs of a group of engine requests (one HTTP request's prompts), newest only.
+    """The outputs of a group of engine requests (one HTTP request's prompts), as deltas.
 
     `async for outputs in stream` yields lists of RequestOutputs, one per request that advanced
-    since the last iteration, until every request has finished. `abort()` ends the unfinished
-    ones; it is idempotent and safe after the end.
+    since the last iteration, until every request has finished. Each output holds only what is
+    new since the last one yielded (text, token ids, logprobs; the prompt logprobs with the
+    first), and only the sequences that moved: when the consumer falls behind, the outputs that
+    arrived meanwhile are merged into one, so a busy server writes fewer, larger chunks.
+    `abort()` ends the unfinished requests; it is idempotent and safe after the end.
     """
 
     def __init__(self, requests: list[EngineRequest], arrival: float, metrics: ServingMetrics,
@@ -42,15 +66,14 @@ class RequestStream:
         self._metrics, self._abort = metrics, abort  # abort(ids): forget them, stop the engine
         self.requests = {r.request_id: r for r in requests}
         self._tracks = {r.request_id: RequestTrack(arrival) for r in requests}
-        self._latest: dict[str, RequestOutput] = {}
-        self._changed: dict[str, None] = {}  # an ordered set
+        self._pending: dict[str, RequestOutput] = {}  # not yet taken by the consumer, in order
         self._unfinished = set(self.requests)
         self._error: BaseException | None = None
         self._event = asyncio.Event()
 
     @property
     def finished(self) -> bool:
-        return not self._unfinished and not self._changed
+        return not self._unfinished and not self._pending
 
     def __aiter__(self) -> AsyncIterator[list[RequestOutput]]:
         return self._iterate()
@@ -60,14 +83,14 @@ class RequestStream:
             yield await self.next()
 
     async def next(self) -> list[RequestOutput]:
-        """The newest output of every request that advanced; waits for one."""
-        while not self._changed and self._error is None:
+        """What every request that advanced added since the last call; waits for one."""
+        while not self._pending and self._error is None:
             self._event.clear()
             await self._event.wait()
-        if self._error is not None and not self._changed:
+        if self._error is not None and not self._pending:
             raise self._error
-        outs = [self._latest[rid] for rid in self._changed]
-        self._changed.clear()
+        outs = list(self._pending.values())
+        self._pending.clear()
         return outs
 
     def abort(self) -> None:
@@ -80,25 +103,16 @@ class RequestStream:
 
     # -- called on the loop by AsyncLLM --------------------------------------------------------
     def put(self, out: RequestOutput, now: float, step_start: float) -> None:
+        """One delta output of a request (engine_core's wire output)."""
         rid = out.request_id
         if rid not in self._unfinished:
             return
         self._metrics.on_output(self._tracks[rid], out, now, step_start)
-        self._latest[rid] = out
-        self._changed[rid] = None
+        pending = self._pending.get(rid)
+        self._pending[rid] = out if pending is None else merged(pending, out)
         if out.finished:
             self._unfinished.discard(rid)
         self._event.set()
-
-    def end_aborted(self, rid: str) -> None:
-        """The server aborted this request: end it with finish_reason "abort"."""
-        req, last = self.requests[rid], self._latest.get(rid)
-        outs = [CompletionOutput(c.index, c.text, c.token_ids, c.finish_reason or "abort",
-                                 c.stop_reason, c.logprobs) for c in last.outputs] if last else \
-            [CompletionOutput(i, "", [], "abort") for i in range(req.params.n)]
-        self.put(RequestOutput(rid, req.prompt, req.prompt_token_ids, outs,
-                                last.prompt_logprobs if last else None, True,
-                                last.metrics if last else {}), time.monotonic(), 0.0)
 
     def fail(self, rid: str, error: BaseException) -> None:
         if rid in self._unfinished:

@@ -1,0 +1,241 @@
+"""The engine core: the process that owns the LLMEngine for the server (vLLM's EngineCore).
+
+`run_engine_core` is the target of a spawned child process. It builds the engine (and through
+it, with tensor parallelism, the worker processes), reports ("ready", stats) or
+("init_error", exception), then loops: apply every command waiting on its pipe, run one
+`step()` while any request is unfinished, block on the pipe when none is. The server's event
+loop lives in another process, so the two never share a GIL.
+
+Each loop turn sends at most one message, carrying all of that step's outputs as deltas (the
+tokens, text and logprobs added since the last message; the cumulative outputs the engine
+gives would cost O(length) per token to send):
+
+    ("step", step_start, stats, outputs, replies, ended)
+    outputs  [(request_id, finished, seqs, prompt_logprobs | None (first output only),
+               num_cached_tokens, num_preemptions)]
+    seqs     [(index, new_text, new_token_ids, finish_reason, stop_reason,
+               new_logprobs | None)]   -- CompletionOutput's field order; only those that moved
+    replies  [(call_id, value, error | None)]  -- answers to "add" and "call"
+    ended    [(request_id, error message)]  -- requests a failing step ended
+
+Commands (tuples) from the server: ("add", call_id, [EngineRequest]), ("abort", [ids]),
+("abort_all",), ("call", call_id, pickled (name, args)), ("stop",). The core ends when the server's end
+of the pipe closes (the server process died), so it never outlives it; SIGINT is left to the
+server, which decides when the core stops.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import gc
+import pickle
+import signal
+import time
+import traceback
+from multiprocessing.connection import Connection
+from typing import Any
+
+from engine.config import EngineConfig
+from engine.core.outputs import CompletionOutput, RequestOutput
+
+PIPE_BYTES = 1 << 20  # Linux's default pipe-max-size: room for many steps while the server reads
+
+
+def widen_pipe(conn: Connection) -> None:
+    """Give a pipe PIPE_BYTES of buffer where the OS allows it (Linux), so the core rarely waits
+    for the server to read."""
+    with contextlib.suppress(AttributeError, OSError):
+        fcntl.fcntl(conn.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+
+
+def sendable(error: BaseException) -> BaseException:
+    """The exception if it survives pickling, else the nearest base class of it that does
+    (with the same message), so the server raises the same kind of error."""
+    for cls in type(error).__mro__:
+        if issubclass(cls, BaseException) and (candidate := _rebuilt(error, cls)) is not None:
+            return candidate
+    return RuntimeError(f"{type(error).__name__}: {error}")
+
+
+def _rebuilt(error: BaseException, cls: type) -> BaseException | None:
+    """error as a cls (itself when cls is its class) if that survives pickling, else None."""
+    try:
+        candidate = error if cls is type(error) else cls(str(error))
+        pickle.loads(pickle.dumps(candidate))
+    except Exception:  # noqa: BLE001 - any failure to rebuild or pickle
+        return None
+    return candidate
+
+
+def run_engine_core(config: EngineConfig, commands: Connection, outputs: Connection) -> None:
+    """The child process's body (see the module docstring)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group: the server drains
+    if config.device.type == "cpu":  # leave a core to the server process
+        import torch
+
+        torch.set_num_threads(max(1, torch.get_num_threads() - 1))
+    from engine.core.llm_engine import LLMEngine
+
+    try:
+        engine = LLMEngine(config, stream_outputs=True)
+    except BaseException as e:  # noqa: BLE001 - handed to the server, which raises it
+        if not isinstance(e, Exception):
+            traceback.print_exc()
+        outputs.send(("init_error", sendable(e)))
+        return
+    gc.collect()  # the engine's objects out of the collector's full passes: steps stay even
+    gc.freeze()
+    try:
+        outputs.send(("ready", engine.stats()))
+        EngineCore(engine).run(commands, outputs)
+    except (EOFError, BrokenPipeError):
+        pass  # the server is gone: nobody to answer
+    except Exception as e:  # noqa: BLE001 - the loop itself broke: say why, then end
+        traceback.print_exc()
+        with contextlib.suppress(OSError):
+            outputs.send(("died", f"{type(e).__name__}: {e}"))
+    finally:
+        engine.close()
+
+
+class _Sent:
+    """What the server already has of one request: per sequence, tokens and characters."""
+
+    __slots__ = ("chars", "done", "first", "tokens")
+
+    def __init__(self, n: int) -> None:
+        self.tokens, self.chars, self.done = [0] * n, [0] * n, [False] * n
+        self.first = True
+
+
+class EngineCore:
+    """The busy loop over one LLMEngine; its commands and its delta outputs."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+        self.sent: dict[str, _Sent] = {}  # the live requests
+
+    def run(self, commands: Connection, outputs: Connection) -> None:
+        engine = self.engine
+        while True:
+            replies: list[tuple] = []
+            deltas: list[tuple] = []
+            ended: list[tuple] = []
+            got = False
+            if not engine.has_unfinished_requests():
+                commands.poll(None)  # idle: block until a command (or EOF: the server died)
+            while commands.poll():
+                got = True
+                if not self.apply(commands.recv(), replies, deltas):
+                    return
+            step_start = time.monotonic()
+            if engine.has_unfinished_requests():
+                try:
+                    outs = engine.step()
+                except Exception as e:  # noqa: BLE001 - fail the requests, keep serving
+                    message = f"the engine step failed: {type(e).__name__}: {e}"
+                    for rid in list(self.sent):
+                        engine.abort_request(rid)
+                        ended.append((rid, message))
+                    self.sent.clear()
+                    outs = []
+                for out in outs:
+                    self.delta(out, deltas)
+            if deltas or replies or ended or got:
+                outputs.send(("step", step_start, engine.stats(), deltas, replies, ended))
+
+    def delta(self, out: RequestOutput, deltas: list[tuple]) -> None:
+        sent = self.sent.get(out.request_id)
+        if sent is None:  # aborted meanwhile
+            return
+        seqs = []
+        for c in out.outputs:
+            k = c.index
+            t0, ch0 = sent.tokens[k], sent.chars[k]
+            if len(c.token_ids) == t0 and len(c.text) == ch0 and (
+                    c.finish_reason is None or sent.done[k]):
+                continue
+            seqs.append((k, c.text[ch0:], c.token_ids[t0:], c.finish_reason, c.stop_reason,
+                         c.logprobs[t0:] if c.logprobs is not None else None))
+            sent.tokens[k], sent.chars[k] = len(c.token_ids), len(c.text)
+            sent.done[k] = c.finish_reason is not None
+        plp = out.prompt_logprobs if sent.first else None
+        sent.first = False
+        if out.finished:
+            del self.sent[out.request_id]
+        m = out.metrics
+        deltas.append((out.request_id, out.finished, seqs, plp, m.get("num_cached_tokens", 0),
+                       m.get("num_preemptions", 0)))
+
+    def apply(self, cmd: tuple, replies: list[tuple], deltas: list[tuple]) -> bool:
+        """One command; False for "stop"."""
+        kind, engine = cmd[0], self.engine
+        if kind == "add":
+            _, call_id, requests = cmd
+            added: list[str] = []
+            try:
+                for r in requests:
+                    engine.add_request(r.prompt, r.params, r.prompt_token_ids, r.request_id)
+                    added.append(r.request_id)
+            except Exception as e:  # noqa: BLE001 - the caller's error (RequestError mostly)
+                for rid in added:
+                    engine.abort_request(rid)
+                replies.append((call_id, None, sendable(e)))
+                return True
+            for r in requests:
+                self.sent[r.request_id] = _Sent(r.params.n)
+            replies.append((call_id, None, None))
+        elif kind == "abort":
+            for rid in cmd[1]:
+                if self.sent.pop(rid, None) is not None:
+                    engine.abort_request(rid)
+        elif kind == "abort_all":  # each request ends with finish_reason "abort"
+            for rid, sent in self.sent.items():
+                engine.abort_request(rid)
+                seqs = [(k, "", [], "abort", None, None)
+                        for k, done in enumerate(sent.done) if not done]
+                deltas.append((rid, True, seqs, None, 0, 0))
+            self.sent.clear()
+        elif kind == "call":
+            _, call_id, payload = cmd
+            try:  # unpickled here: a function whose module the core cannot import is an error
+                name, args = pickle.loads(payload)
+                replies.append((call_id, self.call(name, *args), None))
+            except Exception as e:  # noqa: BLE001 - handed to the caller
+                replies.append((call_id, None, sendable(e)))
+        elif kind == "stop":
+            return False
+        return True
+
+    def call(self, name: Any, *args) -> Any:
+        """The named RPCs; a callable (a module-level function, sent by reference) runs as
+        fn(engine, *args)."""
+        engine = self.engine
+        if callable(name):
+            return name(engine, *args)
+        if name == "check":  # the block bookkeeping whole; load; anything unfinished
+            engine.check_invariants()
+            return engine.stats(), engine.has_unfinished_requests()
+        if name == "stats":
+            return engine.stats()
+        raise ValueError(f"no engine RPC named {name!r}")
+
+
+def describe_exit(code: int | None) -> str:
+    """A dead process's exit code in words."""
+    if code is None:
+        return "is not running"
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"was killed by {signal.Signals(-code).name}"
+        return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+def delta_output(request, wire: tuple) -> RequestOutput:
+    """One wire output (see the module docstring) as a RequestOutput of deltas."""
+    rid, finished, seqs, plp, cached, preemptions = wire
+    return RequestOutput(rid, request.prompt, request.prompt_token_ids,
+                         [CompletionOutput(*s) for s in seqs], plp, finished,
+                         {"num_cached_tokens": cached, "num_preemptions": preemptions})

@@ -1,0 +1,116 @@
+"""The engine core process under the server: an engine that cannot start raises its own error,
+a consumer that falls behind gets its outputs merged (the same text, tokens and logprobs as the
+offline engine), and a core that dies mid-stream ends every stream cleanly, turns /health
+unhealthy and leaves the server answering."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import multiprocessing
+import os
+import shutil
+import signal
+
+import httpx
+import pytest
+from serve_server import ENGINE_DEFAULTS, WAIT_S, running_server
+
+from engine import LLM, SamplingParams
+from engine.config import EngineConfig
+from engine.errors import CheckpointError
+from engine.serve.async_llm import AsyncLLM
+from engine.serve.streams import EngineRequest
+
+
+def new_children(before: set) -> list:
+    return [p for p in multiprocessing.active_children() if p.pid not in before]
+
+
+def test_an_engine_that_cannot_start_raises_its_error_and_leaves_no_process(tiny_llama_dir,
+                                                                             tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "missing"
+    shutil.copytree(tiny_llama_dir, bad)
+    weights = load_file(bad / "model.safetensors")
+    del weights["model.layers.1.mlp.up_proj.weight"]
+    save_file(weights, bad / "model.safetensors", metadata={"format": "pt"})
+    before = {p.pid for p in multiprocessing.active_children()}
+    with pytest.raises(CheckpointError, match=r"missing: model\.layers\.1\.mlp\.up_proj"):
+        AsyncLLM(EngineConfig.create(str(bad), **ENGINE_DEFAULTS))
+    assert new_children(before) == []
+
+
+def test_a_consumer_that_falls_behind_gets_one_merged_output(tiny_llama_dir):
+    ids, n_tokens = [5, 9, 33, 71, 4], 24
+    params = SamplingParams(temperature=0, max_tokens=n_tokens, ignore_eos=True, logprobs=2)
+    with LLM(str(tiny_llama_dir), **ENGINE_DEFAULTS) as llm:
+        want = llm.generate(prompt_token_ids=[ids], sampling_params=params)[0].outputs[0]
+    engine = AsyncLLM(EngineConfig.create(str(tiny_llama_dir), **ENGINE_DEFAULTS))
+
+    async def main():
+        stream = await engine.add_requests([EngineRequest("slow", ids, params)])
+        for _ in range(int(WAIT_S / 0.01)):  # not consumed until the engine has finished it
+            if engine.num_streams == 0:
+                break
+            await asyncio.sleep(0.01)
+        outs = await stream.next()
+        assert stream.finished
+        return outs
+
+    try:
+        outs = asyncio.run(asyncio.wait_for(main(), WAIT_S))
+    finally:
+        engine.close()
+    assert len(outs) == 1 and len(outs[0].outputs) == 1
+    got = outs[0].outputs[0]  # every step's delta merged into one
+    assert got.token_ids == want.token_ids and len(got.token_ids) == n_tokens
+    assert got.text == want.text and got.finish_reason == "length"
+    assert len(got.logprobs) == n_tokens
+    for mine, ref in zip(got.logprobs, want.logprobs):
+        assert mine.keys() == ref.keys()
+        assert all(abs(mine[t] - ref[t]) < 1e-5 for t in ref)
+
+
+def test_the_core_dying_mid_stream_ends_every_stream_and_the_server_goes_on(tiny_llama_dir):
+    before = {p.pid for p in multiprocessing.active_children()}
+    with running_server(tiny_llama_dir) as server:
+        (core,) = [p for p in new_children(before) if p.name == "aphro-engine-core"]
+        body = {"prompt": [5, 6, 7], "max_tokens": 200, "ignore_eos": True, "stream": True}
+
+        async def one(client, started: asyncio.Event, counter: list[int]) -> list[str]:
+            lines = []
+            async with client.stream("POST", "/v1/completions", json=body) as r:
+                assert r.status_code == 200
+                async for line in r.aiter_lines():
+                    if not line:
+                        continue
+                    lines.append(line)
+                    if len(lines) == 1:
+                        counter[0] += 1
+                        if counter[0] == 4:
+                            started.set()
+            return lines
+
+        async def run():
+            started, counter = asyncio.Event(), [0]
+            async with httpx.AsyncClient(base_url=server.base_url, timeout=WAIT_S) as client:
+                tasks = [asyncio.ensure_future(one(client, started, counter)) for _ in range(4)]
+                await asyncio.wait_for(started.wait(), WAIT_S)
+                os.kill(core.pid, signal.SIGKILL)
+                return await asyncio.wait_for(asyncio.gather(*tasks), WAIT_S)
+
+        for lines in asyncio.run(run()):
+            assert lines[-1] == "data: [DONE]"
+            assert all(line.startswith("data: {") for line in lines[:-1])
+            error = json.loads(lines[-2].removeprefix("data: "))["error"]
+            assert "SIGKILL" in error["message"] and error["type"] == "server_error"
+        health = httpx.get(f"{server.base_url}/health", timeout=WAIT_S)
+        assert health.status_code == 503 and "SIGKILL" in health.json()["error"]["message"]
+        models = httpx.get(f"{server.base_url}/v1/models", timeout=WAIT_S)
+        assert models.status_code == 200 and models.json()["data"][0]["id"] == "tiny"
+        r = httpx.post(f"{server.base_url}/v1/completions", timeout=WAIT_S,
+                       json={"prompt": "hello", "max_tokens": 3})
+        assert r.status_code == 503 and "engine has stopped" in r.json()["error"]["message"]
+    assert new_children(before) == []
