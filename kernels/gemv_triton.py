@@ -4,12 +4,15 @@ streams the weight once.
 Each program owns BLOCK_N rows of the weight [N, K] (K contiguous) and walks the whole of K in
 BLOCK_K steps: one pass over the weight with wide coalesced loads, pipelined num_stages deep, no
 split-K and no second kernel. The few rows of x (padded to 16 for tl.dot, the padding masked)
-are re-read from L2 by every program. 8-bit weights are widened in registers (exact: e4m3 and
-int8 values are fp16 / bf16 values) and multiplied on the tensor cores into float32.
+are re-read from L2 by every program. INT8 weights are widened in registers (exact: int8 values
+are fp16 / bf16 values) and multiplied on the tensor cores into float32.
 
 With `quantize_input` (the FP8 scheme) a first pass over x finds each row's max |x| (or the
 static scale is read), then every x tile is quantized to e4m3 in registers just before its dot,
-so the products are those of per_token_quant_fp8_ref's values. The quotient x / scale is
+so the products are those of per_token_quant_fp8_ref's values, multiplied as e4m3 x e4m3 on the
+tensor cores. Their accumulation is not exact float32 (Hopper's FP8 MMA keeps fewer bits, as
+torch._scaled_mm's does): ~2e-3 relative at K = 4096, measured. Widening both to fp16 first
+was exact but 1.3-1.7x slower at batch 1 (docs/PERF.md). The quotient x / scale is
 x * (1 / scale) corrected by one fused multiply-add (Markstein): the correctly rounded quotient,
 as the reference's division, at a few instructions per element.
 
@@ -45,7 +48,7 @@ class GemvConfig:
 # and 192 programs on an H200's 132 SMs); narrow shards take 16 with deeper steps so that a
 # program keeps 16 KB of weight in flight per stage.
 GEMV_TABLE: tuple[tuple[int, int, int, int, int], ...] = (
-    (16384, 64, 512, 4, 3),
+    (16384, 64, 256, 4, 3),
     (3072, 32, 512, 4, 4),
     (0, 16, 1024, 2, 4),
 )
@@ -119,7 +122,7 @@ def _gemv_kernel(
                     other=0.0)  # [BN, BK]
         if QUANT and ONE_ROW:  # quantize the one row; the 16 dot rows are copies of it
             v = tl.load(x_ptr + k, mask=k_ok, other=0.0).to(tl.float32)  # [BK]
-            xq = _to_e4m3(v, s, r, FP8_MAX, ROUND).to(tl.float16)
+            xq = _to_e4m3(v, s, r, FP8_MAX, ROUND)
             # a broadcast, not a masked pad: it reaches the dot operand without a trip through
             # shared memory (rows 1..15 are never stored)
             xt = tl.broadcast_to(xq[None, :], (DOT_ROWS, BLOCK_K))  # [16, BK]
@@ -127,10 +130,12 @@ def _gemv_kernel(
             xt = tl.load(x_rows + k[None, :], mask=m_ok[:, None] & k_ok[None, :],
                          other=0.0)  # [16, BK]
             if QUANT:
-                xt = _to_e4m3(xt.to(tl.float32), s, r, FP8_MAX, ROUND).to(tl.float16)
+                xt = _to_e4m3(xt.to(tl.float32), s, r, FP8_MAX, ROUND)
         if UPCAST:  # the interpreter, or float32 activations: float32 products
             acc += tl.dot(xt.to(tl.float32), tl.trans(w.to(tl.float32)),
                           input_precision="ieee")
+        elif QUANT:  # e4m3 x e4m3 on the tensor cores (their float32 sums are not exact)
+            acc += tl.dot(xt, tl.trans(w))
         else:  # e4m3 / int8 values are exact in fp16 / bf16
             acc += tl.dot(xt, tl.trans(w.to(xt.dtype)))
 

@@ -159,12 +159,23 @@ def test_bench_gemv_runs_every_variant():
 @pytest.mark.parametrize("m", [1, 2, 16])
 @pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)])
 def test_gemv_real_shapes(m, n, k):
+    """The compiled kernel at the decode shapes. The GPU sums K in another order than the
+    reference (and FP8 MMA accumulates with fewer bits than float32: ~2e-3 relative measured),
+    so the bound is relative to each row's largest output; an indexing or scaling bug is off by
+    O(1) of it."""
     x = activations(m, k, torch.bfloat16)
     for w_dtype in (torch.bfloat16, torch.int8):
         w = weight_of(w_dtype, n, k)
         s = torch.rand(n, device=DEV) * 0.01 + 1e-4
-        assert_close_ulp(gemv_triton(x, w, s), gemv_ref(x, w, s))
+        assert_close_rows(gemv_triton(x, w, s), gemv_ref(x, w, s), 2e-3)
     wq, w_scale = quantize_fp8_per_channel(torch.randn(n, k, device=DEV))
     xq, x_scale = per_token_quant_fp8_ref(x)
     ref = fp8_matmul(xq, x_scale, wq, w_scale, torch.bfloat16, scaled_mm=False)
-    assert_close_ulp(gemv_triton(x, wq, w_scale, quantize_input=True), ref)
+    assert_close_rows(gemv_triton(x, wq, w_scale, quantize_input=True), ref, 1e-2)
+
+
+def assert_close_rows(got: torch.Tensor, ref: torch.Tensor, rel: float) -> None:
+    err = (got.double() - ref.double()).abs()
+    row_max = ref.double().abs().amax(dim=1, keepdim=True)
+    worst = (err / row_max.clamp_min(1e-30)).max().item()
+    assert worst <= rel, f"max error {worst:.3g} of the row's largest output (bound {rel})"
