@@ -209,10 +209,10 @@ def test_worker_exception_is_an_error_in_the_caller(checkpoint, tp1_tokens, monk
 
 
 def test_worker_exit_is_an_error_in_the_caller(checkpoint):
-    with LLM(str(checkpoint("llama")), device="cpu", tensor_parallel_size=2,
-             num_kv_blocks=64) as llm:
-        with pytest.raises(TPWorkerError, match="rank 1 .*exited with code 3"):
-            llm.engine.collective_rpc(_exit_on_rank_1)
+    with (LLM(str(checkpoint("llama")), device="cpu", tensor_parallel_size=2,
+              num_kv_blocks=64) as llm,
+          pytest.raises(TPWorkerError, match="rank 1 .*exited with code 3")):
+        llm.engine.collective_rpc(_exit_on_rank_1)
     assert not dist.is_initialized()
 
 

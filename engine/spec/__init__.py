@@ -11,5 +11,5 @@ schema from here.
     explicit/     a family's spec -> an explicit, hand-editable model file
 """
 
-from engine.spec.schema import *  # noqa: F403 - the schema is the package's public face
+from engine.spec.schema import *  # the schema is the package's public face
 from engine.spec.schema import __all__  # noqa: F401
