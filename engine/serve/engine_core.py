@@ -97,6 +97,7 @@ def run_engine_core(config: EngineConfig, commands: Connection, outputs: Connect
             outputs.send(("died", f"{type(e).__name__}: {e}"))
     finally:
         engine.close()
+        gc.unfreeze()  # frozen objects are never freed at exit: native ones would say "leaked"
 
 
 class _Sent:

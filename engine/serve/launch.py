@@ -167,3 +167,4 @@ def run_server(config: EngineConfig, options: ServeOptions, host: str = "127.0.0
             llm.close()
     finally:
         sock.close()
+        gc.unfreeze()  # frozen objects are never freed at exit: native ones would say "leaked"
