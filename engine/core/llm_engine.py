@@ -33,6 +33,8 @@ class _Request:
     prompt_token_ids: list[int]
     seqs: list[Sequence]
     detoks: list[IncrementalDetokenizer | None] = field(default_factory=list)
+    # delta outputs: per sequence (tokens, characters, finished) already reported
+    reported: list[tuple[int, int, bool]] = field(default_factory=list)
 
 
 @dataclass
@@ -47,13 +49,17 @@ class _Step:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, stream_outputs: bool = True) -> None:
+    def __init__(self, config: EngineConfig, stream_outputs: bool = True,
+                 deltas: bool = False) -> None:
         # stream_outputs: step() reports every request that advanced, with its text so far;
         # otherwise only finished requests, and text is decoded once at the end (unless stop
-        # strings need it as it grows)
+        # strings need it as it grows). deltas (with stream_outputs): each output holds only what
+        # is new since the request's last one (token ids, text, logprobs; the prompt logprobs
+        # with the first) and only the sequences that moved, so a step costs O(new tokens)
         from engine.distributed import create_executor
 
         self.config, self.stream_outputs = config, stream_outputs
+        self.deltas = deltas and stream_outputs
         self.tokenizer = load_tokenizer(config.model)
         self.eos_token_ids = eos_token_ids(config.model)
         self.vocab_size = config.vocab_size
@@ -275,7 +281,8 @@ class LLMEngine:
         finished = all(s.is_finished for s in req.seqs)
         if not (finished or self.stream_outputs):
             return None
-        outs = [CompletionOutput(
+        first = not req.reported
+        outs = self._deltas(req) if self.deltas else [CompletionOutput(
             index=s.index, text=visible_text(s), token_ids=list(s.output_token_ids),
             finish_reason=s.finish_reason, stop_reason=s.stop_reason,
             logprobs=list(s.output_logprobs) if s.sampling_params.logprobs is not None else None)
@@ -283,7 +290,8 @@ class LLMEngine:
         params = req.seqs[0].sampling_params
         out = RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs,
                             prompt_logprobs=(req.seqs[0].prompt_logprobs
-                                             if params.prompt_logprobs is not None else None),
+                                             if params.prompt_logprobs is not None
+                                             and (first or not self.deltas) else None),
                             finished=finished,
                             metrics={"num_cached_tokens": max(s.num_cached_tokens
                                                               for s in req.seqs),
@@ -293,6 +301,25 @@ class LLMEngine:
             del self.requests[req.request_id]
             self._penalized.discard(req.request_id)
         return out
+
+    @staticmethod
+    def _deltas(req: _Request) -> list[CompletionOutput]:
+        """What each sequence added since the request's last output (those that moved)."""
+        if not req.reported:
+            req.reported = [(0, 0, False)] * len(req.seqs)
+        outs = []
+        for s in req.seqs:
+            tokens, chars, done = req.reported[s.index]
+            text = visible_text(s)  # grows only: held-back text is released or cut at a stop
+            if len(s.output_token_ids) == tokens and len(text) == chars and \
+                    (done or not s.is_finished):
+                continue
+            logprobs = s.output_logprobs[tokens:] \
+                if s.sampling_params.logprobs is not None else None
+            outs.append(CompletionOutput(s.index, text[chars:], s.output_token_ids[tokens:],
+                                         s.finish_reason, s.stop_reason, logprobs))
+            req.reported[s.index] = (len(s.output_token_ids), len(text), s.is_finished)
+        return outs
 
     def stats(self) -> EngineStats:
         """Read-only load figures for monitoring (running and waiting requests, KV usage)."""

@@ -6,9 +6,9 @@ it, with tensor parallelism, the worker processes), reports ("ready", stats) or
 `step()` while any request is unfinished, block on the pipe when none is. The server's event
 loop lives in another process, so the two never share a GIL.
 
-Each loop turn sends at most one message, carrying all of that step's outputs as deltas (the
-tokens, text and logprobs added since the last message; the cumulative outputs the engine
-gives would cost O(length) per token to send):
+Each loop turn sends at most one message, carrying all of that step's outputs as the engine's
+deltas (LLMEngine(deltas=True): the tokens, text and logprobs added since the request's last
+output; cumulative outputs would cost O(length) per token to build and send):
 
     ("step", step_start, stats, outputs, replies, ended)
     outputs  [(request_id, finished, seqs, prompt_logprobs | None (first output only),
@@ -78,7 +78,7 @@ def run_engine_core(config: EngineConfig, commands: Connection, outputs: Connect
     from engine.core.llm_engine import LLMEngine
 
     try:
-        engine = LLMEngine(config, stream_outputs=True)
+        engine = LLMEngine(config, stream_outputs=True, deltas=True)
     except BaseException as e:  # noqa: BLE001 - handed to the server, which raises it
         if not isinstance(e, Exception):
             traceback.print_exc()
@@ -100,22 +100,12 @@ def run_engine_core(config: EngineConfig, commands: Connection, outputs: Connect
         gc.unfreeze()  # frozen objects are never freed at exit: native ones would say "leaked"
 
 
-class _Sent:
-    """What the server already has of one request: per sequence, tokens and characters."""
-
-    __slots__ = ("chars", "done", "first", "tokens")
-
-    def __init__(self, n: int) -> None:
-        self.tokens, self.chars, self.done = [0] * n, [0] * n, [False] * n
-        self.first = True
-
-
 class EngineCore:
     """The busy loop over one LLMEngine; its commands and its delta outputs."""
 
     def __init__(self, engine) -> None:
         self.engine = engine
-        self.sent: dict[str, _Sent] = {}  # the live requests
+        self.live: set[str] = set()  # the requests the server still waits on
 
     def run(self, commands: Connection, outputs: Connection) -> None:
         engine = self.engine
@@ -136,10 +126,10 @@ class EngineCore:
                     outs = engine.step()
                 except Exception as e:  # noqa: BLE001 - fail the requests, keep serving
                     message = f"the engine step failed: {type(e).__name__}: {e}"
-                    for rid in list(self.sent):
+                    for rid in self.live:
                         engine.abort_request(rid)
                         ended.append((rid, message))
-                    self.sent.clear()
+                    self.live.clear()
                     outs = []
                 for out in outs:
                     self.delta(out, deltas)
@@ -147,26 +137,16 @@ class EngineCore:
                 outputs.send(("step", step_start, engine.stats(), deltas, replies, ended))
 
     def delta(self, out: RequestOutput, deltas: list[tuple]) -> None:
-        sent = self.sent.get(out.request_id)
-        if sent is None:  # aborted meanwhile
+        """The engine's delta output on the wire (the module docstring's tuple)."""
+        if out.request_id not in self.live:  # aborted meanwhile
             return
-        seqs = []
-        for c in out.outputs:
-            k = c.index
-            t0, ch0 = sent.tokens[k], sent.chars[k]
-            if len(c.token_ids) == t0 and len(c.text) == ch0 and (
-                    c.finish_reason is None or sent.done[k]):
-                continue
-            seqs.append((k, c.text[ch0:], c.token_ids[t0:], c.finish_reason, c.stop_reason,
-                         c.logprobs[t0:] if c.logprobs is not None else None))
-            sent.tokens[k], sent.chars[k] = len(c.token_ids), len(c.text)
-            sent.done[k] = c.finish_reason is not None
-        plp = out.prompt_logprobs if sent.first else None
-        sent.first = False
         if out.finished:
-            del self.sent[out.request_id]
+            self.live.discard(out.request_id)
         m = out.metrics
-        deltas.append((out.request_id, out.finished, seqs, plp, m.get("num_cached_tokens", 0),
+        deltas.append((out.request_id, out.finished,
+                       [(c.index, c.text, c.token_ids, c.finish_reason, c.stop_reason,
+                         c.logprobs) for c in out.outputs],
+                       out.prompt_logprobs, m.get("num_cached_tokens", 0),
                        m.get("num_preemptions", 0)))
 
     def apply(self, cmd: tuple, replies: list[tuple], deltas: list[tuple]) -> bool:
@@ -184,20 +164,21 @@ class EngineCore:
                     engine.abort_request(rid)
                 replies.append((call_id, None, sendable(e)))
                 return True
-            for r in requests:
-                self.sent[r.request_id] = _Sent(r.params.n)
+            self.live.update(r.request_id for r in requests)
             replies.append((call_id, None, None))
         elif kind == "abort":
             for rid in cmd[1]:
-                if self.sent.pop(rid, None) is not None:
+                if rid in self.live:
+                    self.live.discard(rid)
                     engine.abort_request(rid)
         elif kind == "abort_all":  # each request ends with finish_reason "abort"
-            for rid, sent in self.sent.items():
+            for rid in self.live:
+                req = engine.requests.get(rid)
+                seqs = [(s.index, "", [], "abort", None, None)
+                        for s in (req.seqs if req is not None else []) if not s.is_finished]
                 engine.abort_request(rid)
-                seqs = [(k, "", [], "abort", None, None)
-                        for k, done in enumerate(sent.done) if not done]
                 deltas.append((rid, True, seqs, None, 0, 0))
-            self.sent.clear()
+            self.live.clear()
         elif kind == "call":
             _, call_id, payload = cmd
             try:  # unpickled here: a function whose module the core cannot import is an error
