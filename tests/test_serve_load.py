@@ -117,7 +117,9 @@ def test_cancellation_storm_leaves_nothing_behind(server):
     assert ended == 200
     aborted = m["aphro:request_success_total{finished_reason=abort}"] \
         - before["aphro:request_success_total{finished_reason=abort}"]
-    assert aborted == 200 - outcomes.count("finished")  # 200 tokens never come that fast
+    # nothing a client saw finish was aborted; a client that left may have left just as its
+    # request ended (the core can finish 200 tokens within the longest timeout), so <=, not ==
+    assert 0 < aborted <= 200 - outcomes.count("finished")
     stats, busy = idle_state(server)
     assert not busy and stats.kv_cache_usage == 0
     r = httpx.post(f"{server.base_url}/v1/completions", timeout=WAIT_S,
