@@ -125,6 +125,32 @@ def test_aphro_serve_default_model_drains_16_streams_on_sigterm_and_exits_0():
     assert "stopped" in output and "Traceback" not in output
 
 
+def test_aphro_serve_default_model_under_bench_serve_at_300_prompts_fails_none(tmp_path):
+    # the newcomer's path: `aphro serve`, then `aphro bench serve` at it. 300 streams at once
+    # make step messages that reach the server's non-blocking loop in pieces; the server once
+    # took that for a dead engine and failed every request
+    proc, url, lines = start_aphro_serve("--kv-cache-bytes", str(1 << 25), "--max-model-len",
+                                         "256")
+    try:
+        out = tmp_path / "r.json"
+        bench = subprocess.run(
+            [sys.executable, "-m", "aphro_cli.main", "bench", "serve", "--base-url", url,
+             "--num-prompts", "300", "--random-input-len", "16", "--random-output-len", "64",
+             "--ignore-eos", "--save-result", str(out)],
+            cwd=ROOT, capture_output=True, text=True, timeout=WAIT_S * 4, check=False)
+        assert bench.returncode == 0, bench.stdout[-2000:] + bench.stderr[-2000:]
+        report = json.loads(out.read_text())["results"]
+        assert report["failed"] == 0 and report["completed"] == 300
+        assert report["total_output_tokens"] == 300 * 64
+        assert httpx.get(f"{url}/health", timeout=WAIT_S).status_code == 200
+        assert stop(proc) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(WAIT_S)
+    assert "Traceback" not in "".join(lines)
+
+
 def test_a_graceful_stop_lets_requests_in_flight_finish(tiny_llama_dir):
     with running_server(tiny_llama_dir, shutdown_timeout=WAIT_S) as server:
         async def run():

@@ -23,6 +23,47 @@ from engine.serve.async_llm import AsyncLLM
 from engine.serve.streams import EngineRequest
 
 
+def test_the_output_pipe_gives_whole_messages_to_a_non_blocking_reader():
+    # uvloop's add_reader makes the server's end non-blocking; a step message bigger than a
+    # pipe write then arrives in pieces (Connection.recv raised on it and the server took the
+    # core for dead). The reader must hand out each message whole, in order, and end cleanly
+    # when the writer goes away in the middle of one.
+    import struct
+    import threading
+    import time
+
+    from engine.serve.engine_core import MessageReader, MessageWriter
+
+    read_end, write_end = multiprocessing.Pipe(duplex=False)
+    reader, writer = MessageReader(read_end), MessageWriter(write_end)
+    assert os.get_blocking(reader.fd) is False
+    sent = [("step", i, os.urandom(size)) for i, size in
+            enumerate([10, 70_000, 3 << 20, 5, 200_000])]
+
+    def write():
+        for msg in sent:
+            writer.send(msg)
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=write)
+    thread.start()
+    got = []
+    deadline = time.monotonic() + WAIT_S
+    while len(got) < len(sent) and time.monotonic() < deadline:
+        if reader.wait(0.05):
+            got += reader.read()
+    thread.join(WAIT_S)
+    assert got == sent
+    assert reader.read() == [] and not reader.eof
+    os.write(write_end.fileno(), struct.pack("<Q", 1000) + b"partial")  # then the writer dies
+    write_end.close()
+    for _ in range(100):
+        if reader.wait(0.05) and (reader.read() or reader.eof):
+            break
+    assert reader.eof
+    reader.close()
+
+
 def new_children(before: set) -> list:
     return [p for p in multiprocessing.active_children() if p.pid not in before]
 

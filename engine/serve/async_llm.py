@@ -30,11 +30,15 @@ from engine.config import EngineConfig
 from engine.core.outputs import EngineStats, RequestOutput
 from engine.core.sampling_params import SamplingParams
 from engine.errors import ConfigError, RequestError
-from engine.serve.engine_core import delta_output, describe_exit, run_engine_core, widen_pipe
+from engine.serve.engine_core import (
+    MessageReader,
+    delta_output,
+    describe_exit,
+    run_engine_core,
+    widen_pipe,
+)
 from engine.serve.metrics import ServingMetrics
 from engine.serve.streams import EngineLoopError, EngineRequest, RequestStream, merged
-
-_READS_PER_WAKE = 8  # core messages handled per readable event, so HTTP work is not starved
 
 
 class AsyncLLM:
@@ -54,8 +58,9 @@ class AsyncLLM:
         self._closed = False
         ctx = multiprocessing.get_context("spawn")
         core_commands, self._commands = ctx.Pipe(duplex=False)
-        self._outputs, core_outputs = ctx.Pipe(duplex=False)
+        outputs, core_outputs = ctx.Pipe(duplex=False)
         widen_pipe(core_outputs)
+        self._outputs = MessageReader(outputs)
         # not a daemon: the core may start processes of its own (tensor-parallel workers,
         # compile pools); it ends itself when this process's end of the pipe closes
         self._proc = ctx.Process(target=run_engine_core, name="aphro-engine-core",
@@ -83,13 +88,13 @@ class AsyncLLM:
         self.stats = ready[1]
 
     def _wait_ready(self) -> tuple:
-        while True:
-            if self._outputs.poll(0.2):
-                try:
-                    return self._outputs.recv()
-                except EOFError:
-                    break
-            if not self._proc.is_alive() and not self._outputs.poll():
+        reader = self._outputs
+        while not reader.eof:
+            if reader.wait(0.2):
+                if msgs := reader.read():
+                    reader.backlog = msgs[1:]  # (none: the core waits for commands first)
+                    return msgs[0]
+            elif not self._proc.is_alive():
                 break
         self._proc.join(10)
         return ("exited",)
@@ -115,7 +120,7 @@ class AsyncLLM:
         loop = asyncio.get_running_loop()
         if self._loop is None:
             self._loop = loop
-            loop.add_reader(self._outputs.fileno(), self._on_readable)
+            loop.add_reader(self._outputs.fd, self._on_readable)
         elif self._loop is not loop:
             raise RuntimeError("AsyncLLM is used from two event loops")
         if not self.is_running:
@@ -222,17 +227,14 @@ class AsyncLLM:
 
     # -- core messages, on the loop ----------------------------------------------------------
     def _on_readable(self) -> None:
-        try:
-            for _ in range(_READS_PER_WAKE):
-                if not self._outputs.poll():
-                    return
-                msg = self._outputs.recv()
-                if msg[0] == "step":
-                    self._deliver(*msg[1:])
-                elif msg[0] == "died":
-                    self._core_died(f"the engine loop stopped: {msg[1]}")
-                    return
-        except (EOFError, OSError):
+        reader = self._outputs
+        for msg in reader.read():
+            if msg[0] == "step":
+                self._deliver(*msg[1:])
+            elif msg[0] == "died":
+                self._core_died(f"the engine loop stopped: {msg[1]}")
+                return
+        if reader.eof:
             self._proc.join(5)
             self._core_died(f"the engine process {describe_exit(self._proc.exitcode)}")
 
@@ -263,7 +265,7 @@ class AsyncLLM:
         if self._error is None:
             self._error = EngineLoopError(reason)
         with contextlib.suppress(Exception):
-            self._loop.remove_reader(self._outputs.fileno())
+            self._loop.remove_reader(self._outputs.fd)
         error = EngineLoopError(reason)
         for rid, stream in list(self._streams.items()):
             stream.fail(rid, error)
@@ -283,10 +285,9 @@ def _stop_core(proc, commands, outputs, timeout: float | None = 60.0) -> None:
             commands.send(("stop",))
         deadline = time.monotonic() + (timeout if timeout is not None else 1e9)
         while proc.is_alive() and time.monotonic() < deadline:
-            try:
-                if outputs.poll(0.05):
-                    outputs.recv()
-            except (EOFError, OSError):
+            if outputs.wait(0.05):
+                outputs.read()
+            if outputs.eof:
                 proc.join(max(0.0, deadline - time.monotonic()))
                 break
         if proc.is_alive():

@@ -18,6 +18,11 @@ output; cumulative outputs would cost O(length) per token to build and send):
     replies  [(call_id, value, error | None)]  -- answers to "add" and "call"
     ended    [(request_id, error message)]  -- requests a failing step ended
 
+Messages go up the output pipe framed by MessageWriter and MessageReader (an 8-byte length,
+then the pickle), not by Connection.send / recv: the server's event loop may put the pipe in
+non-blocking mode (uvloop's add_reader does), where Connection.recv fails on a message that is
+still being written. The reader takes what the pipe holds and keeps partial messages for later.
+
 Commands (tuples) from the server: ("add", call_id, [EngineRequest]), ("abort", [ids]),
 ("abort_all",), ("call", call_id, pickled (name, args)), ("stop",). The core ends when the server's end
 of the pipe closes (the server process died), so it never outlives it; SIGINT is left to the
@@ -29,8 +34,11 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import gc
+import os
 import pickle
+import select
 import signal
+import struct
 import time
 import traceback
 from multiprocessing.connection import Connection
@@ -47,6 +55,78 @@ def widen_pipe(conn: Connection) -> None:
     for the server to read."""
     with contextlib.suppress(AttributeError, OSError):
         fcntl.fcntl(conn.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+
+
+_LENGTH = struct.Struct("<Q")
+_READ_BYTES = 1 << 20
+
+
+class MessageWriter:
+    """The core's end of the output pipe: send(msg) writes one framed pickle, blocking while
+    the pipe is full."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn, self.fd = conn, conn.fileno()
+
+    def send(self, msg: Any) -> None:
+        data = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
+        view = memoryview(_LENGTH.pack(len(data)) + data)
+        while view:
+            view = view[os.write(self.fd, view):]
+
+
+class MessageReader:
+    """The server's end of the output pipe. read() never blocks: it takes what the pipe holds
+    and returns the whole messages received so far (a partial one waits for its rest);
+    `eof` turns true once the writer is gone and everything before it was read."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn, self.fd = conn, conn.fileno()
+        os.set_blocking(self.fd, False)
+        self._buf = bytearray()
+        self._closed = False  # the writer closed its end
+        self.backlog: list[Any] = []  # messages read but not yet handed out
+
+    @property
+    def eof(self) -> bool:
+        return self._closed and not self.backlog  # what is left in _buf is a partial message
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to timeout seconds for something to read; True if there is."""
+        if self.backlog or self._closed:
+            return True
+        return bool(select.select([self.fd], [], [], timeout)[0])
+
+    def read(self) -> list[Any]:
+        for _ in range(4):  # a few pipefuls at most, so one wake cannot starve the loop
+            if self._closed:
+                break
+            try:
+                chunk = os.read(self.fd, _READ_BYTES)
+            except BlockingIOError:
+                break
+            except OSError:  # closed under us: as an end of the stream
+                chunk = b""
+            if not chunk:
+                self._closed = True
+                break
+            self._buf += chunk
+            if len(chunk) < _READ_BYTES:
+                break  # drained; what comes next wakes the loop again
+        out, self.backlog = self.backlog, []
+        buf, pos = self._buf, 0
+        while len(buf) - pos >= _LENGTH.size:
+            (n,) = _LENGTH.unpack_from(buf, pos)
+            end = pos + _LENGTH.size + n
+            if len(buf) < end:
+                break
+            out.append(pickle.loads(bytes(buf[pos + _LENGTH.size:end])))
+            pos = end
+        del buf[:pos]
+        return out
+
+    def close(self) -> None:
+        self.conn.close()
 
 
 def sendable(error: BaseException) -> BaseException:
@@ -68,8 +148,9 @@ def _rebuilt(error: BaseException, cls: type) -> BaseException | None:
     return candidate
 
 
-def run_engine_core(config: EngineConfig, commands: Connection, outputs: Connection) -> None:
+def run_engine_core(config: EngineConfig, commands: Connection, output_pipe: Connection) -> None:
     """The child process's body (see the module docstring)."""
+    outputs = MessageWriter(output_pipe)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group: the server drains
     if config.device.type == "cpu":  # leave a core to the server process
         import torch
@@ -107,7 +188,7 @@ class EngineCore:
         self.engine = engine
         self.live: set[str] = set()  # the requests the server still waits on
 
-    def run(self, commands: Connection, outputs: Connection) -> None:
+    def run(self, commands: Connection, outputs: MessageWriter) -> None:
         engine = self.engine
         while True:
             replies: list[tuple] = []
