@@ -292,3 +292,52 @@ def test_logprobs_above_the_cap_are_a_clear_error(tiny_llama_dir):
         out = llm.generate(["hi"], SamplingParams(max_tokens=2, logprobs=20, prompt_logprobs=20))
         assert len(out[0].outputs[0].logprobs[0]) in (20, 21)  # the sampled token + top 20
         assert not llm.engine.requests
+
+
+@pytest.mark.parametrize("clean_up", [False, True])
+def test_the_engine_decoder_gives_transformers_decode_text(tiny_llama_dir, clean_up):
+    # decoder_of may call the Rust tokenizer directly: its text must be the wrapper's
+    import random
+
+    from transformers import AutoTokenizer
+
+    from engine.core.detokenizer import decoder_of
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_llama_dir), clean_up_tokenization_spaces=clean_up)
+    decode = decoder_of(tok)
+    rng = random.Random(clean_up)
+    for _ in range(200):
+        ids = [rng.randrange(len(tok)) for _ in range(rng.randrange(0, 12))]
+        for skip in (False, True):
+            assert decode(ids, skip) == tok.decode(ids, skip_special_tokens=skip), (ids, skip)
+
+
+def test_streamed_text_is_one_transformers_decode_of_the_tokens(tiny_llama_dir):
+    # the server's path: delta outputs of an engine that streams, against HF's own decode
+    from transformers import AutoTokenizer
+
+    from engine.config import EngineConfig
+    from engine.core.llm_engine import LLMEngine
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_llama_dir))
+    engine = LLMEngine(EngineConfig.create(str(tiny_llama_dir), device="cpu", num_kv_blocks=64),
+                       stream_outputs=True, deltas=True)
+    try:
+        text, tokens = {}, {}
+        for i, p in enumerate(["héllo wörld", "日本語のテキスト", "a b c", "ünïcödé 🙂"]):
+            rid = engine.add_request(p, SamplingParams(temperature=1.0, seed=i, max_tokens=40,
+                                                       ignore_eos=True))
+            text[rid], tokens[rid] = "", []
+        for _ in range(100):
+            if not engine.has_unfinished_requests():
+                break
+            for out in engine.step():
+                for c in out.outputs:
+                    text[out.request_id] += c.text
+                    tokens[out.request_id] += c.token_ids
+        assert not engine.has_unfinished_requests()
+        for rid, ids in tokens.items():
+            assert len(ids) == 40
+            assert text[rid] == tok.decode(ids, skip_special_tokens=True)
+    finally:
+        engine.close()

@@ -18,7 +18,12 @@ from engine.checkpoint.files import eos_token_ids, load_tokenizer
 from engine.config import EngineConfig
 from engine.core.batch import RunnerOutput, StepBatch, build_batch
 from engine.core.block_manager import BlockManager
-from engine.core.detokenizer import IncrementalDetokenizer, find_stop_string, visible_text
+from engine.core.detokenizer import (
+    IncrementalDetokenizer,
+    decoder_of,
+    find_stop_string,
+    visible_text,
+)
 from engine.core.outputs import CompletionOutput, EngineStats, RequestOutput
 from engine.core.sampling_params import SamplingParams
 from engine.core.scheduler import Scheduler
@@ -61,6 +66,7 @@ class LLMEngine:
         self.config, self.stream_outputs = config, stream_outputs
         self.deltas = deltas and stream_outputs
         self.tokenizer = load_tokenizer(config.model)
+        self._decode = decoder_of(self.tokenizer) if self.tokenizer is not None else None
         self.eos_token_ids = eos_token_ids(config.model)
         self.vocab_size = config.vocab_size
         self.executor = create_executor(config)  # the runner (TP=1) or the worker processes
@@ -109,7 +115,7 @@ class LLMEngine:
         prompt_token_ids = list(prompt_token_ids)
         self._validate_prompt(prompt_token_ids, params)
         seqs = [Sequence(request_id, prompt_token_ids, params, index=i) for i in range(params.n)]
-        detoks = [IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
+        detoks = [IncrementalDetokenizer(self._decode, params.skip_special_tokens)
                   if self.tokenizer is not None else None for _ in seqs]
         self.requests[request_id] = _Request(request_id, prompt, prompt_token_ids, seqs, detoks)
         if params.do_penalties:
@@ -274,11 +280,12 @@ class LLMEngine:
             if incremental and not isinstance(seq.stop_reason, str):  # no stop string cut it
                 seq.output_text += detok.flush(seq.output_token_ids)
             if detok is not None and not incremental:
-                seq.output_text = self.tokenizer.decode(seq.output_token_ids,
-                                                        skip_special_tokens=p.skip_special_tokens)
+                seq.output_text = self._decode(seq.output_token_ids, p.skip_special_tokens)
 
     def _output(self, req: _Request) -> RequestOutput | None:
-        finished = all(s.is_finished for s in req.seqs)
+        seqs = req.seqs
+        one = seqs[0] if len(seqs) == 1 else None  # the common case, without the loops
+        finished = one.is_finished if one is not None else all(s.is_finished for s in seqs)
         if not (finished or self.stream_outputs):
             return None
         first = not req.reported
@@ -286,17 +293,16 @@ class LLMEngine:
             index=s.index, text=visible_text(s), token_ids=list(s.output_token_ids),
             finish_reason=s.finish_reason, stop_reason=s.stop_reason,
             logprobs=list(s.output_logprobs) if s.sampling_params.logprobs is not None else None)
-            for s in req.seqs]
-        params = req.seqs[0].sampling_params
+            for s in seqs]
+        params = seqs[0].sampling_params
+        metrics = ({"num_cached_tokens": one.num_cached_tokens,
+                    "num_preemptions": one.num_preemptions} if one is not None else
+                   {"num_cached_tokens": max(s.num_cached_tokens for s in seqs),
+                    "num_preemptions": sum(s.num_preemptions for s in seqs)})
         out = RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs,
-                            prompt_logprobs=(req.seqs[0].prompt_logprobs
-                                             if params.prompt_logprobs is not None
-                                             and (first or not self.deltas) else None),
-                            finished=finished,
-                            metrics={"num_cached_tokens": max(s.num_cached_tokens
-                                                              for s in req.seqs),
-                                     "num_preemptions": sum(s.num_preemptions
-                                                            for s in req.seqs)})
+                            (seqs[0].prompt_logprobs if params.prompt_logprobs is not None
+                             and (first or not self.deltas) else None),
+                            finished, metrics)
         if finished:
             del self.requests[req.request_id]
             self._penalized.discard(req.request_id)
@@ -305,20 +311,23 @@ class LLMEngine:
     @staticmethod
     def _deltas(req: _Request) -> list[CompletionOutput]:
         """What each sequence added since the request's last output (those that moved)."""
-        if not req.reported:
-            req.reported = [(0, 0, False)] * len(req.seqs)
+        reported = req.reported
+        if not reported:
+            reported = req.reported = [(0, 0, False)] * len(req.seqs)
         outs = []
         for s in req.seqs:
-            tokens, chars, done = req.reported[s.index]
-            text = visible_text(s)  # grows only: held-back text is released or cut at a stop
-            if len(s.output_token_ids) == tokens and len(text) == chars and \
-                    (done or not s.is_finished):
+            tokens, chars, done = reported[s.index]
+            ids, finished = s.output_token_ids, s.is_finished
+            # visible_text grows only: held-back text is released or cut at a stop
+            text = visible_text(s) if s.sampling_params.stop_strs else s.output_text
+            if len(ids) == tokens and len(text) == chars and (done or not finished):
                 continue
             logprobs = s.output_logprobs[tokens:] \
                 if s.sampling_params.logprobs is not None else None
-            outs.append(CompletionOutput(s.index, text[chars:], s.output_token_ids[tokens:],
-                                         s.finish_reason, s.stop_reason, logprobs))
-            req.reported[s.index] = (len(s.output_token_ids), len(text), s.is_finished)
+            outs.append(CompletionOutput(s.index, text[chars:], ids[tokens:],
+                                         s.finish_reason if finished else None,
+                                         s.stop_reason, logprobs))
+            reported[s.index] = (len(ids), len(text), finished)
         return outs
 
     def stats(self) -> EngineStats:

@@ -91,12 +91,13 @@ class Sequence:
         return len(self) - self.num_computed_tokens
 
     @property
-    def is_finished(self) -> bool:
-        return self.status.finished
+    def is_finished(self) -> bool:  # status.finished, as two identity tests (a hot path)
+        status = self.status
+        return status is not SequenceStatus.RUNNING and status is not SequenceStatus.WAITING
 
     @property
     def finish_reason(self) -> str | None:
-        return self.status.value if self.status.finished else None
+        return self.status.value if self.is_finished else None
 
     def append_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
