@@ -341,3 +341,37 @@ def test_streamed_text_is_one_transformers_decode_of_the_tokens(tiny_llama_dir):
             assert text[rid] == tok.decode(ids, skip_special_tokens=True)
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("prefix_caching", [False, True])
+def test_warm_up_leaves_nothing_behind_and_changes_no_output(tiny_llama_dir, prefix_caching):
+    # the server's engine warms up before its first request: afterwards no request, no block
+    # held, and the same greedy and seeded outputs as an engine that never warmed up
+    from engine.config import EngineConfig
+    from engine.core.llm_engine import LLMEngine
+
+    def run(warm: bool) -> list:
+        config = EngineConfig.create(str(tiny_llama_dir), device="cpu", num_kv_blocks=64,
+                                     max_num_batched_tokens=128, max_model_len=256,
+                                     enable_prefix_caching=prefix_caching)
+        engine = LLMEngine(config, stream_outputs=False)
+        try:
+            if warm:
+                engine.warm_up()
+                assert not engine.has_unfinished_requests() and not engine.requests
+                assert engine.stats().kv_cache_usage == 0
+                engine.check_invariants()
+            params = [SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
+                      SamplingParams(temperature=1.0, seed=3, max_tokens=6, ignore_eos=True)]
+            for i, p in enumerate(params):
+                engine.add_request(None, p, [5 + i, 9, 33, 71, 4, 200], f"r{i}")
+            outs = {}
+            for _ in range(50):
+                if not engine.has_unfinished_requests():
+                    break
+                outs.update({o.request_id: o.outputs[0].token_ids for o in engine.step()})
+            return [outs["r0"], outs["r1"]]
+        finally:
+            engine.close()
+
+    assert run(warm=True) == run(warm=False)

@@ -158,11 +158,16 @@ def run_engine_core(config: EngineConfig, commands: Connection, output_pipe: Con
         torch.set_num_threads(max(1, torch.get_num_threads() - 1))
     from engine.core.llm_engine import LLMEngine
 
+    engine = None
     try:
         engine = LLMEngine(config, stream_outputs=True, deltas=True)
+        if config.device.type == "cuda":  # Triton compiles before the first request, not in it
+            engine.warm_up()
     except BaseException as e:  # noqa: BLE001 - handed to the server, which raises it
         if not isinstance(e, Exception):
             traceback.print_exc()
+        if engine is not None:
+            engine.close()
         outputs.send(("init_error", sendable(e)))
         return
     gc.collect()  # the engine's objects out of the collector's full passes: steps stay even
