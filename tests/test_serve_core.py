@@ -64,6 +64,35 @@ def test_the_output_pipe_gives_whole_messages_to_a_non_blocking_reader():
     reader.close()
 
 
+def test_the_command_writer_never_blocks_and_delivers_everything_later():
+    # the server's commands: the core reads them only between steps, so a burst fills the
+    # pipe; the event loop must not block on it (it once stalled for a whole prefill step)
+    import time
+
+    from engine.serve.engine_core import MessageReader, MessageWriter
+
+    read_end, write_end = multiprocessing.Pipe(duplex=False)
+    writer, reader = MessageWriter(write_end, blocking=False), MessageReader(read_end)
+    sent = [("add", i, os.urandom(200_000)) for i in range(10)]  # 2 MB: past any pipe
+    start = time.monotonic()
+    for msg in sent:
+        writer.send(msg)  # nobody reads yet
+    assert time.monotonic() - start < WAIT_S and writer.pending
+    got = []
+    for _ in range(2000):  # bounded: each turn moves at least one pipeful when it can
+        writer.flush(0.0)
+        if reader.wait(0.01):
+            got += reader.read()
+        if len(got) == len(sent) and not writer.pending:
+            break
+    assert got == sent
+    reader.close()
+    with pytest.raises(OSError):  # the reader gone: an error to say so, not a hang
+        writer.send(("stop",))
+        writer.flush(1.0)
+    writer.close()
+
+
 def new_children(before: set) -> list:
     return [p for p in multiprocessing.active_children() if p.pid not in before]
 

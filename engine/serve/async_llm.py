@@ -32,6 +32,7 @@ from engine.core.sampling_params import SamplingParams
 from engine.errors import ConfigError, RequestError
 from engine.serve.engine_core import (
     MessageReader,
+    MessageWriter,
     delta_output,
     describe_exit,
     run_engine_core,
@@ -57,10 +58,13 @@ class AsyncLLM:
         self._error: BaseException | None = None
         self._closed = False
         ctx = multiprocessing.get_context("spawn")
-        core_commands, self._commands = ctx.Pipe(duplex=False)
+        core_commands, commands = ctx.Pipe(duplex=False)
         outputs, core_outputs = ctx.Pipe(duplex=False)
         widen_pipe(core_outputs)
+        widen_pipe(commands)
         self._outputs = MessageReader(outputs)
+        self._commands = MessageWriter(commands, blocking=False)  # see _send
+        self._writing = False  # a writer callback is registered for the command pipe
         # not a daemon: the core may start processes of its own (tensor-parallel workers,
         # compile pools); it ends itself when this process's end of the pipe closes
         self._proc = ctx.Process(target=run_engine_core, name="aphro-engine-core",
@@ -128,12 +132,37 @@ class AsyncLLM:
         return loop
 
     def _send(self, cmd: tuple) -> None:
+        """Queue a command for the core without blocking the loop: what the pipe does not take
+        now is written when it is writable again (the core reads commands between steps).
+        Off the loop (before its first request) the write waits, up to a few seconds."""
         try:
             self._commands.send(cmd)
+            if self._commands.pending:
+                if self._loop is None:
+                    self._commands.flush(5.0)
+                elif not self._writing:
+                    self._loop.add_writer(self._commands.fd, self._on_writable)
+                    self._writing = True
         except (OSError, ValueError) as e:  # the core is gone (or closed)
             if self._loop is not None and not self._closed:
                 self._core_died(f"cannot reach the engine process ({e})")
             raise EngineLoopError(f"the engine has stopped ({self.error or 'closed'})") from None
+
+    def _on_writable(self) -> None:
+        try:
+            self._commands.flush()
+        except (OSError, ValueError) as e:
+            self._stop_writing()
+            self._core_died(f"cannot reach the engine process ({e})")
+            return
+        if not self._commands.pending:
+            self._stop_writing()
+
+    def _stop_writing(self) -> None:
+        if self._writing:
+            with contextlib.suppress(Exception):
+                self._loop.remove_writer(self._commands.fd)
+            self._writing = False
 
     async def add_requests(self, requests: list[EngineRequest]) -> RequestStream:
         """Queue requests on the engine; returns their stream once the engine accepted them
@@ -223,6 +252,7 @@ class AsyncLLM:
             return
         self._closed = True
         atexit.unregister(self._at_exit)
+        self._stop_writing()  # _stop_core writes what is still queued
         _stop_core(self._proc, self._commands, self._outputs, timeout)
 
     # -- core messages, on the loop ----------------------------------------------------------
@@ -266,6 +296,7 @@ class AsyncLLM:
             self._error = EngineLoopError(reason)
         with contextlib.suppress(Exception):
             self._loop.remove_reader(self._outputs.fd)
+        self._stop_writing()
         error = EngineLoopError(reason)
         for rid, stream in list(self._streams.items()):
             stream.fail(rid, error)
@@ -281,10 +312,16 @@ def _stop_core(proc, commands, outputs, timeout: float | None = 60.0) -> None:
     """Ask the core to stop, read (and drop) what it still sends so it never blocks on a full
     pipe, wait for it; terminate it if it does not end in time."""
     if proc.is_alive():
+        stopping = True
         with contextlib.suppress(OSError, ValueError):
             commands.send(("stop",))
         deadline = time.monotonic() + (timeout if timeout is not None else 1e9)
         while proc.is_alive() and time.monotonic() < deadline:
+            if stopping and commands.pending:  # behind what the loop had queued
+                try:
+                    commands.flush(0.0)
+                except (OSError, ValueError):
+                    stopping = False
             if outputs.wait(0.05):
                 outputs.read()
             if outputs.eof:

@@ -18,10 +18,13 @@ output; cumulative outputs would cost O(length) per token to build and send):
     replies  [(call_id, value, error | None)]  -- answers to "add" and "call"
     ended    [(request_id, error message)]  -- requests a failing step ended
 
-Messages go up the output pipe framed by MessageWriter and MessageReader (an 8-byte length,
-then the pickle), not by Connection.send / recv: the server's event loop may put the pipe in
+Messages both ways are framed by MessageWriter and MessageReader (an 8-byte length, then the
+pickle), not by Connection.send / recv: the server's event loop may put its end of a pipe in
 non-blocking mode (uvloop's add_reader does), where Connection.recv fails on a message that is
 still being written. The reader takes what the pipe holds and keeps partial messages for later.
+The server writes its commands without blocking (the core reads them only between steps: a
+blocking write into a full pipe stalled the whole event loop for the length of a prefill step)
+and writes the rest when the pipe is writable again.
 
 Commands (tuples) from the server: ("add", call_id, [EngineRequest]), ("abort", [ids]),
 ("abort_all",), ("call", call_id, pickled (name, args)), ("stop",). The core ends when the server's end
@@ -62,17 +65,45 @@ _READ_BYTES = 1 << 20
 
 
 class MessageWriter:
-    """The core's end of the output pipe: send(msg) writes one framed pickle, blocking while
-    the pipe is full."""
+    """One end's writer of framed pickles. Blocking (the core's output pipe): send() returns
+    once the message is in the pipe. Non-blocking (the server's command pipe, written from its
+    event loop): send() queues the message and writes what the pipe takes; `pending` says
+    bytes are left, flush() writes more when the pipe is writable, and flush(timeout) waits."""
 
-    def __init__(self, conn: Connection) -> None:
-        self.conn, self.fd = conn, conn.fileno()
+    def __init__(self, conn: Connection, blocking: bool = True) -> None:
+        self.conn, self.fd, self.blocking = conn, conn.fileno(), blocking
+        os.set_blocking(self.fd, blocking)
+        self._out = bytearray()
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._out)
 
     def send(self, msg: Any) -> None:
         data = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
-        view = memoryview(_LENGTH.pack(len(data)) + data)
-        while view:
-            view = view[os.write(self.fd, view):]
+        self._out += _LENGTH.pack(len(data))
+        self._out += data
+        self.flush(None if self.blocking else 0.0)
+
+    def flush(self, timeout: float | None = 0.0) -> None:
+        """Write queued bytes: all of them (timeout None), or what fits within timeout seconds.
+        Raises OSError (BrokenPipeError) when the reader is gone."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._out:
+            try:
+                with memoryview(self._out) as view:
+                    n = os.write(self.fd, view)
+                del self._out[:n]
+                continue
+            except BlockingIOError:
+                pass
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return
+            select.select([], [self.fd], [], left)
+
+    def close(self) -> None:
+        self.conn.close()
 
 
 class MessageReader:
@@ -91,8 +122,9 @@ class MessageReader:
     def eof(self) -> bool:
         return self._closed and not self.backlog  # what is left in _buf is a partial message
 
-    def wait(self, timeout: float) -> bool:
-        """Wait up to timeout seconds for something to read; True if there is."""
+    def wait(self, timeout: float | None) -> bool:
+        """Wait up to timeout seconds (None: until there is) for something to read; True if
+        there is."""
         if self.backlog or self._closed:
             return True
         return bool(select.select([self.fd], [], [], timeout)[0])
@@ -148,9 +180,10 @@ def _rebuilt(error: BaseException, cls: type) -> BaseException | None:
     return candidate
 
 
-def run_engine_core(config: EngineConfig, commands: Connection, output_pipe: Connection) -> None:
+def run_engine_core(config: EngineConfig, command_pipe: Connection,
+                    output_pipe: Connection) -> None:
     """The child process's body (see the module docstring)."""
-    outputs = MessageWriter(output_pipe)
+    outputs, commands = MessageWriter(output_pipe), MessageReader(command_pipe)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group: the server drains
     if config.device.type == "cpu":  # leave a core to the server process
         import torch
@@ -193,18 +226,20 @@ class EngineCore:
         self.engine = engine
         self.live: set[str] = set()  # the requests the server still waits on
 
-    def run(self, commands: Connection, outputs: MessageWriter) -> None:
+    def run(self, commands: MessageReader, outputs: MessageWriter) -> None:
         engine = self.engine
         while True:
             replies: list[tuple] = []
             deltas: list[tuple] = []
             ended: list[tuple] = []
-            got = False
             if not engine.has_unfinished_requests():
-                commands.poll(None)  # idle: block until a command (or EOF: the server died)
-            while commands.poll():
-                got = True
-                if not self.apply(commands.recv(), replies, deltas):
+                commands.wait(None)  # idle: block until a command (or EOF: the server died)
+            received = commands.read()
+            if commands.eof:
+                raise EOFError("the server closed the command pipe")
+            got = bool(received)
+            for cmd in received:
+                if not self.apply(cmd, replies, deltas):
                     return
             step_start = time.monotonic()
             if engine.has_unfinished_requests():
