@@ -9,7 +9,7 @@ import triton.language as tl
 
 from kernels.decode_attention import paged_decode_attention_triton
 from kernels.prefill_attention import paged_prefill_attention_triton
-from kernels.triton_common import next_pow2
+from kernels.triton_common import next_pow2, runtime_args
 
 
 def paged_attention_triton(
@@ -48,7 +48,7 @@ def paged_attention_triton(
     return out
 
 
-@triton.jit
+@triton.jit(**runtime_args("slot_ptr", "num_tokens"))
 def _reshape_and_cache_kernel(
     key_ptr, value_ptr, key_cache_ptr, value_cache_ptr, slot_ptr, num_tokens,
     stride_kt, stride_kh, stride_vt, stride_vh,

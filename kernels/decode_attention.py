@@ -13,13 +13,14 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_common import LOG2E, dot, next_pow2, num_sms, tanh, upcast_dots
+from kernels.triton_common import LOG2E, dot, next_pow2, num_sms, runtime_args, tanh, upcast_dots
 
 MAX_SPLITS = 64
 MIN_SPLIT_TOKENS = 256  # below this a split costs more in the reduce than it saves
 
 
-@triton.jit
+@triton.jit(**runtime_args("block_tables_ptr", "context_lens_ptr", "part_out_ptr", "part_lse_ptr",
+                          "stride_bt", "num_splits"))
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, alibi_ptr,
     out_ptr, part_out_ptr, part_lse_ptr,
@@ -98,7 +99,7 @@ def _decode_kernel(
         tl.store(part_lse_ptr + row, lse, mask=h_mask)
 
 
-@triton.jit
+@triton.jit(**runtime_args("part_out_ptr", "part_lse_ptr", "num_splits"))
 def _reduce_kernel(
     part_out_ptr, part_lse_ptr, out_ptr, stride_ot, stride_oh, num_heads, num_splits,
     SPLITS_P2: tl.constexpr, HEAD_DIM: tl.constexpr,

@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_common import next_pow2, tanh
+from kernels.triton_common import next_pow2, runtime_args, tanh
 
 
 def _warps(block: int) -> int:
@@ -109,7 +109,7 @@ def _rotate_heads(x_ptr, o_ptr, t, t_mask, stride_xt, stride_ot, num_heads, cos,
         tl.store(o_base + r, tl.load(x_base + r, mask=r_mask), mask=r_mask)
 
 
-@triton.jit
+@triton.jit(**runtime_args("pos_ptr", "num_tokens"))
 def _rotary_kernel(
     pos_ptr, q_ptr, k_ptr, qo_ptr, ko_ptr, cache_ptr, num_tokens, num_q_heads, num_k_heads,
     stride_qt, stride_kt, stride_qot, stride_kot, stride_c,

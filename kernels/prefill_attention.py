@@ -13,7 +13,15 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_common import LOG2E, dot, interpreting, next_pow2, tanh, upcast_dots
+from kernels.triton_common import (
+    LOG2E,
+    dot,
+    interpreting,
+    next_pow2,
+    runtime_args,
+    tanh,
+    upcast_dots,
+)
 
 
 @triton.jit
@@ -70,7 +78,8 @@ def _tiles(
     return acc, l_i, m_i
 
 
-@triton.jit
+@triton.jit(**runtime_args("block_tables_ptr", "context_lens_ptr", "query_start_ptr",
+                          "stride_bt"))
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, context_lens_ptr,
     query_start_ptr, alibi_ptr,

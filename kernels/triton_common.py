@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 
 import torch
@@ -20,6 +21,19 @@ def interpreting() -> bool:
 def upcast_dots(dtype: torch.dtype) -> bool:
     """The interpreter multiplies bf16 tiles wrongly (triton 3.9): feed it float32 instead."""
     return interpreting() and dtype == torch.bfloat16
+
+
+def runtime_args(*names: str) -> dict:
+    """triton.jit keywords that keep the named arguments out of a kernel's specialization.
+
+    Triton compiles a variant of a kernel for every integer argument that is 1 or a multiple
+    of 16 and every pointer that is 16-byte aligned. Arguments that change with the batch's
+    make-up (a block table sliced past the prefills, its row stride, a split count, a token
+    count) then compiled new variants under live traffic: 0.5-1.7 s each on an H200 (run 7d,
+    docs/PERF.md). Only the keywords this Triton version has are given."""
+    params = inspect.signature(triton.jit).parameters
+    return {k: list(names) for k in ("do_not_specialize", "do_not_specialize_on_alignment")
+            if k in params}
 
 
 def next_pow2(n: int) -> int:
