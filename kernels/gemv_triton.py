@@ -55,14 +55,14 @@ class GemvConfig:
 
 
 # (smallest N, smallest K, BLOCK_N, BLOCK_K in bytes of one weight row, num_warps, num_stages,
-# split_k), first match wins. From a sweep of the 8-bit weights at M = 1 on an H200 (run 7b,
-# docs/PERF.md): wide N (gate_up, the LM head) takes 64 rows a program; 6144 (Llama's qkv) 64
-# rows with deeper steps; 4096 x 4096 and longer (o_proj, down) split K in two, 128 programs;
-# narrow shards take 16 rows with deeper steps so a program keeps 16 KB in flight per stage.
+# split_k), first match wins. Wide N (gate_up, lm_head) takes 64 rows a program; Llama's 4096
+# and 6144 take 32 (128 and 192 programs on an H200's 132 SMs); narrow shards take 16 with
+# deeper steps so that a program keeps 16 KB of weight in flight per stage. No row splits K:
+# an H200 sweep (run 7b) found o_proj and down faster at split 2 (fp8 batch-1 TPOT 3.60 ->
+# 3.26 ms), but the split path with in-kernel FP8 quantization then failed its CUDA test
+# (run 7f, not diagnosed), so it is not used; see docs/PERF.md.
 GEMV_TABLE: tuple[tuple[int, int, int, int, int, int, int], ...] = (
     (16384, 0, 64, 256, 4, 3, 1),
-    (6144, 0, 64, 512, 4, 4, 1),
-    (4096, 4096, 64, 512, 4, 4, 2),
     (3072, 0, 32, 512, 4, 4, 1),
     (0, 0, 16, 1024, 2, 4, 1),
 )
