@@ -77,3 +77,20 @@ def test_abort_while_a_step_is_in_flight(tiny_llama_dir, after_steps):
             results[mode] = done
     assert results[True] == results[False]
     assert set(results[True]) == {"0", "2", "4"}
+
+
+def test_async_ends_at_max_model_len_where_sync_does(tiny_llama_dir):
+    # no max_tokens: the context limit ends each sequence, at exactly max_model_len tokens
+    # (asynchronous scheduling counts a token still on the device in len(seq), and once
+    # stopped one token early)
+    params = SamplingParams(temperature=0, max_tokens=None, ignore_eos=True)
+    got = {}
+    for async_scheduling in (False, True):
+        with LLM(str(tiny_llama_dir), device="cpu", num_kv_blocks=64, max_model_len=40,
+                 async_scheduling=async_scheduling) as llm:
+            outs = llm.generate(prompt_token_ids=[[5, 9, 33, 71, 4, 200, 7, 8, 9], [11, 12]],
+                                sampling_params=params)
+            got[async_scheduling] = [(o.outputs[0].token_ids, o.outputs[0].finish_reason)
+                                     for o in outs]
+    assert [len(t) for t, _ in got[False]] == [40 - 9, 40 - 2]
+    assert got[True] == got[False]

@@ -193,8 +193,8 @@ class LLMEngine:
         self._finished_seq_ids.extend(seq.seq_id for seq in req.seqs)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self._drained) or (
-            self._inflight is not None and not all(s.is_finished for s in self._inflight.done))
+        # (an unfinished sequence of the step in flight is still the scheduler's)
+        return self.scheduler.has_unfinished() or bool(self._drained)
 
     # -- the loop body ----------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -311,9 +311,11 @@ class LLMEngine:
                 status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, token
             elif new_text and (stop := find_stop_string(seq, len(new_text))) is not None:
                 status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, stop
+        # the tokens known so far: len(seq) would also count one still on the device
+        known = seq.num_prompt_tokens + seq.num_output_tokens
         if status is None and (
                 (p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens)
-                or len(seq) >= self.config.max_model_len):
+                or known >= self.config.max_model_len):
             status = SequenceStatus.FINISHED_LENGTH
         if status is not None:
             self.scheduler.finish(seq, status)

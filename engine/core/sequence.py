@@ -18,9 +18,8 @@ class SequenceStatus(enum.Enum):
     FINISHED_ABORTED = "abort"
 
     @property
-    def finished(self) -> bool:
-        return self in (SequenceStatus.FINISHED_STOPPED, SequenceStatus.FINISHED_LENGTH,
-                        SequenceStatus.FINISHED_ABORTED)
+    def finished(self) -> bool:  # two identity tests: Sequence.is_finished is on the hot path
+        return self is not SequenceStatus.RUNNING and self is not SequenceStatus.WAITING
 
 
 _seq_ids = itertools.count()
@@ -33,7 +32,8 @@ class Sequence:
     Invariant: the KV of token_ids[:num_computed_tokens] is in the blocks of `block_table`.
 
     With asynchronous scheduling a sampled token can be pending: the GPU has it, the host does
-    not yet (`num_pending`, 0 or 1). It counts in len(seq), so the scheduler gives the
+    not yet (`num_pending`: 0 or 1, and 2 for the moment between launching a step and
+    applying the one before it). It counts in len(seq), so the scheduler gives the
     sequence its next decode step while the previous one runs; it is not in token_ids.
     """
 
@@ -91,9 +91,8 @@ class Sequence:
         return len(self) - self.num_computed_tokens
 
     @property
-    def is_finished(self) -> bool:  # status.finished, as two identity tests (a hot path)
-        status = self.status
-        return status is not SequenceStatus.RUNNING and status is not SequenceStatus.WAITING
+    def is_finished(self) -> bool:
+        return self.status.finished
 
     @property
     def finish_reason(self) -> str | None:
