@@ -47,6 +47,8 @@ class GemvConfig:
 # wins. Wide N (gate_up, lm_head) takes 64 rows a program; Llama's 4096 and 6144 take 32 (128
 # and 192 programs on an H200's 132 SMs); narrow shards take 16 with deeper steps so that a
 # program keeps 16 KB of weight in flight per stage.
+# (A split-K variant, o_proj and down at split 2, measured 3.60 -> 3.26 ms fp8 batch-1 TPOT on
+# an H200 but failed a CUDA test with in-kernel quantization: commit 4b6f263, docs/PERF.md.)
 GEMV_TABLE: tuple[tuple[int, int, int, int, int], ...] = (
     (16384, 64, 256, 4, 3),
     (3072, 32, 512, 4, 4),
