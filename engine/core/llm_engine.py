@@ -4,7 +4,7 @@
 
     scheduler.schedule()        which sequences run, and how many tokens each
     build_batch(...)            the step as flat host arrays (engine.core.batch)
-    executor.execute(batch)     every rank runs the model; rank 0 samples: tokens (+ logprobs)
+    executor.launch(batch)      every rank runs the model; rank 0 samples: tokens (+ logprobs)
     scheduler.update_from_output / apply the tokens, stop checks, outputs
 """
 

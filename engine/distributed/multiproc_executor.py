@@ -314,9 +314,6 @@ class MultiprocExecutor:
         return [got[r] for r in ranks]
 
     # -- the executor interface ------------------------------------------------------------------
-    def execute(self, batch: StepBatch) -> RunnerOutput:
-        return self.launch(batch).result()
-
     def launch(self, batch: StepBatch) -> _Reply:
         """Send a step; its RunnerOutput is rank 0's next answer (steps answer in order)."""
         self._broadcast(("step", batch))

@@ -264,9 +264,3 @@ def prompt_logprob_dicts(rows: PromptLogprobRows, tensors: list[torch.Tensor]
         entry.update(zip(top_ids[row], top_vals[row]))
         out.append(entry)
     return out
-
-
-def prompt_logprobs(logits: torch.Tensor, rows: PromptLogprobRows) -> list[dict[int, float]]:
-    """Per row of `logits` (the rows of one PromptLogprobRows entry): {prompt token: logprob,
-    then the top-k tokens: logprob}."""
-    return prompt_logprob_dicts(rows, prompt_logprob_tensors(logits, rows))
