@@ -290,7 +290,8 @@ def _print_summary(reports, errors) -> None:
 
 
 def _why(r) -> str:
-    """One line: what failed first."""
+    """One line for the summary's notes: every problem found, the load's tensors by name (the
+    record's reason, engine.validate.proof.failure_reason, is the first problem only)."""
     parts = []
     for key, what in (("missing", "missing"), ("unexpected", "unused"),
                       ("misshaped", "misshaped")):

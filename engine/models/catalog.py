@@ -16,7 +16,7 @@ from pathlib import Path
 from engine.errors import RegistryFileError, UnvalidatedModelError
 from engine.models import registry
 from engine.models.records import ValidationRecord, in_tree_records, user_records
-from engine.models.sources import SPEC_TARGET, generated_from, module_file, shown
+from engine.models.sources import SPEC_TARGET, module_source, shown
 
 SOURCES = ("in-tree generated", "in-tree explicit", "spec", "project", "plugin entry point",
            "user registry", "register_model")
@@ -69,18 +69,19 @@ class Records:
         return max(found, key=lambda f: f[0].date, default=(None, None))
 
 
-def _source(found: list[registry.Resolution], target: str) -> tuple[str, Path | None]:
-    """(source, module file) of what serves an architecture: where its class comes from, the
-    lowest registration of the same target (an in-tree or plugin class that `aphro register`
-    checked again is still in-tree or a plugin)."""
+def _source(found: list[registry.Resolution],
+            target: str) -> tuple[str, Path | None, Path | None]:
+    """(source, module file, the spec it was generated from) of what serves an architecture:
+    its source is where its class comes from, the lowest registration of the same target (an
+    in-tree or plugin class that `aphro register` checked again is still in-tree or a
+    plugin)."""
     if target.startswith(SPEC_TARGET):
-        return "spec", None
-    module = module_file(target.partition(":")[0])
+        return "spec", None, None
+    module, generated = module_source(target)
     origin = [r.origin for r in found if registry.target_name(r.target) == target][-1]
     if origin == "in-tree":
-        generated = module is not None and generated_from(module) is not None
-        return ("in-tree generated" if generated else "in-tree explicit"), module
-    return origin, module
+        origin = "in-tree generated" if generated is not None else "in-tree explicit"
+    return origin, module, generated
 
 
 def features_of(cls: type) -> dict:
@@ -107,10 +108,10 @@ def describe(architecture: str, records: Records | None = None) -> ModelEntry:
     if not found:
         registry.resolve(architecture)  # raises, listing the known ones
     target = registry.target_name(found[0].target)
-    source, module = _source(found, target)
+    source, module, generated = _source(found, target)
     spec = target[len(SPEC_TARGET):] if source == "spec" else None
-    if module is not None and spec is None and generated_from(module) is not None:
-        spec = shown(generated_from(module))
+    if spec is None and generated is not None:
+        spec = shown(generated)
     features, error = {}, None
     try:
         features = features_of(registry.load_class(found[0].target))
@@ -173,6 +174,4 @@ def checkpoint_architecture(folder: str | Path) -> str | None:
         names = json.loads((Path(folder) / "config.json").read_text()).get("architectures")
     except (OSError, ValueError, AttributeError):
         return None
-    if not names:
-        return None
-    return next((a for a in names if registry.lookup(a) is not None), names[0])
+    return registry.served_architecture(names)

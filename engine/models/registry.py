@@ -162,6 +162,19 @@ def supported_architectures() -> list[str]:
     return sorted({arch for _, table in _layers() for arch in table})
 
 
+def in_tree_models() -> dict[str, str]:
+    """The in-tree table, {architecture: "module:Class"} (whatever else may override it)."""
+    return _registry_tables(IN_TREE)
+
+
+def served_architecture(architectures: list[str] | None) -> str | None:
+    """The name in a config's `architectures` the engine serves it as: the first that is
+    registered, else the first (None for none)."""
+    if not architectures:
+        return None
+    return next((a for a in architectures if lookup(a) is not None), architectures[0])
+
+
 def _hf_causal_lm_names() -> dict[str, str]:
     """transformers' causal-LM class names -> their model_type."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -223,15 +236,10 @@ def resolve(architecture: str) -> str | type:
 def resolve_class_path(architectures: list[str]) -> str | type:
     """What serves the first supported name in a config's `architectures`: "module:Class", or
     the class registered as an object (tensor-parallel workers receive it pickled, by name)."""
-    if not architectures:
+    arch = served_architecture(architectures)
+    if arch is None:
         raise ModelNotSupportedError("config.json has no 'architectures' list")
-    for arch in architectures:
-        try:
-            return resolve(arch)
-        except ModelNotSupportedError:
-            continue
-    resolve(architectures[0])  # raises with the list of supported names
-    raise AssertionError("unreachable")
+    return resolve(arch)  # an unregistered name raises with the list of supported names
 
 
 def _importable(module_name: str) -> None:

@@ -64,15 +64,21 @@ def generated_from(module_path: Path) -> Path | None:
     return path if path.is_absolute() or not (REPO / path).is_file() else REPO / path
 
 
+def module_source(target: str) -> tuple[Path | None, Path | None]:
+    """(the module file of a "module:Class" target, the spec it was generated from); None for
+    a module that cannot be found, or one that was not generated."""
+    module = module_file(target.partition(":")[0])
+    return module, generated_from(module) if module is not None else None
+
+
 def source_paths(target: str) -> list[Path]:
     """The files that define `target` ("module:Class" or "spec:PATH"); a module that cannot be
     found gives no file (its record is then stale: the source it vouched for is gone)."""
     if target.startswith(SPEC_TARGET):
         return [Path(target[len(SPEC_TARGET):])]
-    module = module_file(target.partition(":")[0])
+    module, spec = module_source(target)
     if module is None:
         return []
-    spec = generated_from(module)
     return [module] + ([spec] if spec is not None else [])
 
 

@@ -32,7 +32,7 @@ from engine.models.records import (
     update_records,
     user_records,
 )
-from engine.models.sources import SPEC_TARGET, generated_from, module_file, source_hashes
+from engine.models.sources import SPEC_TARGET, module_source, source_hashes
 from engine.validate.proof import Proof, prove, versions
 from engine.validate.tiny import SPECS_DIR
 
@@ -110,8 +110,7 @@ def _generated_target(arch: str, spec_path: Path) -> str | None:
     for found in registry.lookup_all(arch):
         if found.origin != "in-tree":
             continue
-        module = module_file(registry.target_name(found.target).partition(":")[0])
-        source = generated_from(module) if module else None
+        _, source = module_source(registry.target_name(found.target))
         if source is not None and source.resolve() == spec_path.resolve():
             return registry.target_name(found.target)
     return None
@@ -187,12 +186,7 @@ def unregister(architecture: str) -> tuple[ValidationRecord, registry.Resolution
 
 def in_tree_architectures() -> dict[str, str]:
     """architecture -> target of every in-tree model (whatever else may override it)."""
-    out = {}
-    for arch in registry.supported_architectures():
-        for found in registry.lookup_all(arch):
-            if found.origin == "in-tree":
-                out[arch] = registry.target_name(found.target)
-    return out
+    return dict(sorted(registry.in_tree_models().items()))
 
 
 def refresh_in_tree_records(*, progress: Callable[[str], None] | None = None,

@@ -51,7 +51,6 @@ class Dims:
     activation: str
     rotary_dim: int
     rope: dict
-    sliding_window: int | None
     tie_word_embeddings: bool
     qkv_bias: bool
     o_bias: bool
@@ -108,7 +107,6 @@ class Dims:
             activation=str(read("activation")),
             rotary_dim=rotary_dim,
             rope=rope,
-            sliding_window=window,
             tie_word_embeddings=bool(read("tie_word_embeddings", False)),
             qkv_bias=bool(read("qkv_bias", False)),
             o_bias=bool(read("o_bias", False)),
