@@ -63,17 +63,17 @@ def gemv(device, tokens, as_json):
     import torch
 
     from engine.bench.gemv_bench import print_gemv_table, run_gemv_bench
+    from engine.config import resolve_device
 
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":
+    dev = resolve_device(device)
+    if dev.type == "cpu":
         err_console.print("[yellow]no GPU: Triton's interpreter, a tiny shape; the figures only "
                           "show that every variant runs[/]")
-    rows = run_gemv_bench(device, tuple(int(t) for t in tokens.split(",")), print_rows=False)
+    rows = run_gemv_bench(str(dev), tuple(int(t) for t in tokens.split(",")), print_rows=False)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    print_gemv_table(rows, torch.cuda.get_device_name() if device == "cuda" else "cpu")
+    print_gemv_table(rows, torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu")
 
 
 @bench.command("quantization")
@@ -161,9 +161,9 @@ def serve_bench(base_url, endpoint, model, num_prompts, random_input_len, random
                 save_result, as_json):
     """Online serving benchmark against a running server, as `vllm bench serve` measures it:
     request and token throughput, TTFT, TPOT, ITL, end-to-end latency, failures."""
-    from aphro_cli.main import err_console
     from aphro_cli.progress import progress
-    from engine.bench.serve_bench import ServeBenchConfig, result_record, run_serve_bench
+    from engine.bench.results import to_json, write_record
+    from engine.bench.serve_bench import ServeBenchConfig, run_serve_bench, serve_record
     from engine.errors import ConfigError
 
     try:
@@ -175,12 +175,13 @@ def serve_bench(base_url, endpoint, model, num_prompts, random_input_len, random
                               api_key, tokenizer)
     with progress(err_console, "bench serve", num_prompts) as update:
         report = run_serve_bench(config, update)
-    if save_result:
-        with open(save_result, "w") as f:
-            f.write(result_record(report, seed, command_line()) + "\n")
-    if as_json:
-        click.echo(result_record(report, seed, command_line()))
-        return
+    if save_result or as_json:
+        record = serve_record(report, command=command_line(), seed=seed)
+        if save_result:
+            write_record(record, save_result)
+        if as_json:
+            click.echo(to_json(record))
+            return
     console.print(f"{report['model']} at {base_url}{endpoint}: {num_prompts} prompts x "
                   f"{random_input_len} in / {random_output_len} out, rate {report['request_rate']}"
                   f", max concurrency {max_concurrency or '-'}", highlight=False, soft_wrap=True)

@@ -12,8 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from aphro_cli.main import console, err_console, handle_errors
-
-QUANT_CHOICES = ("fp8", "int8", "compressed-tensors")
+from aphro_cli.options import QuantizationChoice
 
 PRESET_HELP = ("Without MODEL: random weights of this shape, built on the device (tiny, llama-1b, "
                "llama-8b, qwen2.5-7b, mistral-7b, mixtral-8x7b). Default: llama-8b on a GPU, "
@@ -21,10 +20,15 @@ PRESET_HELP = ("Without MODEL: random weights of this shape, built on the device
 DTYPE_HELP = "auto: the checkpoint's / bfloat16 on a GPU, float32 on the CPU."
 JSON_HELP = "Write the result record (schema aphro.bench/1) to FILE; alone or '-': to stdout."
 
+# options whose value never lands in a result record (nor a docs/PERF.md table): `--api-key ***`
+SECRET_OPTIONS = frozenset({"--api-key"})
+REDACTED = "***"
+
 
 def command_line() -> str:
     """The running bench command as a user would type it: `aphro` + the command path + the
-    options given on the command line (in declaration order), from click's context."""
+    options given on the command line (in declaration order), from click's context; the value
+    of a SECRET_OPTIONS option (`--api-key X` or `--api-key=X`) written as `***`."""
     import shlex
 
     from click.core import ParameterSource
@@ -34,21 +38,24 @@ def command_line() -> str:
     while c.parent is not None:  # the subcommands' names; the root's is the program's
         names.insert(0, c.info_name)
         c = c.parent
-    words = ["aphro", *names]
+    words = [shlex.quote(w) for w in ("aphro", *names)]  # each quoted, REDACTED as it is
     for param in ctx.command.params:
         if ctx.get_parameter_source(param.name) is not ParameterSource.COMMANDLINE:
             continue
         value = ctx.params[param.name]
         if isinstance(param, click.Argument):
-            words.append(str(value))
+            words.append(shlex.quote(str(value)))
             continue
         flag = max(param.opts, key=len)
         if param.is_flag:
-            words.append(flag)
-        else:
-            for v in value if param.multiple else (value,):
-                words += [flag, str(v)] if v != param.flag_value else [flag]
-    return shlex.join(words)
+            words.append(shlex.quote(flag))
+            continue
+        secret = not SECRET_OPTIONS.isdisjoint(param.opts)
+        for v in value if param.multiple else (value,):
+            words.append(shlex.quote(flag))
+            if v != param.flag_value:
+                words.append(REDACTED if secret else shlex.quote(str(v)))
+    return " ".join(words)
 
 
 def _emit(record: dict, json_path: str | None, append: bool = False) -> None:
@@ -94,7 +101,7 @@ def _hint(json_path: str | None) -> None:
               help="Prompts per HF generate call.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--dtype", default="auto", show_default=True, help=DTYPE_HELP)
-@click.option("--quantization", "-q", type=click.Choice(QUANT_CHOICES), default=None,
+@click.option("--quantization", "-q", type=QuantizationChoice(), default=None,
               help="The engine's scheme (HF runs the model unquantized).")
 @click.option("--max-num-seqs", type=click.IntRange(1), default=None,
               help="Sequences in one step at most (default: the engine's).")
@@ -200,7 +207,7 @@ def throughput(model, preset, random_weights, dataset, tokenizer, num_prompts, i
               help="auto: bfloat16 on a GPU, float32 on the CPU.")
 @click.option("--eager-too", is_flag=True, help="Also run without CUDA graphs.")
 @click.option("--eager", is_flag=True, hidden=True, help="Only without CUDA graphs.")
-@click.option("--quantization", "-q", type=click.Choice(QUANT_CHOICES), default=None)
+@click.option("--quantization", "-q", type=QuantizationChoice(), default=None)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--json", "json_path", is_flag=False, flag_value="-", default=None,
               metavar="[FILE]",
@@ -222,6 +229,7 @@ def latency(model, preset, random_weights, tp_sizes, batch_size, input_len, outp
     from engine.bench.hardware import measure_hardware
     from engine.bench.latency import decode_latency
     from engine.bench.report import describe, latency_record
+    from engine.bench.results import tpot_roofline_ratio
     from engine.config import resolve_device
 
     out = err_console if json_path == "-" else console
@@ -252,11 +260,11 @@ def latency(model, preset, random_weights, tp_sizes, batch_size, input_len, outp
                       "num_iters_warmup": num_iters_warmup, "seed": seed})
         for line in describe(record):
             out.print(escape(line), highlight=False, soft_wrap=True)
-        r, roof = record["results"], record["roofline"]
+        r, ratio = record["results"], tpot_roofline_ratio(record)
         table.add_row(str(tp), str(r["engine"]["cuda_graphs"]), _pcts(r["ttft"]), _pcts(r["tpot"]),
                       f"{r['tpot']['mean_ms']:.3f}", f"{r['decode_tok_s']:.1f}",
                       f"{record['model']['weight_bytes_per_rank'] / 1e9:.2f}",
-                      f"{r['tpot']['p50_ms'] / roof['tpot_ms']:.2f}x" if roof else "-")
+                      f"{ratio:.2f}x" if ratio is not None else "-")
         _emit(record, json_path, append=True)
     out.print(table)
     _hint(json_path)

@@ -7,6 +7,26 @@ import functools
 
 import click
 
+
+class QuantizationChoice(click.Choice):
+    """click.Choice over engine.layers.quantization's QUANTIZATION_METHODS (the one list of
+    --quantization values), imported when first read: that module imports torch, and
+    `aphro --help` (which imports every command's module) stays without it."""
+
+    def __init__(self) -> None:
+        super().__init__(())
+
+    @property
+    def choices(self):
+        from engine.layers.quantization.registry import QUANTIZATION_METHODS
+
+        return QUANTIZATION_METHODS
+
+    @choices.setter
+    def choices(self, value) -> None:  # click.Choice.__init__ assigns its argument
+        pass
+
+
 _ENGINE_OPTIONS = [
     click.option("--dtype", default="auto", show_default=True,
                  help="auto (float32 on CPU, the checkpoint's / bf16 on GPU), bfloat16, "
@@ -30,8 +50,7 @@ _ENGINE_OPTIONS = [
                  default="16", show_default=True, help="Tokens per KV cache block."),
     click.option("--enable-prefix-caching/--no-enable-prefix-caching", default=True,
                  show_default=True, help="Share KV blocks of common prompt prefixes."),
-    click.option("--quantization", "-q", type=click.Choice(["fp8", "int8", "compressed-tensors"]),
-                 default=None,
+    click.option("--quantization", "-q", type=QuantizationChoice(), default=None,
                  help="Linear layers: fp8 (FP8 weights and activations, GPUs of compute "
                       "capability >= 8.9), int8 (weight-only); default: the checkpoint's "
                       "quantization_config, else none."),

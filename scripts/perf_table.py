@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tree this script is in
 
-from engine.bench.results import read_records
+from engine.bench.results import read_records, tpot_roofline_ratio
 from engine.errors import AphroError
 
 
@@ -45,8 +45,7 @@ def _latency(r: dict) -> list[str]:
     return [r["model"]["name"], str(w["batch_size"]), str(w["tp"]),
             f"{w['input_len']} / {w['output_len']}", _f(res["ttft"]["p50_ms"], ".2f"),
             f"{t['p50_ms']:.3f} / {t['p90_ms']:.3f} / {t['p99_ms']:.3f}",
-            _f(roof.get("tpot_ms"), ".3f"),
-            _f(t["p50_ms"] / roof["tpot_ms"] if roof.get("tpot_ms") else None, ".2f")]
+            _f(roof.get("tpot_ms"), ".3f"), _f(tpot_roofline_ratio(r), ".2f")]
 
 
 def _serve(r: dict) -> list[str]:

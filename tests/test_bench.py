@@ -206,3 +206,23 @@ def test_perf_table_and_the_schema_refuse_what_is_not_a_result(tmp_path):
     r = subprocess.run([sys.executable, "scripts/perf_table.py", str(path)], cwd=ROOT,
                        capture_output=True, text=True, timeout=120, check=False)
     assert r.returncode == 2 and "hardware" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bench_serve_records_the_command_without_the_api_key(monkeypatch, tmp_path):
+    """The key lands in no result file (nor a docs/PERF.md table): `--api-key ***`."""
+    from engine.bench import serve_bench
+
+    def fake_run(config, progress=None):  # the figures of one request, no server
+        result = serve_bench.RequestResult(True, 8, 4, 0.01, 0.05, [0.01, 0.01, 0.01])
+        return serve_bench.summarize(config, "m", [result], 1.0)
+
+    monkeypatch.setattr(serve_bench, "run_serve_bench", fake_run)
+    for key, flag in (("sk-test-0x5ec12e7", ["--api-key", "sk-test-0x5ec12e7"]),
+                      ("sk-test-0xc0ffee", ["--api-key=sk-test-0xc0ffee"])):
+        out = tmp_path / "serve.json"
+        result = invoke(["bench", "serve", "--num-prompts", "1", *flag, "--save-result", str(out),
+                         "--json"])
+        record = json.loads(out.read_text())
+        assert record["command"].startswith("aphro bench serve --num-prompts 1 --api-key *** ")
+        assert key not in out.read_text() and key not in result.output
+        assert json.loads(result.stdout) == record  # --json prints the record written

@@ -8,7 +8,7 @@ import math
 
 from engine.bench.engine_bench import model_record
 from engine.bench.hardware import describe_hardware
-from engine.bench.results import make_record
+from engine.bench.results import make_record, tpot_roofline_ratio
 from engine.bench.roofline import (
     CostModel,
     latency_roofline,
@@ -30,7 +30,7 @@ def cost_model(hw: dict, hf_config, facts: dict) -> CostModel | None:
 
 def throughput_record(*, hw: dict, hf_config, facts: dict, model_name: str, random_weights: bool,
                       workload: dict, prompt_lens: list[int], output_len: int,
-                      rows: list[dict], command: str | None = None) -> dict:
+                      rows: list[dict], command: str) -> dict:
     """rows[0] is the engine's; every row that ran gets "ratio": the engine's output tok/s over
     its own."""
     engine = rows[0]
@@ -54,7 +54,7 @@ def throughput_record(*, hw: dict, hf_config, facts: dict, model_name: str, rand
 
 
 def latency_record(*, hw: dict, hf_config, facts: dict, model_name: str, random_weights: bool,
-                   workload: dict, results: dict, command: str | None = None) -> dict:
+                   workload: dict, results: dict, command: str) -> dict:
     cost = cost_model(hw, hf_config, facts)
     roofline = None
     if cost is not None:
@@ -115,7 +115,7 @@ def _roofline_line(record: dict) -> str:
     if record["kind"] == "latency":
         tpot = record["results"]["tpot"]["p50_ms"]
         return (f"roofline: TPOT >= {r['tpot_ms']:.3f} ms (weights + KV / copy bandwidth), "
-                f"measured {tpot:.3f} ms = {_x(tpot / r['tpot_ms'])} the bound "
+                f"measured {tpot:.3f} ms = {_x(tpot_roofline_ratio(record))} the bound "
                 f"({r['tpot_fraction']:.0%} reached); TTFT >= {r['ttft_ms']:.2f} ms")
     return (f"roofline: <= {r['output_tok_s']:,.0f} output tok/s (prefill {r['prefill_s']:.2f} s"
             f" at the matmul rate + decode {r['decode_s']:.2f} s at batch {r['decode_batch']}); "

@@ -16,9 +16,7 @@ from __future__ import annotations
 import datetime
 import json
 import math
-import shlex
 import subprocess
-import sys
 from pathlib import Path
 
 from engine.errors import ConfigError
@@ -71,14 +69,6 @@ def git_commit() -> str | None:
     return sha + ("+dirty" if dirty else "") if sha else None
 
 
-def command_line(argv: list[str] | None = None) -> str:
-    """The command as typed: `aphro bench ...` from sys.argv."""
-    argv = sys.argv if argv is None else argv
-    name = Path(argv[0]).name if argv else "aphro"
-    return shlex.join(["aphro" if name in ("aphro", "main.py", "__main__.py") else name,
-                       *argv[1:]])
-
-
 def _clean(value):
     if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
         return None
@@ -90,11 +80,10 @@ def _clean(value):
 
 
 def make_record(kind: str, *, hardware: dict, model: dict, workload: dict, results: dict,
-                roofline: dict | None, command: str | None = None) -> dict:
-    """A record of the schema, stamped with the commit, the date and the command line."""
-    record = {"schema": SCHEMA_ID, "kind": kind,
-              "command": command if command is not None else command_line(),
-              "commit": git_commit(),
+                roofline: dict | None, command: str) -> dict:
+    """A record of the schema, stamped with the commit, the date and `command`, the command line
+    (aphro_cli.bench_engine.command_line: secrets such as --api-key redacted)."""
+    record = {"schema": SCHEMA_ID, "kind": kind, "command": command, "commit": git_commit(),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "hardware": hardware, "model": model, "workload": workload, "results": results,
               "roofline": roofline}
@@ -154,6 +143,14 @@ def read_records(path: str | Path) -> list[dict]:
     if not records:
         raise ConfigError(f"{path}: no result record in the file")
     return records
+
+
+def tpot_roofline_ratio(record: dict) -> float | None:
+    """A latency record's measured TPOT p50 over its roofline bound (1.0: at the bound); None
+    without a roofline or a figure (what `bench latency` and docs/PERF.md print)."""
+    roof = record.get("roofline") or {}
+    tpot = record["results"].get("tpot", {}).get("p50_ms")
+    return tpot / roof["tpot_ms"] if roof.get("tpot_ms") and tpot is not None else None
 
 
 def percentile(values: list[float], q: float) -> float:

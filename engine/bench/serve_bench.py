@@ -17,12 +17,11 @@ import asyncio
 import json
 import math
 import random
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from engine.bench.results import make_record, percentile, to_json
+from engine.bench.results import make_record, summary_ms
 from engine.errors import AphroError, ConfigError
 
 
@@ -229,11 +228,11 @@ def summarize(cfg: ServeBenchConfig, model: str, results: list[RequestResult],
     tpot = [(r.latency - r.ttft) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1]
     series = {"ttft": [r.ttft for r in ok], "tpot": tpot,
               "itl": [x for r in ok for x in r.itl], "e2el": [r.latency for r in ok]}
-    for name, values in series.items():
-        ms = [v * 1000 for v in values] or [math.nan]
-        report[f"mean_{name}_ms"] = statistics.fmean(ms)
-        report[f"median_{name}_ms"] = statistics.median(ms)
-        report[f"p99_{name}_ms"] = percentile(ms, 99)
+    for name, values in series.items():  # summary_ms's figures under vLLM's names
+        s = summary_ms(values)
+        report[f"mean_{name}_ms"] = s["mean_ms"]
+        report[f"median_{name}_ms"] = s["p50_ms"]
+        report[f"p99_{name}_ms"] = s["p99_ms"]
     return report
 
 
@@ -247,9 +246,10 @@ _WORKLOAD_KEYS = ("base_url", "endpoint", "num_prompts", "random_input_len", "ra
                   "request_rate", "max_concurrency", "ignore_eos")
 
 
-def serve_record(report: dict, seed: int = 0, command: str | None = None) -> dict:
+def serve_record(report: dict, *, command: str, seed: int = 0) -> dict:
     """The report as a result record (kind "serve"): the server's model, the configuration as
-    the workload, every figure under results; the hardware is this host's (host_hardware)."""
+    the workload, every figure under results; the hardware is this host's (host_hardware).
+    NaN figures become null (engine.bench.results.to_json / write_record)."""
     from engine.bench.hardware import host_hardware
 
     workload = {k: report[k] for k in _WORKLOAD_KEYS}
@@ -257,9 +257,3 @@ def serve_record(report: dict, seed: int = 0, command: str | None = None) -> dic
     results = {k: v for k, v in report.items() if k not in _WORKLOAD_KEYS and k != "model"}
     return make_record("serve", hardware=host_hardware(), model={"name": report["model"]},
                        workload=workload, results=results, roofline=None, command=command)
-
-
-def result_record(report: dict, seed: int = 0, command: str | None = None) -> str:
-    """The report's result record as one JSON document (what --save-result writes); NaN
-    becomes null."""
-    return to_json(serve_record(report, seed, command))
