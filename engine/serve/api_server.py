@@ -12,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response
 
+from engine.serve.chat import special_tokens_of
 from engine.serve.chat_completions import create_chat_completion, render_prompt
 from engine.serve.completions import create_completion
 from engine.serve.middleware import GuardMiddleware
@@ -86,9 +87,7 @@ def build_app(serving: Serving) -> FastAPI:
         info = {"tokenizer_class": type(tok).__name__, "model_max_length": serving.max_model_len,
                 "vocab_size": serving.vocab_size,
                 "chat_template": serving.chat_template.source if serving.chat_template else None}
-        for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
-            value = getattr(tok, name, None)
-            info[name] = None if value is None else str(value)
+        info.update(special_tokens_of(tok))
         return info
 
     @app.get("/version")

@@ -220,7 +220,7 @@ class AsyncLLM:
 
     async def call(self, name: str | Callable, *args) -> Any:
         """An RPC on the engine core between steps: "check" (the block manager's invariants
-        hold; returns (EngineStats, whether any request is unfinished)), "stats", or a
+        hold; returns (EngineStats, whether any request is unfinished)), or a
         module-level function fn, run as fn(engine, *args) (it is pickled by reference, so the
         core imports its module). Returns its result or raises its exception."""
         try:

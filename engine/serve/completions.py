@@ -81,8 +81,7 @@ class _View:
     def prompt_text(self, i: int) -> str:
         r = self.requests[i]
         if r.prompt is None:
-            r.prompt = (self.serving.tokenizer.decode(r.prompt_token_ids)
-                        if self.serving.tokenizer is not None else "")
+            r.prompt = self.serving.text(r.prompt_token_ids)
         return r.prompt
 
     def logprobs(self, i: int, prompt_logprobs: list | None, c, echo: bool,

@@ -161,6 +161,20 @@ class MessageReader:
         self.conn.close()
 
 
+@contextlib.contextmanager
+def frozen_heap():
+    """Everything alive now (imports, the engine or the app) moved out of the garbage
+    collector's full collections while the block runs, so they do not walk it step after step
+    (vLLM does the same); unfrozen after: frozen objects are never freed at exit, and native
+    ones would say "leaked"."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 def sendable(error: BaseException) -> BaseException:
     """The exception if it survives pickling, else the nearest base class of it that does
     (with the same message), so the server raises the same kind of error."""
@@ -203,20 +217,18 @@ def run_engine_core(config: EngineConfig, command_pipe: Connection,
             engine.close()
         outputs.send(("init_error", sendable(e)))
         return
-    gc.collect()  # the engine's objects out of the collector's full passes: steps stay even
-    gc.freeze()
-    try:
-        outputs.send(("ready", engine.stats()))
-        EngineCore(engine).run(commands, outputs)
-    except (EOFError, BrokenPipeError):
-        pass  # the server is gone: nobody to answer
-    except Exception as e:  # noqa: BLE001 - the loop itself broke: say why, then end
-        traceback.print_exc()
-        with contextlib.suppress(OSError):
-            outputs.send(("died", f"{type(e).__name__}: {e}"))
-    finally:
-        engine.close()
-        gc.unfreeze()  # frozen objects are never freed at exit: native ones would say "leaked"
+    with frozen_heap():  # the engine's objects out of the collector's passes: steps stay even
+        try:
+            outputs.send(("ready", engine.stats()))
+            EngineCore(engine).run(commands, outputs)
+        except (EOFError, BrokenPipeError):
+            pass  # the server is gone: nobody to answer
+        except Exception as e:  # noqa: BLE001 - the loop itself broke: say why, then end
+            traceback.print_exc()
+            with contextlib.suppress(OSError):
+                outputs.send(("died", f"{type(e).__name__}: {e}"))
+        finally:
+            engine.close()
 
 
 class EngineCore:
@@ -320,8 +332,6 @@ class EngineCore:
         if name == "check":  # the block bookkeeping whole; load; anything unfinished
             engine.check_invariants()
             return engine.stats(), engine.has_unfinished_requests()
-        if name == "stats":
-            return engine.stats()
         raise ValueError(f"no engine RPC named {name!r}")
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import signal
 import socket
 import threading
@@ -24,6 +23,7 @@ from engine.config import EngineConfig
 from engine.errors import ConfigError
 from engine.serve.api_server import build_app
 from engine.serve.async_llm import AsyncLLM
+from engine.serve.engine_core import frozen_heap
 from engine.serve.serving import ServeOptions, Serving
 
 _ABORT_GRACE_S = 10.0  # after the abort: time for handlers to write their last chunk
@@ -36,14 +36,6 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     except ImportError:
         return asyncio.new_event_loop()
     return uvloop.new_event_loop()
-
-
-def freeze_heap() -> None:
-    """Move everything alive now (imports, tokenizer, app) out of the garbage collector's
-    reach: its full collections no longer walk them while the server streams (vLLM does the
-    same)."""
-    gc.collect()
-    gc.freeze()
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -152,19 +144,18 @@ def run_server(config: EngineConfig, options: ServeOptions, host: str = "127.0.0
         llm = AsyncLLM(config)
         try:
             server = APIServer(llm, options, sock, shutdown_timeout)
-            freeze_heap()
             server.on_ready = lambda: say(
                 f"serving {options.served_model_names[0]!r} on {server.url} "
                 "(OpenAI API under /v1; Ctrl-C stops)")
             loop = new_event_loop()
-            try:
-                loop.run_until_complete(server.serve())
-                loop.run_until_complete(loop.shutdown_asyncgens())
-            finally:
-                loop.close()
+            with frozen_heap():  # imports, tokenizer, app: out of the collector's full passes
+                try:
+                    loop.run_until_complete(server.serve())
+                    loop.run_until_complete(loop.shutdown_asyncgens())
+                finally:
+                    loop.close()
             say("stopped")
         finally:
             llm.close()
     finally:
         sock.close()
-        gc.unfreeze()  # frozen objects are never freed at exit: native ones would say "leaked"

@@ -11,6 +11,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from engine.checkpoint.files import load_tokenizer
+from engine.core.detokenizer import decoder_of
 from engine.core.sampling_params import SamplingParams
 from engine.errors import AphroError, ConfigError
 from engine.serve.async_llm import AsyncLLM
@@ -53,6 +54,7 @@ class Serving:
         self.vocab_size = config.vocab_size
         # its own instance: the engine core (another process) has the engine's
         self.tokenizer = load_tokenizer(config.model)
+        self._decode = decoder_of(self.tokenizer) if self.tokenizer is not None else None
         self.chat_template = (ChatTemplate(options.chat_template,
                                            special_tokens_of(self.tokenizer))
                               if options.chat_template and self.tokenizer is not None else None)
@@ -85,10 +87,15 @@ class Serving:
         self.need_tokenizer()
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
-    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+    def decode(self, ids: list[int]) -> str:
+        """/detokenize: ids checked against the vocabulary, then their text."""
         self.need_tokenizer()
         self.check_token_ids(ids, "tokens")
-        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+        return self.text(ids)
+
+    def text(self, ids: list[int]) -> str:
+        """The text of ids already checked ("" without a tokenizer), special tokens kept."""
+        return self._decode(ids, False) if self._decode is not None else ""
 
     def check_token_ids(self, ids: list[int], param: str) -> None:
         bad = [t for t in ids if not 0 <= t < self.vocab_size]
@@ -158,7 +165,7 @@ class Serving:
 
     # -- logprobs ------------------------------------------------------------------------------
     def _token_text(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id]) if self.tokenizer is not None else str(token_id)
+        return self._decode([token_id], False) if self._decode is not None else str(token_id)
 
     @staticmethod
     def clean(logprob: float) -> float:
