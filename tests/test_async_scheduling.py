@@ -94,3 +94,39 @@ def test_async_ends_at_max_model_len_where_sync_does(tiny_llama_dir):
                                      for o in outs]
     assert [len(t) for t, _ in got[False]] == [40 - 9, 40 - 2]
     assert got[True] == got[False]
+
+
+def test_a_preempted_sequence_whose_last_token_is_pending_stops_there(tiny_llama_dir):
+    """A (3 KV blocks of 8 tokens) decodes; B (9-token prompt, max_tokens=1) is admitted into
+    the last two blocks. With async scheduling, the step after B's prefill launches while B's
+    only token is still on the device, and A's 9th token needs a block: B, the latest arrival,
+    is preempted with its last token pending. That token ends B (it once went unchecked, and B
+    recomputed and sampled a second one)."""
+    results = {}
+    for mode in (False, True):
+        with LLM(str(tiny_llama_dir), device="cpu", num_kv_blocks=3, block_size=8,
+                 max_model_len=24, async_scheduling=mode) as llm:
+            eng = llm.engine
+            eng.add_request(None, SamplingParams(temperature=0, max_tokens=19, ignore_eos=True),
+                            prompt_token_ids=[5, 6, 7, 8], request_id="A")
+            for _ in range(4):
+                eng.step()
+            eng.add_request(None, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True),
+                            prompt_token_ids=list(range(10, 19)), request_id="B")
+            done = {}
+            for _ in range(100):  # bounded
+                if not eng.has_unfinished_requests():
+                    break
+                for out in eng.step():
+                    if out.finished:
+                        done[out.request_id] = (out.outputs[0].token_ids,
+                                                out.outputs[0].finish_reason,
+                                                out.metrics["num_preemptions"])
+            eng.check_invariants()
+            assert eng.block_manager.num_free_blocks == eng.num_kv_blocks
+            results[mode] = done
+    assert results[True]["B"][2] == 1  # the case under test happened
+    assert {k: (len(t), r) for k, (t, r, _) in results[True].items()} == {
+        "A": (19, "length"), "B": (1, "length")}
+    assert {k: v[:2] for k, v in results[True].items()} == {
+        k: v[:2] for k, v in results[False].items()}

@@ -138,9 +138,65 @@ def test_longrope_table_is_hfs_short_then_long_frequencies():
     # angles in float64; both inv_freqs are float32, an ulp apart: ~5e-5 rad by position 500
     angles = torch.cat([torch.outer(torch.arange(original).double(), short.double()),
                         torch.outer(torch.arange(original, n).double(), long.double())])
-    cos, sin = rope.cos_sin_cache.double().chunk(2, dim=-1)
+    cos, sin = rope.cos_sin_cache[:n].double().chunk(2, dim=-1)
     torch.testing.assert_close(cos, angles.cos() * factor, atol=1e-4, rtol=0)
     torch.testing.assert_close(sin, angles.sin() * factor, atol=1e-4, rtol=0)
+    # the second half, for the tokens of a prompt longer than `original`: long at every position
+    long_angles = torch.outer(torch.arange(n).double(), long.double())
+    cos, sin = rope.cos_sin_cache[n:].double().chunk(2, dim=-1)
+    torch.testing.assert_close(cos, long_angles.cos() * factor, atol=1e-4, rtol=0)
+    torch.testing.assert_close(sin, long_angles.sin() * factor, atol=1e-4, rtol=0)
+
+
+def test_longrope_prompts_past_the_original_length_match_hf():
+    """HF's Phi-3 takes the long factors for a whole forward that reaches past
+    original_max_position_embeddings (128 in the tiny config): a 220-token prompt uses them at
+    every position, also when it is prefilled in chunks, and a prompt just under 128 switches
+    as its generation crosses it; both prompts in one batch."""
+    from engine.validate.parity import run_parity
+
+    long_prompt = " ".join(f"word{i % 50}" for i in range(60))  # ~220 tokens
+    short_prompt = " ".join(f"word{i % 50}" for i in range(33))  # ~120 tokens
+    report = run_parity("phi3", device="cpu", dtype="float32",
+                        prompts=[long_prompt, short_prompt], max_new_tokens=12)
+    lens = [p.num_prompt_tokens for p in report.runs[0].prompts]
+    assert lens[0] > 128 and 110 < lens[1] < 128 and lens[1] + 12 > 128, lens
+    assert [r.name for r in report.runs] == ["batched", "chunked"]
+    for run in report.runs:
+        for p in run.prompts:
+            assert p.logits_ok and p.greedy_ok, (run.name, p.index, p.max_abs, p.greedy_note)
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_longrope_switch_keeps_hf_tokens_through_the_prefix_cache(async_scheduling,
+                                                                   family_checkpoint):
+    """HF generate (the reference) switches a Phi-3 sequence to the long factors once it passes
+    the original length (128), recomputing it; the engine does too, also with the token at the
+    switch still on the device (async). The prefix cache keeps the two encodings apart: a long
+    prompt's blocks never serve a shorter prompt with the same tokens, and a prompt served
+    twice reuses its blocks."""
+    from engine import LLM, SamplingParams
+    from engine.validate.compare import hf_greedy, load_hf
+
+    ckpt, cpu = family_checkpoint("phi3"), torch.device("cpu")
+    long = torch.randint(0, 512, (150,), generator=torch.Generator().manual_seed(3)).tolist()
+    short = long[:122]  # its 12 new tokens cross 128
+    hf = load_hf(ckpt, cpu)
+    ref = {n: hf_greedy(hf, ids, 12, cpu) for n, ids in (("long", long), ("short", short))}
+    with LLM(str(ckpt), device="cpu", dtype="float32",
+             async_scheduling=async_scheduling) as llm:
+        def run(ids, n):
+            params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+            out = llm.generate(prompt_token_ids=[ids], sampling_params=params)[0]
+            return out.outputs[0].token_ids, out.metrics["num_cached_tokens"]
+
+        assert run(long, 12)[0] == ref["long"]
+        # 2 tokens stay below 128: short factors, so none of the long prompt's blocks serve
+        assert run(short, 2) == (ref["short"][:2], 0)
+        assert run(short, 12)[0] == ref["short"]  # past 128: recomputed long
+        tokens, cached = run(long, 12)
+        assert tokens == ref["long"] and cached > 0
+        llm.engine.check_invariants()
 
 
 @pytest.mark.parametrize("family, tp, groups", [

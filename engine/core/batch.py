@@ -122,6 +122,9 @@ class StepBatch:
     prev_tokens: np.ndarray = field(default_factory=lambda: np.empty((2, 0), dtype=np.int64))
     prompt_logprobs: list[PromptLogprobRows] = field(default_factory=list)
     finished_seq_ids: list[int] = field(default_factory=list)  # the sampler forgets these first
+    # [num_tokens] bool, or None: tokens of long_rope sequences below a LongRoPE model's
+    # original length (AttentionMetadata.long_rope)
+    long_rope: np.ndarray | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -147,18 +150,23 @@ class RunnerOutput:
 
 def build_batch(scheduled: list[tuple[Sequence, int]], block_size: int,
                 eos_token_ids: list[int], finished_seq_ids: list[int] | None = None,
-                prev_rows: dict[int, int] | None = None) -> tuple[StepBatch, list[Sequence]]:
+                prev_rows: dict[int, int] | None = None,
+                long_rope_from: int | None = None) -> tuple[StepBatch, list[Sequence]]:
     """Flatten the scheduled (sequence, tokens this step) pairs, prefill chunks first. A
     sequence samples a token once all its known tokens are computed (the scheduler's
     update_from_output returns the same ones). A sequence with a pending token takes it from
     the previous step's sampled row prev_rows[seq_id] on the device. Also returns the sequences
-    whose prompt logprobs the step scores, in StepBatch.prompt_logprobs order."""
+    whose prompt logprobs the step scores, in StepBatch.prompt_logprobs order. long_rope_from:
+    a LongRoPE model's original length (rotary.long_rope_from), for StepBatch.long_rope."""
     bs = block_size
     ids, pos, slots, q_lens, ctx_lens, tables = [], [], [], [], [], []
     sample_seqs, sample_rows, prompt_rows, prompt_seqs, prev = [], [], [], [], []
+    long_spans = []  # (first row, rows) of long_rope sequences, below long_rope_from
     offset = 0
     for seq, n in scheduled:
         start = seq.num_computed_tokens
+        if seq.long_rope and start < long_rope_from:
+            long_spans.append((offset, min(n, long_rope_from - start)))
         if n == 1:  # decode: scalar arithmetic, no per-sequence arrays
             if seq.num_pending:
                 prev += [offset, prev_rows[seq.seq_id]]
@@ -192,6 +200,11 @@ def build_batch(scheduled: list[tuple[Sequence, int]], block_size: int,
     block_tables = np.zeros((len(tables), max_blocks), dtype=np.int32)
     for i, t in enumerate(tables):
         block_tables[i, : len(t)] = t
+    long_rope = None
+    if long_spans:
+        long_rope = np.zeros(offset, dtype=bool)
+        for first, rows in long_spans:
+            long_rope[first:first + rows] = True
     batch = StepBatch(
         input_ids=np.asarray(ids, dtype=np.int64), positions=np.asarray(pos, dtype=np.int64),
         slot_mapping=np.asarray(slots, dtype=np.int64), block_tables=block_tables,
@@ -203,5 +216,6 @@ def build_batch(scheduled: list[tuple[Sequence, int]], block_size: int,
         sample_rows=np.asarray(sample_rows, dtype=np.int64),
         sampling=SamplingInputs.build(sample_seqs, eos_token_ids),
         prompt_logprobs=prompt_rows, finished_seq_ids=list(finished_seq_ids or []),
-        prev_tokens=np.asarray(prev, dtype=np.int64).reshape(-1, 2).T.copy())
+        prev_tokens=np.asarray(prev, dtype=np.int64).reshape(-1, 2).T.copy(),
+        long_rope=long_rope)
     return batch, prompt_seqs

@@ -14,7 +14,8 @@ API (all the scheduler needs):
     num_free_blocks, usage, check_invariants(live_seqs)
 
 Prefix caching: full block i of a sequence is keyed by
-    hash_i = sha256(hash_{i-1} || tokens of block i as little-endian int64), hash_{-1} = b"",
+    hash_i = sha256(hash_{i-1} || tokens of block i as little-endian int64), hash_{-1} = b""
+(LONG_ROPE_ROOT for a Sequence.long_rope sequence: other KV for the same tokens),
 so equal content after a different prefix never matches. Only full blocks are hashed, so a
 partly filled block is never shared and shared blocks are never written to. A freed block keeps
 its hash (and stays findable) until it is reallocated for other content. Sequences that ask for
@@ -31,6 +32,10 @@ import struct
 from collections import OrderedDict
 
 from engine.core.sequence import Sequence
+
+# the chain's root for a LongRoPE sequence whose KV uses the long factors throughout: the same
+# tokens encoded with the short ones are other content
+LONG_ROPE_ROOT = b"long_rope"
 
 
 def hash_block(prev_hash: bytes, token_ids: list[int]) -> bytes:
@@ -70,7 +75,7 @@ class BlockManager:
         if len(seq.block_hashes) < num_blocks:
             tokens = seq.token_ids
             for i in range(len(seq.block_hashes), num_blocks):
-                prev = seq.block_hashes[i - 1] if i else b""
+                prev = seq.block_hashes[i - 1] if i else LONG_ROPE_ROOT if seq.long_rope else b""
                 seq.block_hashes.append(hash_block(prev, tokens[i * bs:(i + 1) * bs]))
         return seq.block_hashes[:num_blocks]
 

@@ -30,6 +30,7 @@ from engine.core.sampling_params import SamplingParams
 from engine.core.scheduler import Scheduler
 from engine.core.sequence import Sequence, SequenceStatus
 from engine.errors import ConfigError, RequestError
+from engine.layers.rotary import long_rope_from
 
 
 @dataclass
@@ -69,6 +70,7 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(config.model)
         self._decode = decoder_of(self.tokenizer) if self.tokenizer is not None else None
         self.eos_token_ids = eos_token_ids(config.model)
+        self._long_rope_from = long_rope_from(config.hf_config)
         self.vocab_size = config.vocab_size
         self.executor = create_executor(config)  # the runner (TP=1) or the worker processes
         try:
@@ -86,7 +88,7 @@ class LLMEngine:
             raise
         self.block_manager = BlockManager(self.num_kv_blocks, block,
                                           config.cache.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager, self._long_rope_from)
         self.requests: dict[str, _Request] = {}
         self._finished_seq_ids: list[int] = []  # the sampler forgets them at the next step
         self._inflight: _Step | None = None  # launched, tokens not applied (async scheduling)
@@ -255,7 +257,7 @@ class LLMEngine:
         prev = self._inflight.rows if self._inflight is not None else {}
         batch, prompt_seqs = build_batch(
             sched.scheduled, self.config.cache.block_size, self.eos_token_ids,
-            self._finished_seq_ids, prev)
+            self._finished_seq_ids, prev, self._long_rope_from)
         self._finished_seq_ids = []
         handle = self.executor.launch(batch)
         done = self.scheduler.update_from_output(sched)  # they sample a token this step
@@ -281,8 +283,7 @@ class LLMEngine:
             seq.append_token(out.token_ids[row])
             if seq.sampling_params.logprobs is not None and out.logprobs is not None:
                 seq.output_logprobs.append(out.logprobs[row])
-            if seq.status is not SequenceStatus.RUNNING:  # preempted meanwhile: keeps its token
-                continue
+            # (one preempted meanwhile keeps its token, and it may be the last: checked too)
             req = self.requests[seq.request_id]
             self._check_stop(seq, req.detoks[seq.index])
             if self.stream_outputs or seq.is_finished:

@@ -18,6 +18,11 @@ the latest-arrived running sequence (possibly itself): its blocks are freed, it 
 front of the waiting queue and later recomputes prompt + output. Then waiting sequences are
 admitted in arrival order while the token budget, max_num_seqs and free blocks allow; the first
 one that does not fit stops admission (no skipping ahead). A step that preempted admits nobody.
+
+LongRoPE (`long_rope_from`, the model's original length): a sequence longer than it computes
+its KV with the long factors at every position (Sequence.long_rope). One that grows past it
+from a shorter prompt recomputes prompt + output once, as HF's Phi-3 generate does (it drops
+its cache there): it goes back to waiting like a preempted sequence, without counting as one.
 """
 
 from __future__ import annotations
@@ -51,9 +56,11 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, scheduler_config: SchedulerConfig, block_manager: BlockManager) -> None:
+    def __init__(self, scheduler_config: SchedulerConfig, block_manager: BlockManager,
+                 long_rope_from: int | None = None) -> None:
         self.config = scheduler_config
         self.block_manager = block_manager
+        self.long_rope_from = long_rope_from
         self.waiting: list[Sequence] = []  # arrival order
         self.running: list[Sequence] = []  # arrival order
 
@@ -70,6 +77,7 @@ class Scheduler:
         assert seq.status is SequenceStatus.WAITING and not seq.block_table
         # the last sampled token is never computed, so the KV holds at most max_len - 1 tokens
         self._check_fits(seq, max(self._max_len(seq) - 1, len(seq)))
+        seq.long_rope = self.long_rope_from is not None and len(seq) > self.long_rope_from
         bisect.insort(self.waiting, seq, key=_arrival)
 
     def _max_len(self, seq: Sequence) -> int:
@@ -106,6 +114,13 @@ class Scheduler:
                 i += 1  # its last token is on the way: nothing left to compute
                 continue
             assert seq.num_uncomputed_tokens > 0, f"seq {seq.seq_id}: running with nothing to do"
+            if (self.long_rope_from is not None and not seq.long_rope
+                    and len(seq) > self.long_rope_from):  # crosses it: recompute all as long
+                self.running.pop(i)
+                self._recompute(seq)
+                seq.long_rope, seq.block_hashes = True, []
+                out.preempted.append(seq)  # its pending token comes before it is admitted
+                continue
             num_new = min(seq.num_uncomputed_tokens, budget)
             if num_new < seq.num_uncomputed_tokens and not chunked:
                 i += 1
@@ -143,11 +158,14 @@ class Scheduler:
         return out
 
     def _preempt(self, seq: Sequence) -> None:
+        self._recompute(seq)
+        seq.num_preemptions += 1
+
+    def _recompute(self, seq: Sequence) -> None:
         """Recompute later: drop the KV, keep the tokens (output included)."""
         self.block_manager.free(seq)
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
-        seq.num_preemptions += 1
         bisect.insort(self.waiting, seq, key=_arrival)  # the front, unless older ones wait
 
     def update_from_output(self, output: SchedulerOutput) -> list[Sequence]:

@@ -57,6 +57,9 @@ class Sequence:
     stop_reason: int | str | None = None
     # hashes of this sequence's full blocks, in order (block manager's prefix cache keys)
     block_hashes: list[bytes] = field(default_factory=list)
+    # LongRoPE: its KV uses the long factors at every position (the scheduler sets it for a
+    # prompt, or prompt + output, longer than the original length; see engine.layers.rotary)
+    long_rope: bool = False
 
     @property
     def token_ids(self) -> list[int]:

@@ -1,4 +1,5 @@
-"""Per-step attention inputs. Built by the ModelRunner; read only by PagedAttention."""
+"""Per-step attention inputs. Built by the ModelRunner; read by PagedAttention (and `long_rope`
+by the rotary embedding)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,9 @@ class AttentionMetadata:
     num_prefills: int  # sequences with a query of more than one token (or a first chunk)
     num_prefill_tokens: int
     num_decode_tokens: int
+    # [num_tokens] bool, or None (most steps): the token belongs to a prompt longer than a
+    # LongRoPE model's original length, so its rotary uses the long factors at any position
+    long_rope: torch.Tensor | None = None
 
     @property
     def num_seqs(self) -> int:

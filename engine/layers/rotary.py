@@ -1,5 +1,11 @@
 """Rotary position embedding with the HF scaling schemes, as a cos/sin table indexed by position.
 
+LongRoPE (Phi-3) is the one scheme whose frequencies depend on more than the position: HF uses
+the long factors for every token of a forward pass that reaches past the original length. Here
+a decode token uses them from that position on, and the tokens of a prompt longer than it use
+them at every position (AttentionMetadata.long_rope marks those; the table has a second, all-long
+half for them), so a long prompt, chunked or not, matches HF's forward over the whole prompt.
+
 `rope_params` is HF's `config.rope_parameters` (transformers >= 5) or the older `rope_theta` +
 `rope_scaling` pair folded into one dict: {"rope_type": ..., "rope_theta": ..., scaling keys}.
 """
@@ -81,6 +87,16 @@ def _longrope(base: float, rotary_dim: int, max_position: int, p: dict
     return default / factors[0], default / factors[1], attn_factor, int(original)
 
 
+def long_rope_from(hf_config) -> int | None:
+    """The original context length of a LongRoPE model (a prompt longer than it takes the long
+    factors at every position), else None."""
+    text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    params = rope_params_from_config(text)
+    if params["rope_type"] != "longrope":
+        return None
+    return int(params.get("original_max_position_embeddings") or 0) or None
+
+
 def rope_params_from_config(config) -> dict:
     """HF config -> one rope dict, whichever transformers version wrote the config."""
     params = dict(getattr(config, "rope_parameters", None) or {})
@@ -129,14 +145,22 @@ class RotaryEmbedding(nn.Module):
                               "dynamic, yarn, llama3, longrope")
         t = torch.arange(max_position, dtype=torch.float64) * t_scale
         freqs = torch.outer(t, inv_freq.to(torch.float32).double())
+        self.long_rows = 0  # longrope: rows [max_position, 2 * max_position) are all long
         if long_freq is not None:  # longrope: other frequencies past the original length
-            freqs[long_from:] = torch.outer(t[long_from:], long_freq.to(torch.float32).double())
+            long_all = torch.outer(t, long_freq.to(torch.float32).double())
+            freqs[long_from:] = long_all[long_from:]
+            freqs = torch.cat((freqs, long_all))
+            self.long_rows = max_position
         cache = torch.cat((freqs.cos() * mscale, freqs.sin() * mscale), dim=-1).float()
         self.register_buffer("cos_sin_cache", cache, persistent=False)  # [max_pos, rotary_dim]
 
-    def forward(self, positions: torch.Tensor, query: torch.Tensor,
-                key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [T]; query [T, H * head_size]; key [T, KVH * head_size]."""
+    def forward(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
+                long_rope: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [T]; query [T, H * head_size]; key [T, KVH * head_size]; long_rope [T]
+        bool or None (AttentionMetadata.long_rope: tokens of a prompt past LongRoPE's original
+        length, which take the long factors at every position; ignored by other schemes)."""
+        if long_rope is not None and self.long_rows:
+            positions = positions + long_rope.to(positions.dtype) * self.long_rows
         return ops.rotary_embedding(positions, query, key, self.cos_sin_cache, self.head_size,
                                     self.is_neox_style)
 

@@ -203,7 +203,8 @@ class ModelRunner:
             context_lens=t(b.context_lens), query_start_loc=t(b.query_start_loc),
             seq_start_loc=t(b.seq_start_loc), max_query_len=b.max_query_len,
             max_context_len=b.max_context_len, num_prefills=b.num_prefills,
-            num_prefill_tokens=b.num_prefill_tokens, num_decode_tokens=b.num_decode_tokens)
+            num_prefill_tokens=b.num_prefill_tokens, num_decode_tokens=b.num_decode_tokens,
+            long_rope=None if b.long_rope is None else t(b.long_rope))
         return DeviceBatch(t(b.input_ids), t(b.positions), meta, t(b.sample_rows))
 
     def execute(self, batch: StepBatch) -> RunnerOutput | None:
@@ -243,7 +244,7 @@ class ModelRunner:
     def _forward(self, d: DeviceBatch) -> torch.Tensor:
         m = d.attn_metadata
         if (self.graphs is not None and m.num_prefills == 0 and self.graphs.fits(m.num_seqs)
-                and self._capture is None):
+                and self._capture is None and m.long_rope is None):
             return self.graphs.run(d.input_ids, d.positions, m)
         if self._observe is not None and self._observe.trace_errors:
             tracer = ModuleTracer(self.model)
@@ -262,13 +263,15 @@ class ModelRunner:
             hidden[rows.row_start:rows.row_start + len(rows.target_ids)])
             for rows in batch.prompt_logprobs]
         if self._observe is not None and self._observe.logits and self.rank == 0:
+            # the first logits of a position are the ones that counted: a sequence recomputed
+            # (preempted, or LongRoPE's switch to the long factors) keeps them
             seen = self._observed.logits
             sample_seqs = batch.sampling.seq_ids.tolist()
             for seq_id, row, values in zip(sample_seqs, batch.sample_rows.tolist(), logits):
-                seen[(seq_id, int(batch.positions[row]))] = values.float().cpu()
+                seen.setdefault((seq_id, int(batch.positions[row])), values.float().cpu())
             for rows, values in zip(batch.prompt_logprobs, prompt_logits):
                 for i, v in enumerate(values.float().cpu()):
-                    seen[(rows.seq_id, int(batch.positions[rows.row_start + i]))] = v
+                    seen.setdefault((rows.seq_id, int(batch.positions[rows.row_start + i])), v)
         return logits, prompt_logits
 
     # -- the observer hook -------------------------------------------------------------------

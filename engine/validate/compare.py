@@ -48,11 +48,27 @@ def hf_logits(hf, ids: list[int], device: torch.device) -> torch.Tensor:
     return hf(torch.tensor([ids], device=device)).logits[0, :, :vocab].float().cpu()
 
 
+def hf_reference_logits(hf, prompt: list[int], out: list[int], device: torch.device,
+                        long_rope_from: int | None = None) -> torch.Tensor:
+    """Teacher-forced: HF's logits for the prompt + the engine's own output, in one forward.
+    LongRoPE (Phi-3): HF generate uses the short factors until the sequence passes the original
+    length, then recomputes everything with the long ones; so when a prompt within it grows
+    past it, the positions before it are scored by a forward over just those tokens."""
+    ids = prompt + out[:-1]
+    ref = hf_logits(hf, ids, device)
+    if long_rope_from is not None and len(prompt) <= long_rope_from < len(ids):
+        ref[:long_rope_from] = hf_logits(hf, ids[:long_rope_from], device)
+    return ref
+
+
 def compare_run(name: str, chunk: int | None, run: EngineRun, hf, hf_tokens, plan: CheckPlan):
-    """Teacher-forced: HF runs each prompt + the engine's own output in one forward."""
+    """Teacher-forced: HF runs each prompt + the engine's own output (hf_reference_logits)."""
+    from engine.layers.rotary import long_rope_from
+
     results, excusable = [], []
+    long_from = long_rope_from(plan.hf_config)
     for i, (ids, out) in enumerate(zip(plan.prompt_ids, run.tokens)):
-        ref = hf_logits(hf, ids + out[:-1], plan.device)
+        ref = hf_reference_logits(hf, ids, out, plan.device, long_from)
         result, ok = compare_prompt(i, plan.prompts[i], ids, out, run.logits[i], ref,
                                      hf_tokens[i], plan.tol)
         results.append(result)
