@@ -32,6 +32,9 @@ class SamplingInputs:
     #                            row has a repetition penalty
     output_tokens: np.ndarray  # [rows, longest output] int64, -1 padded; width 0 unless some
     #                            row has a penalty
+    # [2, k] int64 (row, column): output_tokens entries of tokens still pending on the device
+    # (asynchronous scheduling), which the runner fills in from this step's input ids
+    pending_outputs: np.ndarray
     suppress: np.ndarray  # [2, pairs] int64: (row, token) pairs min_tokens sets to -inf
     all_greedy: bool
     do_penalties: bool
@@ -65,8 +68,11 @@ class SamplingInputs:
                    if s.sampling_params.seed is not None and not s.sampling_params.greedy],
             num_logprobs=[p.logprobs for p in ps],
             prompt_tokens=_pad([s.prompt_token_ids for s in seqs] if do_rep else [], len(seqs)),
-            output_tokens=_pad([s.output_token_ids for s in seqs] if do_penalties else [],
-                               len(seqs)),
+            output_tokens=_pad([s.output_token_ids + [_PAD] * s.num_pending for s in seqs]
+                               if do_penalties else [], len(seqs)),
+            pending_outputs=np.array(
+                [(row, s.num_output_tokens) for row, s in enumerate(seqs) if s.num_pending]
+                if do_penalties else [], dtype=np.int64).reshape(-1, 2).T.copy(),
             suppress=np.array([rows, tokens], dtype=np.int64).reshape(2, -1),
             all_greedy=all(p.greedy for p in ps), do_penalties=do_penalties,
             do_top_k=any(p.top_k > 0 for p in ps), do_top_p=any(p.top_p < 1.0 for p in ps),

@@ -93,7 +93,6 @@ class LLMEngine:
         self._finished_seq_ids: list[int] = []  # the sampler forgets them at the next step
         self._inflight: _Step | None = None  # launched, tokens not applied (async scheduling)
         self._drained: list[RequestOutput] = []  # outputs drain() applied, for the next step
-        self._penalized: set[str] = set()  # live requests with penalties (steps run in sync)
         self._ids = itertools.count()
 
     @property
@@ -121,8 +120,6 @@ class LLMEngine:
         detoks = [IncrementalDetokenizer(self._decode, params.skip_special_tokens)
                   if self.tokenizer is not None else None for _ in seqs]
         self.requests[request_id] = _Request(request_id, prompt, prompt_token_ids, seqs, detoks)
-        if params.do_penalties:
-            self._penalized.add(request_id)
         for seq in seqs:
             self.scheduler.add_seq(seq)
         return request_id
@@ -190,7 +187,6 @@ class LLMEngine:
         req = self.requests.pop(request_id, None)
         if req is None:
             return
-        self._penalized.discard(request_id)
         self.scheduler.abort(request_id)
         self._finished_seq_ids.extend(seq.seq_id for seq in req.seqs)
 
@@ -205,13 +201,10 @@ class LLMEngine:
         With async_scheduling the step launched here runs on the device while this returns the
         outputs of the previous one, so the host's work (scheduling, batch building, applying
         tokens, stop checks) overlaps the device's; stop conditions stay exact (a sequence that
-        stopped is dropped from the step launched meanwhile). Steps that need every token on
-        the host first (penalties read the output so far) run synchronously.
+        stopped is dropped from the step launched meanwhile; penalties count a token still on
+        the device, which the runner takes from the step's inputs).
         """
         outputs, self._drained = self._drained, []
-        if self._inflight is not None and not self._overlap_ok():
-            step, self._inflight = self._inflight, None
-            outputs += self._apply(step)
         launched = self._launch()
         previous, self._inflight = self._inflight, None
         if previous is not None:
@@ -246,9 +239,6 @@ class LLMEngine:
         """fn(runner, *args) on every rank (see the executor's collective_rpc)."""
         self.drain()
         return self.executor.collective_rpc(fn, *args)
-
-    def _overlap_ok(self) -> bool:
-        return self.config.async_scheduling and not self._penalized
 
     def _launch(self) -> _Step | None:
         sched = self.scheduler.schedule()
@@ -349,7 +339,6 @@ class LLMEngine:
                             finished, metrics)
         if finished:
             del self.requests[req.request_id]
-            self._penalized.discard(req.request_id)
         return out
 
     @staticmethod

@@ -233,6 +233,10 @@ class ModelRunner:
                 tp_broadcast(self._prev_sampled, src=0)
             return None
         meta = SamplingMetadata.from_inputs(batch.sampling, self.device, logits.shape[1])
+        pending = batch.sampling.pending_outputs
+        if pending.shape[1]:  # penalties count a sequence's pending token: its input here
+            at = torch.from_numpy(pending).to(self.device, non_blocking=True)
+            meta.output_tokens[at[0], at[1]] = d.input_ids[d.sample_rows[at[0]]]
         sample = self.sampler.sample(logits, meta)
         self._prev_sampled = sample.token_ids
         if tp > 1 and self.config.async_scheduling:
