@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from aphro_cli.main import console, err_console, handle_errors
-from aphro_cli.options import QuantizationChoice
+from aphro_cli.options import KV_CACHE_DTYPE_CHOICES, KV_CACHE_DTYPE_HELP, QuantizationChoice
 
 PRESET_HELP = ("Without MODEL: random weights of this shape, built on the device (tiny, llama-1b, "
                "llama-8b, qwen2.5-7b, mistral-7b, mixtral-8x7b). Default: llama-8b on a GPU, "
@@ -103,6 +103,8 @@ def _hint(json_path: str | None) -> None:
 @click.option("--dtype", default="auto", show_default=True, help=DTYPE_HELP)
 @click.option("--quantization", "-q", type=QuantizationChoice(), default=None,
               help="The engine's scheme (HF runs the model unquantized).")
+@click.option("--kv-cache-dtype", type=click.Choice(KV_CACHE_DTYPE_CHOICES), default="auto",
+              show_default=True, help=KV_CACHE_DTYPE_HELP)
 @click.option("--max-num-seqs", type=click.IntRange(1), default=None,
               help="Sequences in one step at most (default: the engine's).")
 @click.option("--max-num-batched-tokens", type=click.IntRange(1), default=None)
@@ -115,8 +117,8 @@ def _hint(json_path: str | None) -> None:
 @handle_errors
 def throughput(model, preset, random_weights, dataset, tokenizer, num_prompts, input_len,
                output_len, baseline, no_baseline, baseline_num_prompts, baseline_batch_size,
-               device, dtype, quantization, max_num_seqs, max_num_batched_tokens, max_model_len,
-               enforce_eager, seed, json_path):
+               device, dtype, quantization, kv_cache_dtype, max_num_seqs,
+               max_num_batched_tokens, max_model_len, enforce_eager, seed, json_path):
     """Offline generation throughput of the engine beside HF transformers (generate_batch and
     generate) on the same prompts, with the hardware, the KV budget and the roofline."""
     import torch
@@ -154,7 +156,8 @@ def throughput(model, preset, random_weights, dataset, tokenizer, num_prompts, i
             prompts = random_prompts(num_prompts or 32, input_len, vocab, seed)
         with progress(err_console, "bench throughput (aphro)", len(prompts)) as update:
             run = run_throughput(path, prompts, output_len, progress=update, device=str(dev),
-                                 dtype=dtype, quantization=quantization, load_format=load_format,
+                                 dtype=dtype, quantization=quantization,
+                                 kv_cache_dtype=kv_cache_dtype, load_format=load_format,
                                  max_num_seqs=max_num_seqs, seed=seed,
                                  max_num_batched_tokens=max_num_batched_tokens,
                                  max_model_len=max_model_len, enforce_eager=enforce_eager)
@@ -208,6 +211,8 @@ def throughput(model, preset, random_weights, dataset, tokenizer, num_prompts, i
 @click.option("--eager-too", is_flag=True, help="Also run without CUDA graphs.")
 @click.option("--eager", is_flag=True, hidden=True, help="Only without CUDA graphs.")
 @click.option("--quantization", "-q", type=QuantizationChoice(), default=None)
+@click.option("--kv-cache-dtype", type=click.Choice(KV_CACHE_DTYPE_CHOICES), default="auto",
+              show_default=True, help=KV_CACHE_DTYPE_HELP)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--json", "json_path", is_flag=False, flag_value="-", default=None,
               metavar="[FILE]",
@@ -215,8 +220,8 @@ def throughput(model, preset, random_weights, dataset, tokenizer, num_prompts, i
                    "alone or '-': to stdout.")
 @handle_errors
 def latency(model, preset, random_weights, tp_sizes, batch_size, input_len, output_len,
-            num_iters_warmup, num_iters, device, dtype, eager_too, eager, quantization, seed,
-            json_path):
+            num_iters_warmup, num_iters, device, dtype, eager_too, eager, quantization,
+            kv_cache_dtype, seed, json_path):
     """Decode latency: TTFT and TPOT (p50 / p90 / p99 over the timed iterations) at a batch size
     and one or more tensor-parallel sizes.
 
@@ -250,8 +255,9 @@ def latency(model, preset, random_weights, tp_sizes, batch_size, input_len, outp
                 run = decode_latency(path, tp, input_len, output_len, dtype=dtype,
                                      device=str(dev), load_format=load_format, enforce_eager=e,
                                      seed=seed, quantization=quantization,
-                                     batch_size=batch_size, num_iters_warmup=num_iters_warmup,
-                                     num_iters=num_iters, progress=update)
+                                     kv_cache_dtype=kv_cache_dtype, batch_size=batch_size,
+                                     num_iters_warmup=num_iters_warmup, num_iters=num_iters,
+                                     progress=update)
         record = latency_record(
             hw=hw, hf_config=run["hf_config"], facts=run["facts"], model_name=name,
             random_weights=random, results=run["results"], command=command_line(),

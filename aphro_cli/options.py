@@ -27,6 +27,11 @@ class QuantizationChoice(click.Choice):
         pass
 
 
+# engine.config.KV_CACHE_DTYPES (spelled out: that module imports torch, aphro --help does not)
+KV_CACHE_DTYPE_CHOICES = ("auto", "fp8", "fp8_e4m3")
+KV_CACHE_DTYPE_HELP = ("KV cache: auto (the model's dtype) or fp8 (e4m3, half the bytes of bf16; "
+                       "values saturate at +-448, no scales; GPUs of compute capability >= 8.9).")
+
 _ENGINE_OPTIONS = [
     click.option("--dtype", default="auto", show_default=True,
                  help="auto (float32 on CPU, the checkpoint's / bf16 on GPU), bfloat16, "
@@ -54,6 +59,8 @@ _ENGINE_OPTIONS = [
                  help="Linear layers: fp8 (FP8 weights and activations, GPUs of compute "
                       "capability >= 8.9), int8 (weight-only); default: the checkpoint's "
                       "quantization_config, else none."),
+    click.option("--kv-cache-dtype", type=click.Choice(KV_CACHE_DTYPE_CHOICES), default="auto",
+                 show_default=True, help=KV_CACHE_DTYPE_HELP),
     click.option("--enforce-eager", is_flag=True, help="No CUDA graphs."),
     click.option("--max-logprobs", type=click.IntRange(0), default=20, show_default=True,
                  help="Largest logprobs / prompt_logprobs a request may ask for."),
@@ -74,8 +81,8 @@ _ENGINE_OPTIONS = [
 ENGINE_OPTION_NAMES = ("dtype", "device", "tensor_parallel_size", "max_model_len",
                        "gpu_memory_utilization", "kv_cache_bytes", "max_num_seqs",
                        "max_num_batched_tokens", "block_size", "enable_prefix_caching",
-                       "quantization", "enforce_eager", "max_logprobs", "engine_seed",
-                       "load_format", "async_scheduling", "worker_address")
+                       "quantization", "kv_cache_dtype", "enforce_eager", "max_logprobs",
+                       "engine_seed", "load_format", "async_scheduling", "worker_address")
 
 
 def engine_options(fn):

@@ -13,6 +13,7 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 from rich.table import Table
 
 from aphro_cli.main import console, err_console, handle_errors
+from aphro_cli.options import KV_CACHE_DTYPE_CHOICES
 from aphro_cli.progress import log_lines
 from engine.errors import AphroError
 
@@ -53,6 +54,9 @@ def _verdict(ok: bool) -> str:
 @click.option("--quantization", "-q", type=click.Choice(QUANTIZATION_CHOICES), default=None,
               help="Quantize the engine's linear layers at load time (HF stays at full "
                    "precision); judged by top-1 agreement, mean KL and greedy prefix.")
+@click.option("--kv-cache-dtype", type=click.Choice(KV_CACHE_DTYPE_CHOICES), default="auto",
+              show_default=True, help="The engine's KV cache (fp8: judged by top-1 agreement, "
+                                      "mean KL and greedy prefix, as FP8 weights are).")
 @click.option("--min-top1", type=float, help="Override the least top-1 agreement of a run.")
 @click.option("--mean-kl", type=float, help="Override the mean KL(HF||engine) bound of a run.")
 @click.option("--min-greedy-prefix", type=float,
@@ -63,7 +67,8 @@ def _verdict(ok: bool) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @handle_errors
 def parity_check(model, dtype, device, prompts_file, max_new_tokens, seed, tp, keep, atol, rtol,
-                 kl, quantization, min_top1, mean_kl, min_greedy_prefix, chunked, as_json):
+                 kl, quantization, kv_cache_dtype, min_top1, mean_kl, min_greedy_prefix,
+                 chunked, as_json):
     """Compare the engine's logits with HF transformers on MODEL and say where they diverge.
 
     MODEL is a registered architecture name (LlamaForCausalLM), a spec (a name in model_specs/
@@ -82,7 +87,7 @@ def parity_check(model, dtype, device, prompts_file, max_new_tokens, seed, tp, k
             raise AphroError(f"{prompts_file}: no prompts (one per line)")
     kwargs = {"dtype": dtype, "device": device, "prompts": prompts, "seed": seed, "tp": tp,
               "max_new_tokens": max_new_tokens, "chunked_prefill": chunked, "keep": keep,
-              "quantization": quantization,
+              "quantization": quantization, "kv_cache_dtype": kv_cache_dtype,
               "tolerances": {"atol": atol, "rtol": rtol, "kl": kl, "min_top1": min_top1,
                              "mean_kl": mean_kl, "min_greedy_prefix": min_greedy_prefix}}
     models = [model] if model else supported_architectures()
@@ -137,6 +142,7 @@ def print_report(r) -> None:
     """One ParityReport in full: load, per-run table, tolerances, localization, verdict (also
     what `aphro register` shows when it refuses a model)."""
     quant = f", quantized {r.quantization}" if r.quantization != "none" else ""
+    quant += f", KV cache {r.kv_cache_dtype}" if r.kv_cache_dtype != "auto" else ""
     console.print(f"[bold]{r.model}[/] ({r.source} {r.architecture}): engine {r.dtype} on "
                   f"{r.device}, tp {r.tp}{quant}, vs HF float32", highlight=False)
     if r.checkpoint and r.source == "tiny":
@@ -177,7 +183,9 @@ def print_report(r) -> None:
 
 def _print_tolerances(r) -> None:
     t = r.tolerances
-    where = f"{r.quantization}" if r.quantization != "none" else f"{r.dtype}, {r.device}"
+    where = (r.quantization if r.quantization != "none" else
+             f"KV cache {r.kv_cache_dtype}" if r.kv_cache_dtype != "auto" else
+             f"{r.dtype}, {r.device}")
     logit = (f"|Δ| ≤ {t.atol:g} + {t.rtol:g}·max|logit|, " if math.isfinite(t.atol) else "")
     console.print(f"tolerances ({where}): {logit}KL ≤ {t.kl:g}, greedy {t.greedy}"
                   + (f", up to {t.outliers:.0%} of positions outside if top-5 agrees"

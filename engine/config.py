@@ -23,6 +23,9 @@ _DTYPES = {"float32": torch.float32, "float": torch.float32, "fp32": torch.float
            "float16": torch.float16, "half": torch.float16, "fp16": torch.float16}
 
 
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+
+
 @dataclass(frozen=True)
 class CacheConfig:
     block_size: int = 16
@@ -30,10 +33,16 @@ class CacheConfig:
     gpu_memory_utilization: float = 0.90  # CUDA: share of total device memory the engine may use
     kv_cache_bytes: int | None = None  # explicit KV budget per rank (CPU default: 1 GiB)
     num_blocks: int | None = None  # exactly this many blocks (overrides the budget)
+    # "auto": the model's dtype; "fp8" (= "fp8_e4m3"): float8 e4m3, values saturating at
+    # +-448, no scale (vLLM's --kv-cache-dtype fp8 without calibrated k/v scales)
+    cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         if self.block_size not in (8, 16, 32, 64, 128):
             raise ConfigError(f"block_size={self.block_size}: must be one of 8, 16, 32, 64, 128")
+        if self.cache_dtype not in KV_CACHE_DTYPES:
+            raise ConfigError(f"kv_cache_dtype={self.cache_dtype!r}: one of "
+                              f"{', '.join(KV_CACHE_DTYPES)}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ConfigError(f"gpu_memory_utilization={self.gpu_memory_utilization}: "
                               "must be in (0, 1]")
@@ -116,6 +125,11 @@ class EngineConfig:
     def vocab_size(self) -> int:
         return self.hf_config.get_text_config().vocab_size
 
+    @property
+    def kv_cache_dtype(self) -> torch.dtype:
+        """The KV cache's element type (CacheConfig.cache_dtype resolved)."""
+        return self.dtype if self.cache.cache_dtype == "auto" else torch.float8_e4m3fn
+
     @classmethod
     def create(cls, model: str | os.PathLike, *, dtype: str | torch.dtype = "auto",
                device: str = "auto", max_model_len: int | None = None, block_size: int = 16,
@@ -127,11 +141,12 @@ class EngineConfig:
                load_format: str = "auto", distributed_timeout_s: float = 600.0,
                shutdown_timeout_s: float = 10.0, worker_address: str | None = None,
                max_logprobs: int = 20, async_scheduling: bool | None = None,
-               quantization: str | None = None) -> EngineConfig:
+               quantization: str | None = None, kv_cache_dtype: str = "auto") -> EngineConfig:
         """Read the checkpoint's config and resolve every option; a bad value is a ConfigError
         (a missing or unreadable checkpoint a CheckpointError) before anything is started.
         `quantization`: "fp8", "int8" (quantize at load time) or "compressed-tensors"; None
-        takes the checkpoint's quantization_config, if any."""
+        takes the checkpoint's quantization_config, if any. `kv_cache_dtype`: "auto" (the
+        model's dtype) or "fp8" (CacheConfig.cache_dtype)."""
         from engine.layers.quantization import resolve_quantization
         from engine.models.registry import resolve_class_path
 
@@ -146,6 +161,13 @@ class EngineConfig:
         hf_config = load_config(path)
         dev = resolve_device(device)
         quant = resolve_quantization(quantization, hf_config, dev)
+        cache = CacheConfig(block_size, enable_prefix_caching, gpu_memory_utilization,
+                            kv_cache_bytes, num_kv_blocks, kv_cache_dtype)
+        if cache.cache_dtype != "auto" and dev.type == "cuda" \
+                and torch.cuda.get_device_capability(dev) < (8, 9):
+            raise ConfigError(f"kv_cache_dtype={kv_cache_dtype!r} needs a GPU of compute "
+                              "capability >= 8.9 (Ada, Hopper) for its FP8 conversions; this "
+                              f"one is {'.'.join(map(str, torch.cuda.get_device_capability(dev)))}")
         parallel = ParallelConfig(tensor_parallel_size, distributed_timeout_s,
                                   shutdown_timeout_s, worker_address)
         check_tp_config(hf_config, parallel.tensor_parallel_size, dev,
@@ -166,8 +188,7 @@ class EngineConfig:
             load_format=load_format, max_logprobs=max_logprobs, quantization=quant,
             async_scheduling=dev.type == "cuda" if async_scheduling is None
             else bool(async_scheduling),
-            cache=CacheConfig(block_size, enable_prefix_caching, gpu_memory_utilization,
-                              kv_cache_bytes, num_kv_blocks),
+            cache=cache,
             scheduler=SchedulerConfig(max_num_seqs, batched, max_model_len,
                                       enable_chunked_prefill),
             parallel=parallel)

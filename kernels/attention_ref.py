@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from kernels.quant_ref import FP8_DTYPE, FP8_MAX
+
 
 def paged_attention_ref(
     query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
@@ -76,5 +78,8 @@ def reshape_and_cache_ref(
     block_size = key_cache.shape[1]
     valid = slot_mapping >= 0
     slots = slot_mapping[valid].long()
-    key_cache[slots // block_size, slots % block_size] = key[valid].to(key_cache.dtype)
-    value_cache[slots // block_size, slots % block_size] = value[valid].to(value_cache.dtype)
+    key, value = key[valid], value[valid]
+    if key_cache.dtype == FP8_DTYPE:  # e4m3 saturates at +-FP8_MAX (the scale is 1)
+        key, value = key.float().clamp(-FP8_MAX, FP8_MAX), value.float().clamp(-FP8_MAX, FP8_MAX)
+    key_cache[slots // block_size, slots % block_size] = key.to(key_cache.dtype)
+    value_cache[slots // block_size, slots % block_size] = value.to(value_cache.dtype)

@@ -9,7 +9,8 @@ import triton.language as tl
 
 from kernels.decode_attention import paged_decode_attention_triton
 from kernels.prefill_attention import paged_prefill_attention_triton
-from kernels.triton_common import next_pow2, runtime_args
+from kernels.quant_ref import FP8_DTYPE, FP8_MAX
+from kernels.triton_common import interpreting, next_pow2, round_to_e4m3, runtime_args
 
 
 def paged_attention_triton(
@@ -54,7 +55,8 @@ def _reshape_and_cache_kernel(
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_kcb, stride_kct, stride_kch, stride_vcb, stride_vct, stride_vch,
     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr, FP8: tl.constexpr,
+    FP8_MAX: tl.constexpr, ROUND: tl.constexpr,
 ):
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     slot = tl.load(slot_ptr + t, mask=t < num_tokens, other=-1).to(tl.int64)
@@ -66,6 +68,11 @@ def _reshape_and_cache_kernel(
     mask = (slot >= 0)[:, None, None] & (h < NUM_KV_HEADS) & (d < HEAD_DIM)
     k = tl.load(key_ptr + t * stride_kt + h * stride_kh + d, mask=mask)
     v = tl.load(value_ptr + t * stride_vt + h * stride_vh + d, mask=mask)
+    if FP8:  # an FP8 cache: e4m3 saturates at +-FP8_MAX (no per-tensor scale: it is 1)
+        k = tl.clamp(k.to(tl.float32), -FP8_MAX, FP8_MAX)
+        v = tl.clamp(v.to(tl.float32), -FP8_MAX, FP8_MAX)
+        if ROUND:  # the interpreter's own conversion rounds some values wrongly
+            k, v = round_to_e4m3(k), round_to_e4m3(v)
     tl.store(key_cache_ptr + blk * stride_kcb + off * stride_kct + h * stride_kch + d,
              k.to(key_cache_ptr.dtype.element_ty), mask=mask)
     tl.store(value_cache_ptr + blk * stride_vcb + off * stride_vct + h * stride_vch + d,
@@ -94,5 +101,6 @@ def reshape_and_cache_triton(
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_T=block_t, BLOCK_H=block_h,
-        BLOCK_D=block_d, PAGE=key_cache.shape[1], num_warps=4,
+        BLOCK_D=block_d, PAGE=key_cache.shape[1], FP8=key_cache.dtype == FP8_DTYPE,
+        FP8_MAX=FP8_MAX, ROUND=interpreting(), num_warps=4,
     )

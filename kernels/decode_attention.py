@@ -72,6 +72,7 @@ def _decode_kernel(
                     + kvh * stride_kh + offs_d[None, :], mask=ld_mask, other=0.0)
         v = tl.load(v_cache_ptr + blk[:, None] * stride_vb + slot[:, None] * stride_vt
                     + kvh * stride_vh + offs_d[None, :], mask=ld_mask, other=0.0)
+        k, v = k.to(q.dtype), v.to(q.dtype)  # an FP8 cache is widened to the query's dtype
         s = dot(q, tl.trans(k), UPCAST)  # [BLOCK_H, BLOCK_N]
         if USE_SOFTCAP:
             s = cap_out * tanh(s * cap_in)

@@ -57,6 +57,7 @@ def _tiles(
         else:
             k = tl.load(k_ptrs, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
             v = tl.load(v_ptrs, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
+        k, v = k.to(q.dtype), v.to(q.dtype)  # an FP8 cache is widened to the query's dtype
         s = dot(q, tl.trans(k), UPCAST)  # [BLOCK_M, BLOCK_N]
         if USE_SOFTCAP:
             s = cap_out * tanh(s * cap_in)

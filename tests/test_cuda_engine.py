@@ -58,3 +58,16 @@ def test_cuda_bf16_close_to_hf(tiny_llama_dir):
             assert tok in ref_row.topk(5).indices.tolist()
             # ... and its log-prob is close to HF's
             assert abs(out.outputs[0].logprobs[step][tok] - ref_row[tok].item()) < 0.1
+
+
+def test_cuda_fp8_kv_cache_matches_cpu(tiny_llama_dir):
+    """--kv-cache-dtype fp8 on the GPU (Triton write, decode and prefill kernels, CUDA graphs)
+    gives the CPU reference's greedy tokens at float32: both round keys and values the same way."""
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 conversions need compute capability >= 8.9")
+    ckpt = str(tiny_llama_dir)
+    cpu = _tokens(LLM(ckpt, device="cpu", num_kv_blocks=32, kv_cache_dtype="fp8"))
+    gpu = LLM(ckpt, device="cuda", dtype="float32", num_kv_blocks=32, kv_cache_dtype="fp8")
+    assert gpu.engine.executor.graphs is not None
+    assert {c.dtype for c in gpu.engine.executor.kv_caches} == {torch.float8_e4m3fn}
+    assert _tokens(gpu) == cpu

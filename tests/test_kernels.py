@@ -223,6 +223,50 @@ def test_reshape_and_cache():
     assert torch.equal(vc.nan_to_num(7.0), vc_ref.nan_to_num(7.0))
 
 
+def test_reshape_and_cache_fp8():
+    """Into an FP8 (e4m3) cache: each value clamped to +-448 and rounded to nearest even,
+    as torch's own conversion of the clamped value (the cache has no scale: it is 1)."""
+    kv_heads, head_dim, bs, num_blocks = 2, 64, 16, 4
+    kc = torch.full((num_blocks, bs, kv_heads, head_dim), float("nan"), device=DEV).to(
+        torch.float8_e4m3fn)
+    vc = kc.clone()
+    slots = torch.randperm(num_blocks * bs, device=DEV)[:19]
+    slots[5] = -1
+    key = torch.randn(19, kv_heads, head_dim, dtype=torch.bfloat16, device=DEV) * 3
+    key[0, 0, :4] = torch.tensor([600.0, -1000.0, 447.0, 1e-3])  # past the range, tiny
+    value = torch.randn_like(key) * 100
+    reshape_and_cache_triton(key, value, kc, vc, slots)
+    ok = slots >= 0
+    s = slots[ok]
+    for cache, x in ((kc, key), (vc, value)):
+        want = x[ok].float().clamp(-448, 448).to(torch.float8_e4m3fn)
+        got = cache[s // bs, s % bs]
+        assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+    assert kc[s // bs, s % bs][0, 0, :2].float().tolist() == [448.0, -448.0]
+    unwritten = torch.ones(num_blocks * bs, dtype=torch.bool, device=DEV)
+    unwritten[s] = False
+    assert kc.view(-1, kv_heads, head_dim)[unwritten].float().isnan().all()
+
+
+@pytest.mark.parametrize("kind", ["decode", "prefill", "mixed"])
+def test_attention_reads_an_fp8_cache(kind):
+    """The kernels widen an FP8 cache's keys and values to the query's dtype: the same
+    attention as the reference's over the same FP8 cache."""
+    heads, kv_heads, head_dim, bs, dtype = 8, 2, 64, 16, torch.bfloat16
+    q_lens, ctx_lens = {"decode": ([1, 1, 1], [1, 17, 150]),
+                        "prefill": ([20, 33], [52, 90]),
+                        "mixed": ([12, 10, 1, 1], [12, 40, 7, 33])}[kind]
+    d = paged_inputs(ctx_lens, q_lens, heads, kv_heads, head_dim, bs, dtype)
+    for key in ("k_ref", "v_ref", "k_tri", "v_tri"):
+        d[key] = (d[key] * 4).to(torch.float8_e4m3fn)
+    ref = attention_ref(d, q_lens, ctx_lens, None, None)
+    num_prefills = sum(1 for q in q_lens if q > 1)
+    out = paged_attention_triton(d["query"], d["k_tri"], d["v_tri"], d["bt_tri"], d["ctx"],
+                                 d["qsl"], max(q_lens), max(ctx_lens), num_prefills,
+                                 sum(q_lens[:num_prefills]), head_dim ** -0.5)
+    assert rel_err(out, ref) < TOL[dtype]
+
+
 # ---------------------------------------------------------------------------------------------
 # elementwise
 

@@ -86,6 +86,7 @@ def engine_facts(engine) -> dict:
     config = engine.config
     return {"device": str(config.device), "dtype": str(config.dtype).replace("torch.", ""),
             "tp": config.tp_size, "quantization": config.quantization.name,
+            "kv_cache_dtype": str(config.kv_cache_dtype).replace("torch.", ""),
             "kv_blocks": engine.num_kv_blocks, "block_size": config.cache.block_size,
             "kv_tokens": engine.num_kv_blocks * config.cache.block_size,
             "max_num_seqs": config.scheduler.max_num_seqs,

@@ -25,7 +25,8 @@ from engine.core.sampling_params import SamplingParams
 def decode_latency(model_dir: str | Path, tp: int = 1, input_len: int = 128,
                    output_len: int = 128, dtype: str = "bfloat16", device: str = "auto",
                    load_format: str = "dummy", enforce_eager: bool = False,
-                   seed: int = 0, quantization: str | None = None, batch_size: int = 1,
+                   seed: int = 0, quantization: str | None = None,
+                   kv_cache_dtype: str = "auto", batch_size: int = 1,
                    num_iters_warmup: int = 3, num_iters: int = 10,
                    progress: Callable[[int, int], None] | None = None) -> dict:
     """{"results": {"ttft", "tpot", "e2e" (summary_ms of each), "decode_tok_s", ...},
@@ -40,7 +41,7 @@ def decode_latency(model_dir: str | Path, tp: int = 1, input_len: int = 128,
         max_num_batched_tokens=max(2048, min(batch_size * input_len, 16384)),
         tensor_parallel_size=tp, enforce_eager=enforce_eager, load_format=load_format,
         seed=seed, block_size=block, num_kv_blocks=batch_size * -(-max_len // block) + 2,
-        enable_prefix_caching=False, quantization=quantization)
+        enable_prefix_caching=False, quantization=quantization, kv_cache_dtype=kv_cache_dtype)
     engine = LLMEngine(config, stream_outputs=False)
     try:
         facts = engine_facts(engine)

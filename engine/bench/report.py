@@ -16,16 +16,17 @@ from engine.bench.roofline import (
     throughput_roofline,
 )
 
-_ELEM_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+_ELEM_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float8_e4m3fn": 1}
 
 
 def cost_model(hw: dict, hf_config, facts: dict) -> CostModel | None:
     """None where the card's rates were not measured (CPU)."""
     if hw.get("copy_bandwidth_gbs") is None or hw.get("matmul_tflops") is None:
         return None
-    return CostModel(shape_of(hf_config), facts["weight_bytes_per_rank"],
-                     _ELEM_BYTES.get(facts["dtype"], 2), facts["tp"], hw["copy_bandwidth_gbs"],
-                     hw["matmul_tflops"])
+    elem = _ELEM_BYTES.get(facts["dtype"], 2)
+    return CostModel(shape_of(hf_config), facts["weight_bytes_per_rank"], elem, facts["tp"],
+                     hw["copy_bandwidth_gbs"], hw["matmul_tflops"],
+                     kv_elem_bytes=_ELEM_BYTES.get(facts.get("kv_cache_dtype"), elem))
 
 
 def throughput_record(*, hw: dict, hf_config, facts: dict, model_name: str, random_weights: bool,
@@ -71,7 +72,7 @@ def latency_record(*, hw: dict, hf_config, facts: dict, model_name: str, random_
 def _kv(facts: dict) -> dict:
     keys = ("device", "kv_blocks", "block_size", "kv_tokens", "max_num_seqs",
             "max_num_batched_tokens", "max_model_len", "cuda_graphs", "async_scheduling")
-    return {k: facts[k] for k in keys}
+    return {**{k: facts[k] for k in keys}, "kv_cache_dtype": facts.get("kv_cache_dtype")}
 
 
 def describe(record: dict) -> list[str]:
@@ -89,7 +90,8 @@ def describe(record: dict) -> list[str]:
              + (", random weights" if m["random_weights"] else ""),
              "workload: " + _workload_line(record["kind"], w),
              (f"KV cache: {e['kv_blocks']} blocks x {e['block_size']} = {e['kv_tokens']} "
-              f"tokens; max_num_seqs {e['max_num_seqs']}, max_num_batched_tokens "
+              f"tokens" + (f" in {e['kv_cache_dtype']}" if e.get("kv_cache_dtype") else "")
+              + f"; max_num_seqs {e['max_num_seqs']}, max_num_batched_tokens "
               f"{e['max_num_batched_tokens']}, CUDA graphs {e['cuda_graphs']}, async "
               f"scheduling {e['async_scheduling']}")]
     lines.append(_roofline_line(record))

@@ -75,8 +75,11 @@ def kv_bytes_per_token(shape: dict, kv_elem_bytes: int) -> int:
 class CostModel:
     """Per-rank costs of one model on one card (bytes/s and FLOP/s measured in the same run)."""
 
-    def __init__(self, shape: dict, weight_bytes_per_rank: int, kv_elem_bytes: int, tp: int,
-                 copy_bandwidth_gbs: float, matmul_tflops: float) -> None:
+    def __init__(self, shape: dict, weight_bytes_per_rank: int, elem_bytes: int, tp: int,
+                 copy_bandwidth_gbs: float, matmul_tflops: float,
+                 kv_elem_bytes: int | None = None) -> None:
+        """elem_bytes: the model dtype's (the embedding table); kv_elem_bytes: the KV cache's
+        (default the same)."""
         self.shape, self.tp = shape, tp
         counts = parameter_counts(shape)
         self.active = counts["active"]
@@ -84,10 +87,10 @@ class CostModel:
         # streamed per step: every weight but the input embedding table (one row a token is
         # gathered; the LM head is streamed, tied or not)
         embed = 0 if shape["tie_word_embeddings"] else \
-            shape["vocab_size"] * shape["hidden_size"] * kv_elem_bytes // tp
+            shape["vocab_size"] * shape["hidden_size"] * elem_bytes // tp
         self.weights = weight_bytes_per_rank - embed
         kv_heads_rank = max(1, shape["num_key_value_heads"] // tp)
-        self.kv_token = kv_bytes_per_token(shape, kv_elem_bytes) // shape[
+        self.kv_token = kv_bytes_per_token(shape, kv_elem_bytes or elem_bytes) // shape[
             "num_key_value_heads"] * kv_heads_rank
         self.bw = copy_bandwidth_gbs * 1e9
         self.rate = matmul_tflops * 1e12

@@ -130,7 +130,7 @@ class ModelRunner:
     def kv_cache_bytes_per_block(self) -> int:
         m = self.model
         return (2 * m.num_layers * self.block_size * m.num_kv_heads * m.head_dim
-                * self.config.dtype.itemsize)
+                * self.config.kv_cache_dtype.itemsize)
 
     def available_kv_blocks(self) -> int:
         """How many KV blocks this rank's budget holds (a profiling forward pass on CUDA)."""
@@ -155,8 +155,8 @@ class ModelRunner:
         """Allocate the KV cache (this rank's KV heads) and capture the decode graphs."""
         m = self.model
         shape = (2, num_blocks, self.block_size, m.num_kv_heads, m.head_dim)
-        self.kv_caches = [torch.zeros(shape, dtype=self.config.dtype, device=self.device)
-                          for _ in range(m.num_layers)]
+        self.kv_caches = [torch.zeros(shape, dtype=self.config.kv_cache_dtype,
+                                      device=self.device) for _ in range(m.num_layers)]
         if not self.enforce_eager:
             try:
                 self.graphs = CUDAGraphs(self, self.config.scheduler.max_num_seqs)
@@ -171,8 +171,8 @@ class ModelRunner:
         torch.cuda.reset_peak_memory_stats()
         n = min(self.config.scheduler.max_num_batched_tokens, self.max_model_len)
         m, bs = self.model, 16
-        cache = torch.zeros((2, 1, bs, m.num_kv_heads, m.head_dim), dtype=self.config.dtype,
-                            device=self.device)
+        cache = torch.zeros((2, 1, bs, m.num_kv_heads, m.head_dim),
+                            dtype=self.config.kv_cache_dtype, device=self.device)
         i32 = {"dtype": torch.int32, "device": self.device}
         meta = AttentionMetadata(
             slot_mapping=torch.full((n,), -1, dtype=torch.int64, device=self.device),

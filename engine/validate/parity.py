@@ -63,27 +63,35 @@ def run_parity(model: str | Path, *, dtype: str = "auto", device: str = "auto",
                tp: int = 1, chunked_prefill: bool = True,
                tolerances: Tolerances | dict | None = None, keep: bool = False,
                localize_always: bool = False, quantization: str | None = None,
+               kv_cache_dtype: str = "auto",
                progress: Callable[[str], None] | None = None) -> ParityReport:
     """Check the engine against HF on `model`: a local HF checkpoint folder, a spec (a name in
     model_specs/ or a .toml path) or a registered architecture; the last two through a tiny
     random checkpoint in a temporary folder (kept with `keep`). `tolerances` replaces the
     defaults of the dtype and device, or (a dict) overrides some fields. With `quantization`
     the engine quantizes the checkpoint at load time (HF stays at full precision) and the
-    defaults are that scheme's (report.QUANTIZED_TOLERANCES). A model that is wrong gives a
+    defaults are that scheme's (report.QUANTIZED_TOLERANCES), as they are with an FP8
+    `kv_cache_dtype`. A model that is wrong gives a
     failed report; bad arguments raise AphroError. `progress` gets one line per stage."""
     say = progress or (lambda msg: None)
     if max_new_tokens < 1:
         raise AphroError(f"max_new_tokens={max_new_tokens}: must be >= 1")
     with tiny_or_folder(model, seed, keep, say) as (ckpt, source), quiet_transformers():
         plan = _plan(str(model), ckpt, source, dtype, device, prompts, max_new_tokens, seed, tp,
-                     tolerances, quantization)
+                     tolerances, quantization, kv_cache_dtype)
         return _check(plan, chunked_prefill, localize_always, keep, say)
 
 
 def _plan(label, ckpt, source, dtype, device, prompts, n_new, seed, tp, tolerances,
-          quantization=None) -> CheckPlan:
+          quantization=None, kv_cache_dtype="auto") -> CheckPlan:
     from engine.checkpoint.files import load_tokenizer
-    from engine.config import load_config, model_max_len, resolve_device, resolve_dtype
+    from engine.config import (
+        KV_CACHE_DTYPES,
+        load_config,
+        model_max_len,
+        resolve_device,
+        resolve_dtype,
+    )
     from engine.layers.quantization import checkpoint_quantization, resolve_quantization
 
     hf_config = load_config(ckpt)
@@ -94,7 +102,9 @@ def _plan(label, ckpt, source, dtype, device, prompts, n_new, seed, tp, toleranc
                          "quantization_config) and HF cannot run it at full precision here: "
                          "check the full-precision checkpoint with --quantization instead")
     quant = resolve_quantization(quantization, hf_config, dev).name
-    tol = default_tolerances(torch_dtype, dev, quant)
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise AphroError(f"kv_cache_dtype={kv_cache_dtype!r}: one of {', '.join(KV_CACHE_DTYPES)}")
+    tol = default_tolerances(torch_dtype, dev, quant, kv_cache_dtype)
     if isinstance(tolerances, Tolerances):
         tol = tolerances
     elif tolerances:
@@ -108,7 +118,8 @@ def _plan(label, ckpt, source, dtype, device, prompts, n_new, seed, tp, toleranc
                          f"exceeds the model's context ({max_pos}): shorten the prompts or "
                          "lower --max-new-tokens")
     return CheckPlan(label, ckpt, source, hf_config, dev, torch_dtype, tol, prompts, prompt_ids,
-                     n_new, seed, tp, longest + n_new + 1, None if quant == "none" else quant)
+                     n_new, seed, tp, longest + n_new + 1, None if quant == "none" else quant,
+                     kv_cache_dtype)
 
 
 def _encode(prompts: list[str], tokenizer, hf_config, seed: int) -> list[list[int]]:
@@ -134,7 +145,7 @@ def _check(plan: CheckPlan, chunked: bool, localize_always: bool, keep: bool,
         architecture=(getattr(plan.hf_config, "architectures", None) or ["?"])[0],
         dtype=str(plan.dtype).removeprefix("torch."), device=str(plan.device), tp=plan.tp,
         max_new_tokens=plan.max_new_tokens, tolerances=plan.tol,
-        quantization=plan.quantization or "none")
+        quantization=plan.quantization or "none", kv_cache_dtype=plan.kv_cache_dtype)
     runs = []
     for name, chunk in [("batched", None)] + ([("chunked", CHUNK_TOKENS)] if chunked else []):
         say(f"{plan.label}: engine, {name} prefill + {plan.max_new_tokens} decode steps")
@@ -202,7 +213,8 @@ def _run_engine(plan: CheckPlan, prompt_ids: list[list[int]], n_new: int, chunk:
                   max_model_len=plan.max_model_len, block_size=block,
                   max_num_seqs=len(prompt_ids), max_num_batched_tokens=chunk,
                   enable_chunked_prefill=chunk is not None, num_kv_blocks=blocks,
-                  seed=plan.seed, tensor_parallel_size=tp, quantization=plan.quantization)
+                  seed=plan.seed, tensor_parallel_size=tp, quantization=plan.quantization,
+                  kv_cache_dtype=plan.kv_cache_dtype)
     try:
         engine = llm.engine
         engine.observe(ObserveSpec(logits=True, trace_errors=tp == 1))

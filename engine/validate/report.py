@@ -35,6 +35,7 @@ class CheckPlan:
     tp: int
     max_model_len: int
     quantization: str | None = None  # the engine's --quantization (HF stays at full precision)
+    kv_cache_dtype: str = "auto"  # the engine's --kv-cache-dtype
 
     @property
     def probe_ids(self) -> list[int]:  # localization's one prefill: the longest prompt
@@ -103,9 +104,14 @@ QUANTIZED_TOLERANCES["compressed-tensors"] = QUANTIZED_TOLERANCES["fp8"]
 
 
 def default_tolerances(dtype: torch.dtype, device: str | torch.device,
-                       quantization: str | None = None) -> Tolerances:
+                       quantization: str | None = None,
+                       kv_cache_dtype: str = "auto") -> Tolerances:
+    """The dtype's and device's; a quantized scheme's; an FP8 KV cache (e4m3 keys and values,
+    ~3% apart) is judged as FP8 weights are, by top-1, KL and greedy prefix."""
     if quantization not in (None, "none"):
         return QUANTIZED_TOLERANCES[quantization]
+    if kv_cache_dtype != "auto":
+        return QUANTIZED_TOLERANCES["fp8"]
     name, kind = str(dtype).removeprefix("torch."), torch.device(device).type
     return TOLERANCES.get((name, kind)) or TOLERANCES[(name, "cuda")]
 
@@ -171,6 +177,7 @@ class ParityReport:
     max_new_tokens: int
     tolerances: Tolerances
     quantization: str = "none"  # the engine's scheme (HF runs at full precision)
+    kv_cache_dtype: str = "auto"  # the engine's KV cache ("fp8": judged like FP8 weights)
     # {"missing", "unexpected", "misshaped"}; None when the engine never loaded the weights
     load: dict | None = None
     load_hints: list[str] = field(default_factory=list)
