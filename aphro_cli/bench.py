@@ -10,6 +10,7 @@ from rich.table import Table
 
 from aphro_cli.bench_engine import command_line, latency, throughput
 from aphro_cli.main import console, err_console, handle_errors
+from engine.errors import AphroError
 
 
 @click.group()
@@ -76,6 +77,11 @@ def gemv(device, tokens, as_json):
     print_gemv_table(rows, torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu")
 
 
+CPU_QUANT_BENCH = ("aphro bench quantization --device cpu --dtype float32 --preset tiny "
+                   "--parity-preset tiny --num-prompts 4 --input-len 32 --output-len 32 "
+                   "--latency-input-len 16 --latency-output-len 16")
+
+
 @bench.command("quantization")
 @click.option("--preset", default="llama-8b", show_default=True,
               help="Random-weight Llama shape of the TPOT / throughput runs.")
@@ -99,8 +105,13 @@ def quantization(preset, schemes, device, dtype, num_prompts, input_len, output_
                  latency_input_len, latency_output_len, parity_preset, matmuls, json_path):
     """bf16 vs fp8 vs int8 in one run: batch-1 TPOT, offline throughput, weight memory and
     parity against HF float32 (the table of docs/PERF.md)."""
+    import torch
+
     from engine.bench.quant_bench import compare_quantization, quant_matmul_bench
 
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise AphroError("bench quantization runs on a GPU by default (--device cuda), and "
+                         f"none is here: for a small run on the CPU: {CPU_QUANT_BENCH}")
     report = compare_quantization(
         preset, tuple(s.strip() for s in schemes.split(",")), device, dtype,
         latency_input=latency_input_len, latency_output=latency_output_len,

@@ -19,13 +19,14 @@ _STATUS = {"passed": "[green]pass[/]", "failed": "[bold red]FAIL[/]",
 
 
 def _features(f: dict) -> str:
-    if not f or f.get("attention") is None:
+    """The spec's mechanisms (a class without a spec has none to show) and its schemes."""
+    if not f:
         return "-"
-    parts = [f["attention"], f["position"]]
+    parts = [f["attention"], f["position"]] if f.get("attention") is not None else []
     parts += ["moe"] if f.get("moe") else []
     parts += ["sliding window"] if f.get("sliding_window") else []
     parts += [f"quant: {'/'.join(f['quantization'])}"] if f.get("quantization") else []
-    return ", ".join(parts)
+    return ", ".join(parts) or "-"
 
 
 def _validation(e) -> tuple[str, str, str, str]:

@@ -147,6 +147,8 @@ def print_report(r) -> None:
                   f"{r.device}, tp {r.tp}{quant}, vs HF float32", highlight=False)
     if r.checkpoint and r.source == "tiny":
         console.print(f"tiny checkpoint kept in {r.checkpoint}", highlight=False)
+    for w in r.warnings:
+        console.print(f"[bold yellow]warning:[/] {w}", highlight=False)
     _print_load(r)
     if r.failure is not None:
         f = r.failure
@@ -282,6 +284,7 @@ def _print_summary(reports, errors) -> None:
                       _verdict(r.passed))
         if not r.passed:
             notes.append(f"{r.model}: {_why(r)}")
+        notes += [f"{r.model}: [bold yellow]warning:[/] {w}" for w in r.warnings]
     for name, msg in errors.items():
         table.add_row(name, "", "", "", "", "", _verdict(False))
         notes.append(f"{name}: [red]error:[/] {msg}")

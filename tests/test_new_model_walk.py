@@ -94,6 +94,9 @@ def test_explicit_walk_in_a_project_ends_in_a_passing_parity_check(tmp_path, mon
     assert "PASS" in results[-1].stdout
     text = (tmp_path / "aphro_models" / "mine.py").read_text()
     assert "class MineForCausalLM(nn.Module):" in text and "def load_weights" in text
+    # the model type note names where an explicit model keeps it (it has no spec)
+    assert "hf_model_type" in flat(results[0]) and "[model]" not in flat(results[0])
+    assert "hf_model_type = " in text
     assert 150 <= len(text.splitlines()) <= 260
     listed = json.loads(run("models", "--json").stdout)["models"]
     mine = [m for m in listed if m["architecture"] == "MineForCausalLM"]
@@ -174,3 +177,58 @@ def test_a_spec_with_an_unknown_model_type_is_a_spec_error(tmp_path, monkeypatch
     assert res.exit_code == 2, res.output
     assert "model.model_type: transformers has no model type 'mymodel'" in flat(res)
     assert len(res.output.splitlines()) < 6
+
+
+def test_a_project_spec_registers_by_name_and_serves_from_anywhere(tmp_path, monkeypatch):
+    """`aphro register NAME` finds the project's model_specs/NAME.toml (the spec the walk
+    wrote), registers the project's generated module, and the registered model then runs from
+    another directory (the record's project is put on sys.path): no import error."""
+    monkeypatch.setenv("APHRO_REGISTRY", str(tmp_path / "registry.json"))
+    project = tmp_path / "proj"
+    project.mkdir()
+    monkeypatch.chdir(project)
+    walk(monkeypatch, "new-model", "foo", "--like", "qwen2")
+    res = run("register", "foo", *FAST)
+    assert res.exit_code == 0, res.output
+    records = json.loads((tmp_path / "registry.json").read_text())
+    assert json.dumps(records).count("aphro_models.foo:FooForCausalLM") >= 1
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    for name in [m for m in sys.modules if m.split(".")[0] == "aphro_models"]:
+        del sys.modules[name]  # a fresh process there
+    sys.path[:] = [p for p in sys.path if p != str(project)]
+    res = run("generate", "FooForCausalLM", "-p", "Hello", "--max-tokens", "3", "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)[0]["tokens"] == 3
+    res = run("models", "FooForCausalLM")
+    assert res.exit_code == 0 and "stale" not in res.output, res.output
+    # the project moved away: a one-line error that says what to do, not an import traceback
+    project.rename(tmp_path / "moved")
+    for name in [m for m in sys.modules if m.split(".")[0] == "aphro_models"]:
+        del sys.modules[name]
+    sys.path[:] = [p for p in sys.path if p != str(project)]
+    res = run("generate", "FooForCausalLM", "-p", "Hello", "--max-tokens", "3")
+    assert res.exit_code == 2, res.output
+    assert "a project's model" in flat(res) and "aphro_models/" in flat(res)
+
+
+def test_parity_check_warns_when_the_spec_changed_and_its_hint_regenerates(tmp_path,
+                                                                           monkeypatch):
+    """The spec edited without regenerating: parity-check still checks the generated module as
+    it is, and says so with the command to regenerate; that command, followed literally, makes
+    the module current (no warning), and the edit then takes effect."""
+    monkeypatch.chdir(tmp_path)
+    walk(monkeypatch, "new-model", "mymodel", "--like", "llama")
+    spec = tmp_path / "model_specs" / "mymodel.toml"
+    spec.write_text(spec.read_text().replace('rope_style = "neox"', 'rope_style = "gptj"'))
+    res = run("parity-check", "mymodel", *FAST)
+    warning = [line for line in flat(res).split("warning: ")[1:]]
+    assert warning and "out of date" in warning[0] and "has changed" in warning[0], res.output
+    hint = re.search(r"Regenerate it: (aphro new-model \S+)", flat(res)).group(1)
+    assert run(*shlex.split(hint)[1:]).exit_code == 0
+    for name in [m for m in sys.modules if m.split(".")[0] == "aphro_models"]:
+        del sys.modules[name]  # the next command is a fresh process
+    res = run("parity-check", "mymodel", *FAST)
+    assert "warning:" not in res.output
+    assert res.exit_code == 1 and "FAIL" in res.stdout  # gptj rotary on a neox checkpoint

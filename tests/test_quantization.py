@@ -250,6 +250,21 @@ def test_bench_quantization_side_by_side(tmp_path):
         assert abs(rows[scheme]["weight_ratio"] - expected) < 1e-9
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the hint is for machines without CUDA")
+def test_bench_quantization_without_a_gpu_says_how_and_the_hint_runs():
+    """Its GPU default on a CPU machine is a one-line error with a CPU command; that command,
+    followed literally, runs and every scheme passes parity."""
+    import re
+    import shlex
+
+    first = CliRunner().invoke(cli, ["bench", "quantization"])
+    assert first.exit_code == 2 and "Traceback" not in first.output, first.output
+    hint = re.search(r"(aphro bench quantization .*)$", " ".join(first.output.split())).group(1)
+    result = CliRunner().invoke(cli, shlex.split(hint)[1:])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("PASS") == 3, result.output
+
+
 # -- on a GPU ----------------------------------------------------------------------------------
 @pytest.mark.cuda
 def test_cuda_fp8_scaled_mm_equals_the_reference():

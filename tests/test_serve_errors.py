@@ -49,6 +49,7 @@ COMPLETION_ERRORS = [  # (body, status, words in the message, param)
     ({"prompt": "hi", "top_p": 2}, 400, ["top_p"], "top_p"),
     ({"prompt": [7] * 60, "max_tokens": 10}, 400, ["64", "60", "10"], "max_tokens"),
     ({"prompt": [7] * 64, "max_tokens": 1}, 400, ["64"], "max_tokens"),
+    ({"prompt": [7] * 64, "max_tokens": None}, 400, ["64", "no room"], "prompt"),  # not "-0 more"
     ({"prompt": ""}, 400, ["empty"], "prompt"),
     ({"prompt": []}, 400, ["empty"], "prompt"),
     ({"prompt": [[5, 6], []]}, 400, ["empty"], "prompt"),
@@ -94,7 +95,8 @@ def test_other_errors_then_a_good_request(server):
                           timeout=WAIT_S), 431, "4096")
     good(server)
     check_error(httpx.get(base + "/v1/nothing", headers=AUTH, timeout=WAIT_S), 404)
-    check_error(httpx.get(base + "/v1/completions", headers=AUTH, timeout=WAIT_S), 405)
+    err = check_error(httpx.get(base + "/v1/completions", headers=AUTH, timeout=WAIT_S), 405)
+    assert err["type"] == "invalid_request_error"  # the client's mistake, not the server's
     good(server)
     client = openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0, timeout=WAIT_S)
     with pytest.raises(openai.BadRequestError, match="temperature"):

@@ -242,13 +242,29 @@ def resolve_class_path(architectures: list[str]) -> str | type:
     return resolve(arch)  # an unregistered name raises with the list of supported names
 
 
-def _importable(module_name: str) -> None:
+def ensure_importable(module_name: str) -> None:
     """A project's models import as aphro_models.<name>: put the project folder on sys.path
-    (tensor-parallel workers inherit it)."""
+    (tensor-parallel workers inherit it). That is the project in the current directory, else
+    the one a user-registry record of this module was validated in (its source files say), so
+    a registered project model serves from any directory."""
+    if module_name.split(".")[0] != PROJECT_PACKAGE:
+        return
     root = project_root()
-    if module_name.split(".")[0] == PROJECT_PACKAGE and root is not None \
-            and str(root) not in sys.path:
-        sys.path.insert(0, str(root))
+    for folder in [root] if root is not None else _recorded_projects(module_name):
+        if (folder / PROJECT_PACKAGE).is_dir():
+            if str(folder) not in sys.path:
+                sys.path.insert(0, str(folder))
+            return
+
+
+def _recorded_projects(module_name: str) -> list[Path]:
+    try:
+        records = user_records()
+    except RegistryFileError:
+        return []
+    return [Path(name).parent.parent for rec in records.values()
+            if rec.target.partition(":")[0] == module_name for name in rec.sources
+            if Path(name).is_absolute() and Path(name).parent.name == PROJECT_PACKAGE]
 
 
 def load_class(target: str | type) -> type:
@@ -264,12 +280,21 @@ def load_class(target: str | type) -> type:
 
         return model_class_from_spec(target[len(SPEC_TARGET):])
     module_name, _, cls_name = target.partition(":")
-    _importable(module_name)
+    ensure_importable(module_name)
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError:  # a model file written since this process looked: look again
         importlib.invalidate_caches()
-        module = importlib.import_module(module_name)
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if module_name.split(".")[0] != PROJECT_PACKAGE or e.name is None \
+                    or not module_name.startswith(e.name):
+                raise  # not a project's model, or its module is there and an import is not
+            raise ModelNotSupportedError(
+                f"{target}: a project's model, and no project with it is found from "
+                f"{Path.cwd()}: run aphro in the folder that holds aphro_models/, or put that "
+                "folder on PYTHONPATH") from None
     obj = module
     try:
         for part in cls_name.split("."):

@@ -42,6 +42,9 @@ def shown(path: Path) -> str:
 def module_file(module: str) -> Path | None:
     """The file of an importable module, found without importing it (its parent packages are
     imported, as Python does to find it); None when it cannot be found."""
+    from engine.models.registry import ensure_importable
+
+    ensure_importable(module)  # a project's aphro_models.<name>
     try:
         spec = importlib.util.find_spec(module)
     except (ImportError, ValueError):
@@ -61,7 +64,10 @@ def generated_from(module_path: Path) -> Path | None:
         return None
     label = first[len(HEADER_PREFIX) + len(" from "):].split(" — ", 1)[0].strip()
     path = Path(label)
-    return path if path.is_absolute() or not (REPO / path).is_file() else REPO / path
+    if path.is_absolute():
+        return path
+    # relative to the checkout (in-tree modules), else to the project of aphro_models/NAME.py
+    return REPO / path if (REPO / path).is_file() else module_path.resolve().parents[1] / path
 
 
 def module_source(target: str) -> tuple[Path | None, Path | None]:

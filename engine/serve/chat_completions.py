@@ -40,7 +40,7 @@ async def create_chat_completion(serving: Serving, req: ChatCompletionRequest,
                                  raw: Request) -> Response:
     serving.check_model(req.model)
     text, ids = render_prompt(serving, req)
-    max_tokens = serving.check_prompt(ids, req.max_new_tokens)
+    max_tokens = serving.check_prompt(ids, req.max_new_tokens, "messages")
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
     top = (req.top_logprobs or 0) if req.logprobs else None

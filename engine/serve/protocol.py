@@ -13,7 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 TokenIds = list[StrictInt]
 ERROR_TYPES = MappingProxyType({400: "invalid_request_error", 401: "authentication_error",
-                                404: "not_found_error", 413: "invalid_request_error",
+                                404: "not_found_error", 405: "invalid_request_error",
+                                413: "invalid_request_error",
                                 431: "invalid_request_error",
                                 500: "server_error", 503: "service_unavailable"})
 

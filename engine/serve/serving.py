@@ -103,13 +103,19 @@ class Serving:
             raise APIError(400, f"token ids {bad[:5]} are outside the vocabulary "
                            f"[0, {self.vocab_size})", param)
 
-    def check_prompt(self, ids: list[int], max_tokens: int | None) -> int:
+    def check_prompt(self, ids: list[int], max_tokens: int | None,
+                     field: str = "prompt") -> int:
         """Raise a 400 for an empty prompt, unknown ids or one that leaves max_tokens no
-        room; returns max_tokens (None: the rest of the context)."""
+        room; returns max_tokens (None: the rest of the context). `field`: the request's
+        name for the prompt (chat: "messages")."""
         if not ids:
-            raise APIError(400, "the prompt is empty", "prompt")
+            raise APIError(400, "the prompt is empty", field)
         self.check_token_ids(ids, "prompt")
         room = self.max_model_len - len(ids)
+        if max_tokens is None and room < 1:  # no max_tokens: the prompt alone is too long
+            raise APIError(400, f"this model's maximum context length is {self.max_model_len} "
+                           f"tokens, but the prompt has {len(ids)} tokens, which leaves no room "
+                           "to generate: shorten the prompt", field, "context_length_exceeded")
         if max_tokens is None:
             max_tokens = room
         if room < 1 or max_tokens > room:

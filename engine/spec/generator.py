@@ -147,6 +147,30 @@ def render_model(spec: ModelSpec) -> str:
     return "\n".join(lines) + "\n"
 
 
+def out_of_date(module_path: Path) -> str | None:
+    """Why a generated module no longer is what its spec generates (the spec changed since,
+    no longer loads, or is gone); None when it is, or when it was not generated. The header
+    line is not compared (it names the spec as it was given)."""
+    from engine.models.sources import generated_from
+    from engine.spec.loader import load_spec
+
+    spec_path = generated_from(module_path)
+    if spec_path is None:
+        return None
+    if not spec_path.is_file():
+        return f"its spec {spec_path} is gone"
+    try:
+        spec = load_spec(spec_path)
+    except AphroError as e:
+        return f"its spec no longer loads ({str(e).splitlines()[0]})"
+    def body(text: str) -> str:
+        return text.partition("\n")[2]
+
+    if body(render_model(spec)) != body(module_path.read_text(encoding="utf-8")):
+        return f"{spec_path} has changed since it was generated"
+    return None
+
+
 def render_registry(entries: dict[str, str]) -> str:
     lines = [
         f"{HEADER_PREFIX} — do not edit; `aphro new-model SPEC` rewrites it",

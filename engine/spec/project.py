@@ -112,14 +112,16 @@ def check_model_type(model_type: str, what: str) -> None:
 
 
 def new_identity(name: str, family_type: str, family: str, architecture: str | None = None,
-                 model_type: str | None = None) -> Identity:
+                 model_type: str | None = None,
+                 setting: str = "[model] model_type in the spec") -> Identity:
     """The HF model_type and architecture of a new model NAME started from a family.
 
     model_type: `model_type` if given (checked against transformers); else NAME when
     transformers knows it (porting an HF architecture, e.g. stablelm); else the family's, whose
     HF code is then the parity reference (said in a note). architecture: `architecture` if
     given (a different capitalisation of one of transformers' names is refused); else HF's
-    causal-LM class of that model_type when the type is NAME's; else <Name>ForCausalLM."""
+    causal-LM class of that model_type when the type is NAME's; else <Name>ForCausalLM.
+    `setting`: where the user changes the model type afterwards (named in the note)."""
     causal, types = _hf_names()
     notes = []
     if model_type is not None:
@@ -131,7 +133,8 @@ def new_identity(name: str, family_type: str, family: str, architecture: str | N
         notes.append(
             f"model_type {model_type!r} (from {family}): transformers knows no model type "
             f"{name!r}, so parity-check compares with HF's {model_type} code. If your model has "
-            "an HF model type of its own, set [model] model_type (or pass --model-type)")
+            f"an HF model type of its own, set {setting} (or run this new-model again with "
+            "--model-type TYPE --force)")
     if architecture is not None:
         same_case = [a for a in suggest_architecture(architecture, sorted(set(causal.values())))
                      if a.lower() == architecture.lower()]

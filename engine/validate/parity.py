@@ -79,7 +79,31 @@ def run_parity(model: str | Path, *, dtype: str = "auto", device: str = "auto",
     with tiny_or_folder(model, seed, keep, say) as (ckpt, source), quiet_transformers():
         plan = _plan(str(model), ckpt, source, dtype, device, prompts, max_new_tokens, seed, tp,
                      tolerances, quantization, kv_cache_dtype)
-        return _check(plan, chunked_prefill, localize_always, keep, say)
+        report = _check(plan, chunked_prefill, localize_always, keep, say)
+    report.warnings += stale_module_warnings(plan.hf_config)
+    return report
+
+
+def stale_module_warnings(hf_config) -> list[str]:
+    """A warning when the module that serves the checked architecture was generated from a
+    spec that has changed since (the check ran the module as it is, not the spec)."""
+    from engine.models import registry
+    from engine.models.sources import module_source
+    from engine.spec.generator import out_of_date
+
+    archs = getattr(hf_config, "architectures", None) or []
+    try:
+        target = registry.resolve_class_path(archs)
+    except AphroError:
+        return []
+    if not isinstance(target, str) or ":" not in target:
+        return []
+    module, spec = module_source(target)
+    why = out_of_date(module) if module is not None else None
+    if why is None:
+        return []
+    return [(f"{module} is out of date: {why}; this check ran the module as it is. "
+             f"Regenerate it: aphro new-model {spec}")]
 
 
 def _plan(label, ckpt, source, dtype, device, prompts, n_new, seed, tp, tolerances,

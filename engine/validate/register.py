@@ -34,7 +34,7 @@ from engine.models.records import (
 )
 from engine.models.sources import SPEC_TARGET, module_source, source_hashes
 from engine.validate.proof import Proof, prove, versions
-from engine.validate.tiny import SPECS_DIR
+from engine.validate.tiny import spec_dirs
 
 IN_TREE_NOTE = ("the last validation of every in-tree model: regenerate with `aphro register "
                 "--in-tree` (tests/test_records.py checks it matches the sources)")
@@ -59,11 +59,14 @@ class Registration:
 
 
 def _spec_file(model: str) -> Path | None:
+    """A .toml path, or a spec name in the project's model_specs/ or the checkout's."""
     path = Path(model)
     if path.suffix == ".toml":
         return path
-    named = SPECS_DIR / f"{model}.toml"
-    return named if "/" not in model and named.is_file() else None
+    if "/" in model:
+        return None
+    return next((folder / f"{model}.toml" for folder in spec_dirs()
+                 if (folder / f"{model}.toml").is_file()), None)
 
 
 def candidate(model: str, architecture: str | None = None) -> Candidate:
@@ -106,9 +109,10 @@ def candidate(model: str, architecture: str | None = None) -> Candidate:
 
 
 def _generated_target(arch: str, spec_path: Path) -> str | None:
-    """The in-tree module generated from this spec that serves `arch`, if there is one."""
+    """The module generated from this spec (in-tree, or the project's) that serves `arch`, if
+    there is one."""
     for found in registry.lookup_all(arch):
-        if found.origin != "in-tree":
+        if found.origin not in ("in-tree", "project"):
             continue
         _, source = module_source(registry.target_name(found.target))
         if source is not None and source.resolve() == spec_path.resolve():

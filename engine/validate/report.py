@@ -184,6 +184,8 @@ class ParityReport:
     runs: list[RunResult] = field(default_factory=list)
     failure: EngineFailure | None = None
     localization: Localization | None = None
+    # e.g. the generated module checked is out of date with its spec (it runs as it is)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def loaded(self) -> bool:

@@ -127,7 +127,8 @@ def write_explicit(name: str, like: str, specs_dirs: list[Path], models_dir: Pat
         raise AphroError(f"{name!r}: the model's module name must be a Python identifier not "
                          f"starting with _ and not one of {', '.join(RESERVED)}")
     base = load_spec(family_spec(like, specs_dirs))
-    ident = new_identity(name, base.model.model_type, base.model.name, architecture, model_type)
+    ident = new_identity(name, base.model.model_type, base.model.name, architecture, model_type,
+                         setting="the class's hf_model_type in the model file")
     prefix = ident.architecture
     for suffix in SUFFIXES:
         prefix = prefix.removesuffix(suffix)
