@@ -81,6 +81,10 @@ def test_other_errors_then_a_good_request(server):
     check_error(post("/v1/completions", headers={**AUTH, "content-type": "application/json"},
                      content=b"{not json"), 400, "JSON")
     good(server)
+    check_error(post("/v1/completions", headers=AUTH, data={"prompt": "hi"}), 400,
+                "JSON object")  # a form, not JSON
+    check_error(post("/v1/completions", headers=AUTH, json=["hi"]), 400, "JSON object")
+    good(server)
     check_error(post("/v1/chat/completions", headers=AUTH, json={
         "messages": [{"role": "user", "content": "hi"}]}), 400, "chat template",
         "--chat-template")

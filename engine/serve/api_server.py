@@ -150,6 +150,9 @@ def validation_message(errors: list[dict]) -> tuple[str, str | None]:
     for err in errors:
         if err.get("type") == "json_invalid":
             return f"the body is not valid JSON: {err.get('msg')}", None
+        if tuple(err.get("loc", ())) == ("body",) and err.get("type") in (
+                "model_attributes_type", "dict_type", "missing"):
+            return "the body must be a JSON object (Content-Type: application/json)", None
         loc = [p for p in err.get("loc", ()) if p != "body"]
         names = [str(p) for p in loc]
         union = next((u for u in _UNION_FIELDS if u in names), None)

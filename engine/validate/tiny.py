@@ -207,6 +207,10 @@ def tiny_config_for(model: str | Path):
     for folder in spec_dirs():
         if (folder / f"{name}.toml").is_file():
             return tiny_hf_config(load_spec(folder / f"{name}.toml"))
+    if "/" in name or name.startswith("."):  # meant as a path
+        what = "is a file, not a checkpoint folder" if path.is_file() else "does not exist"
+        raise AphroError(f"{name}: {what} (a checkpoint folder holds config.json and the "
+                         "weights)")
     if name not in supported_architectures():
         raise AphroError(f"{name!r} is not a checkpoint folder, a spec or a registered "
                          f"architecture.{did_you_mean(name)} Registered: "
@@ -251,11 +255,12 @@ def tiny_or_folder(model: str | Path, seed: int, keep: bool, say):
     if path.is_dir():
         yield path, "checkpoint"
         return
+    config = tiny_config_for(model)  # an unknown name or a broken spec fails here, first
     say(f"{model}: building a tiny checkpoint")
     tmp = Path(tempfile.mkdtemp(prefix=f"aphro-parity-{path.stem}-"))
     try:
         with quiet_transformers():
-            ckpt = tiny_checkpoint_for(model, tmp, seed)
+            ckpt = make_tiny_checkpoint(config, tmp, seed=seed)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
