@@ -143,6 +143,50 @@ def test_a_consumer_that_falls_behind_gets_one_merged_output(tiny_llama_dir):
         assert all(abs(mine[t] - ref[t]) < 1e-5 for t in ref)
 
 
+def test_deltas_collected_equal_the_whole_output(tiny_llama_dir):
+    """A response sent whole adds up the engine's per-step deltas (streams.Collected): the
+    same texts, tokens, logprobs, prompt logprobs and finish / stop reasons as the engine
+    reporting whole outputs, for n = 2 samples and a stop string."""
+    from engine.core.llm_engine import LLMEngine
+    from engine.serve.streams import Collected
+
+    ids = [5, 9, 33, 71, 4]
+    with LLM(str(tiny_llama_dir), **ENGINE_DEFAULTS) as llm:
+        text = llm.generate(prompt_token_ids=[ids], sampling_params=SamplingParams(
+            temperature=0, max_tokens=12, ignore_eos=True))[0].outputs[0].text
+    cases = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2,
+                            prompt_logprobs=1),
+             SamplingParams(temperature=0.8, seed=3, n=2, max_tokens=9, ignore_eos=True),
+             SamplingParams(temperature=0, max_tokens=12, ignore_eos=True,
+                            stop=[text[len(text) // 2:len(text) // 2 + 2]])]
+    results = {}
+    for deltas in (False, True):
+        engine = LLMEngine(EngineConfig.create(str(tiny_llama_dir), **ENGINE_DEFAULTS),
+                           stream_outputs=True, deltas=deltas)
+        for i, params in enumerate(cases):
+            engine.add_request(None, params, ids, request_id=str(i))
+        got = {}
+        for _ in range(200):  # bounded
+            if not engine.has_unfinished_requests():
+                break
+            for out in engine.step():
+                if deltas:
+                    got.setdefault(out.request_id, Collected()).add(out)
+                elif out.finished:
+                    got[out.request_id] = out
+        results[deltas] = {rid: (c.result() if deltas else c) for rid, c in got.items()}
+    reasons = set()
+    for rid, whole in results[False].items():
+        collected = results[True][rid]
+        assert collected.finished and collected.prompt_logprobs == whole.prompt_logprobs
+        assert [(c.index, c.text, c.token_ids, c.finish_reason, c.stop_reason, c.logprobs)
+                for c in collected.outputs] == [
+            (c.index, c.text, c.token_ids, c.finish_reason, c.stop_reason, c.logprobs)
+            for c in whole.outputs]
+        reasons |= {c.finish_reason for c in whole.outputs}
+    assert reasons == {"length", "stop"} and len(results[False]["1"].outputs) == 2
+
+
 def test_the_core_dying_mid_stream_ends_every_stream_and_the_server_goes_on(tiny_llama_dir):
     before = {p.pid for p in multiprocessing.active_children()}
     with running_server(tiny_llama_dir) as server:

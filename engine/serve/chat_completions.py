@@ -14,7 +14,7 @@ from engine.errors import AphroError
 from engine.serve.protocol import APIError, ChatCompletionRequest, TextPart, error_body
 from engine.serve.serving import Serving, bad_request, usage
 from engine.serve.sse import DONE, ChunkEvents, SSEResponse, sse, unless_disconnected
-from engine.serve.streams import EngineLoopError, EngineRequest, RequestStream, merged
+from engine.serve.streams import Collected, EngineLoopError, EngineRequest, RequestStream
 
 
 def render_prompt(serving: Serving, req) -> tuple[str, list[int]]:
@@ -60,10 +60,10 @@ async def create_chat_completion(serving: Serving, req: ChatCompletionRequest,
 
 
 async def _last(stream: RequestStream) -> RequestOutput:
-    total = None
+    total = Collected()
     async for outs in stream:
-        total = outs[-1] if total is None else merged(total, outs[-1])
-    return total
+        total.add(outs[-1])
+    return total.result()
 
 
 class _View:

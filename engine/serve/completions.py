@@ -17,7 +17,7 @@ from engine.core.outputs import RequestOutput
 from engine.serve.protocol import APIError, CompletionRequest, error_body
 from engine.serve.serving import Serving, usage
 from engine.serve.sse import DONE, ChunkEvents, SSEResponse, sse, unless_disconnected
-from engine.serve.streams import EngineLoopError, EngineRequest, RequestStream, merged
+from engine.serve.streams import Collected, EngineLoopError, EngineRequest, RequestStream
 
 
 async def create_completion(serving: Serving, req: CompletionRequest,
@@ -60,12 +60,11 @@ async def create_completion(serving: Serving, req: CompletionRequest,
 
 
 async def _collect(stream: RequestStream) -> dict[str, RequestOutput]:
-    final: dict[str, RequestOutput] = {}
+    final: dict[str, Collected] = {}
     async for outs in stream:
         for out in outs:
-            rid = out.request_id
-            final[rid] = merged(final[rid], out) if rid in final else out
-    return final
+            final.setdefault(out.request_id, Collected()).add(out)
+    return {rid: c.result() for rid, c in final.items()}
 
 
 class _View:

@@ -50,6 +50,51 @@ def merged(a: RequestOutput, b: RequestOutput) -> RequestOutput:
                          else b.prompt_logprobs, b.finished, b.metrics)
 
 
+@dataclass(slots=True)
+class _Sums:
+    text: list[str]
+    token_ids: list[int]
+    logprobs: list | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class Collected:
+    """A request's delta outputs added up as they come, for a response sent whole: what
+    merging them pairwise (`merged`) gives, in time linear in the output's length (a merge
+    copies the text and tokens so far, at every step)."""
+
+    def __init__(self) -> None:
+        self._last: RequestOutput | None = None
+        self._prompt_logprobs = None
+        self._seqs: dict[int, _Sums] = {}
+
+    def add(self, out: RequestOutput) -> None:
+        if self._prompt_logprobs is None:
+            self._prompt_logprobs = out.prompt_logprobs
+        for c in out.outputs:
+            seq = self._seqs.get(c.index)
+            if seq is None:
+                seq = self._seqs[c.index] = _Sums([], [])
+            seq.text.append(c.text)
+            seq.token_ids.extend(c.token_ids)
+            if c.logprobs is not None:
+                if seq.logprobs is None:
+                    seq.logprobs = []
+                seq.logprobs.extend(c.logprobs)
+            if c.finish_reason:
+                seq.finish_reason, seq.stop_reason = c.finish_reason, c.stop_reason
+        self._last = out
+
+    def result(self) -> RequestOutput:
+        last = self._last
+        assert last is not None, "no output collected"
+        outs = [CompletionOutput(i, "".join(s.text), s.token_ids, s.finish_reason,
+                                 s.stop_reason, s.logprobs) for i, s in self._seqs.items()]
+        return RequestOutput(last.request_id, last.prompt, last.prompt_token_ids, outs,
+                             self._prompt_logprobs, last.finished, last.metrics)
+
+
 class RequestStream:
     """The outputs of a group of engine requests (one HTTP request's prompts), as deltas.
 
