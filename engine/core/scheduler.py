@@ -118,7 +118,6 @@ class Scheduler:
                     and len(seq) > self.long_rope_from):  # crosses it: recompute all as long
                 self.running.pop(i)
                 self._recompute(seq)
-                seq.long_rope, seq.block_hashes = True, []
                 out.preempted.append(seq)  # its pending token comes before it is admitted
                 continue
             num_new = min(seq.num_uncomputed_tokens, budget)
@@ -162,10 +161,15 @@ class Scheduler:
         seq.num_preemptions += 1
 
     def _recompute(self, seq: Sequence) -> None:
-        """Recompute later: drop the KV, keep the tokens (output included)."""
+        """Recompute later: drop the KV, keep the tokens (output included). A LongRoPE
+        sequence longer than the original length is recomputed long, however it got here
+        (preempted on the step it crosses, too)."""
         self.block_manager.free(seq)
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
+        if (self.long_rope_from is not None and not seq.long_rope
+                and len(seq) > self.long_rope_from):
+            seq.long_rope, seq.block_hashes = True, []  # other KV: other prefix-cache keys
         bisect.insort(self.waiting, seq, key=_arrival)  # the front, unless older ones wait
 
     def update_from_output(self, output: SchedulerOutput) -> list[Sequence]:

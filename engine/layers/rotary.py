@@ -12,7 +12,9 @@ half for them), so a long prompt, chunked or not, matches HF's forward over the 
 
 from __future__ import annotations
 
+import json
 import math
+import weakref
 
 import torch
 from torch import nn
@@ -110,49 +112,68 @@ def rope_params_from_config(config) -> dict:
     return params
 
 
+# one cos/sin table per distinct rotary, shared by every layer that has it (a 128k-context
+# LongRoPE table is ~100 MB), freed with the last module holding it
+_TABLES: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
+def _cos_sin_table(rotary_dim: int, max_position: int, rope_params: dict
+                   ) -> tuple[torch.Tensor, int]:
+    """([rows, rotary_dim] float32 cos | sin, long_rows): rows 0 .. max_position - 1 by
+    position; LongRoPE also has rows long_rows .. 2 * long_rows - 1 (long_rows =
+    max_position), long at every position."""
+    base = float(rope_params.get("rope_theta", 10000.0))
+    kind = rope_params.get("rope_type", "default")
+    inv_freq = _default_inv_freq(base, rotary_dim)
+    t_scale, mscale, long_freq, long_from = 1.0, 1.0, None, max_position
+    if kind == "default":
+        pass
+    elif kind == "linear":
+        t_scale = 1.0 / rope_params["factor"]
+    elif kind == "llama3":
+        inv_freq = _llama3_inv_freq(inv_freq, rope_params)
+    elif kind == "yarn":
+        inv_freq, mscale = _yarn_inv_freq(base, rotary_dim, rope_params)
+    elif kind == "dynamic":
+        # vLLM's choice: the NTK-scaled base for the longest supported context, fixed.
+        # (HF rescales per forward once the sequence passes the original length.)
+        factor = rope_params["factor"]
+        old_len = rope_params.get("original_max_position_embeddings") or max_position
+        new_len = int(old_len * factor)
+        base = base * ((factor * new_len / old_len) - (factor - 1)) ** (
+            rotary_dim / (rotary_dim - 2))
+        inv_freq = _default_inv_freq(base, rotary_dim)
+        max_position = max(max_position, new_len)
+    elif kind == "longrope":
+        inv_freq, long_freq, mscale, long_from = _longrope(base, rotary_dim, max_position,
+                                                           rope_params)
+    else:
+        raise ConfigError(f"rope_type {kind!r} is not supported; one of default, linear, "
+                          "dynamic, yarn, llama3, longrope")
+    t = torch.arange(max_position, dtype=torch.float64) * t_scale
+    freqs = torch.outer(t, inv_freq.to(torch.float32).double())
+    long_rows = 0
+    if long_freq is not None:  # longrope: other frequencies past the original length
+        long_all = torch.outer(t, long_freq.to(torch.float32).double())
+        freqs[long_from:] = long_all[long_from:]
+        freqs = torch.cat((freqs, long_all))
+        long_rows = max_position
+    return torch.cat((freqs.cos() * mscale, freqs.sin() * mscale), dim=-1).float(), long_rows
+
+
 class RotaryEmbedding(nn.Module):
     def __init__(self, head_size: int, rotary_dim: int, max_position: int, rope_params: dict,
                  is_neox_style: bool = True) -> None:
         super().__init__()
         self.head_size, self.rotary_dim, self.is_neox_style = head_size, rotary_dim, is_neox_style
-        base = float(rope_params.get("rope_theta", 10000.0))
-        kind = rope_params.get("rope_type", "default")
-        inv_freq = _default_inv_freq(base, rotary_dim)
-        t_scale, mscale, long_freq, long_from = 1.0, 1.0, None, max_position
-        if kind == "default":
-            pass
-        elif kind == "linear":
-            t_scale = 1.0 / rope_params["factor"]
-        elif kind == "llama3":
-            inv_freq = _llama3_inv_freq(inv_freq, rope_params)
-        elif kind == "yarn":
-            inv_freq, mscale = _yarn_inv_freq(base, rotary_dim, rope_params)
-        elif kind == "dynamic":
-            # vLLM's choice: the NTK-scaled base for the longest supported context, fixed.
-            # (HF rescales per forward once the sequence passes the original length.)
-            factor = rope_params["factor"]
-            old_len = rope_params.get("original_max_position_embeddings") or max_position
-            new_len = int(old_len * factor)
-            base = base * ((factor * new_len / old_len) - (factor - 1)) ** (
-                rotary_dim / (rotary_dim - 2))
-            inv_freq = _default_inv_freq(base, rotary_dim)
-            max_position = max(max_position, new_len)
-        elif kind == "longrope":
-            inv_freq, long_freq, mscale, long_from = _longrope(base, rotary_dim, max_position,
-                                                               rope_params)
-        else:
-            raise ConfigError(f"rope_type {kind!r} is not supported; one of default, linear, "
-                              "dynamic, yarn, llama3, longrope")
-        t = torch.arange(max_position, dtype=torch.float64) * t_scale
-        freqs = torch.outer(t, inv_freq.to(torch.float32).double())
-        self.long_rows = 0  # longrope: rows [max_position, 2 * max_position) are all long
-        if long_freq is not None:  # longrope: other frequencies past the original length
-            long_all = torch.outer(t, long_freq.to(torch.float32).double())
-            freqs[long_from:] = long_all[long_from:]
-            freqs = torch.cat((freqs, long_all))
-            self.long_rows = max_position
-        cache = torch.cat((freqs.cos() * mscale, freqs.sin() * mscale), dim=-1).float()
-        self.register_buffer("cos_sin_cache", cache, persistent=False)  # [max_pos, rotary_dim]
+        key = (rotary_dim, max_position, json.dumps(rope_params, sort_keys=True, default=str),
+               str(torch.get_default_device()))
+        table = _TABLES.get(key)
+        if table is None:
+            table = _TABLES[key] = _cos_sin_table(rotary_dim, max_position, rope_params)[0]
+        # longrope: rows [max_position, 2 * max_position) are long at every position
+        self.long_rows = max_position if rope_params.get("rope_type") == "longrope" else 0
+        self.register_buffer("cos_sin_cache", table, persistent=False)  # [rows, rotary_dim]
 
     def forward(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
                 long_rope: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
