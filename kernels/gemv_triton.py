@@ -56,11 +56,21 @@ GEMV_TABLE: tuple[tuple[int, int, int, int, int], ...] = (
 )
 
 
-def gemv_config(n: int, k: int, weight_bytes: int) -> GemvConfig:
-    """The table's launch for a weight [n, k] of `weight_bytes`-byte elements."""
+# the pipelined tiles of one program (stages x (weight tile + the 16 x rows)) stay within this
+# many bytes of shared memory (an H100 / H200 SM has 227 KB): float32 activations halve BLOCK_K
+# of the narrow row, whose 4 x (16 KB + 16 x 1024 x 4 B) would need 320 KB
+SMEM_BUDGET = 200 * 1024
+
+
+def gemv_config(n: int, k: int, weight_bytes: int, x_bytes: int = 2) -> GemvConfig:
+    """The table's launch for a weight [n, k] of `weight_bytes`-byte elements and activations
+    of `x_bytes`-byte elements."""
     for min_n, block_n, row_bytes, warps, stages in GEMV_TABLE:
         if n >= min_n:
             block_k = min(row_bytes // weight_bytes, max(16, next_pow2(k)))
+            while block_k > 16 and stages * block_k * (
+                    block_n * weight_bytes + DOT_ROWS * x_bytes) > SMEM_BUDGET:
+                block_k //= 2
             return GemvConfig(block_n, block_k, warps, stages)
     raise AssertionError("GEMV_TABLE ends with a row for every N")
 
@@ -182,7 +192,7 @@ def gemv_triton(
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return y
-    cfg = config or gemv_config(n, k, weight.element_size())
+    cfg = config or gemv_config(n, k, weight.element_size(), x.element_size())
     amax_k = min(next_pow2(k), 8192 if m == 1 else 512)
     _gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
         x, weight, weight_scale if weight_scale is not None else y,

@@ -23,7 +23,10 @@ def per_token_quant_fp8_ref(
     float32) with x ~= q * scales; a static `scale` is used for every token."""
     xf = x.float()
     if scale is None:
-        scales = (xf.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp_min(MIN_SCALE)
+        amax = xf.abs().amax(dim=-1, keepdim=True)
+        # divided by a tensor: torch on CUDA turns a division by a Python number into a
+        # multiplication by its reciprocal, which is not the correctly rounded quotient
+        scales = (amax / torch.full_like(amax, FP8_MAX)).clamp_min(MIN_SCALE)
     else:
         scales = scale.float().reshape(1, 1).expand(x.shape[0], 1)
     q = (xf / scales).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)

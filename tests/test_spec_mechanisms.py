@@ -199,6 +199,38 @@ def test_longrope_switch_keeps_hf_tokens_through_the_prefix_cache(async_scheduli
         llm.engine.check_invariants()
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_longrope_preempted_on_the_step_it_crosses_stays_hfs(async_scheduling,
+                                                              family_checkpoint):
+    """B (122 tokens) is preempted by the older A exactly when it reaches 129 tokens (10 KV
+    blocks of 16): it is recomputed with the long factors, as HF generate recomputes it, not
+    with the short ones it was computed with so far."""
+    from engine import LLM, SamplingParams
+    from engine.validate.compare import hf_greedy, load_hf
+
+    ckpt, cpu = family_checkpoint("phi3"), torch.device("cpu")
+    gen = torch.Generator().manual_seed(3)
+    b = torch.randint(0, 512, (150,), generator=gen).tolist()[:122]
+    a = torch.randint(0, 512, (26,), generator=gen).tolist()
+    ref = hf_greedy(load_hf(ckpt, cpu), b, 12, cpu)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    with LLM(str(ckpt), device="cpu", dtype="float32", num_kv_blocks=10, block_size=16,
+             max_model_len=160, async_scheduling=async_scheduling) as llm:
+        eng = llm.engine
+        eng.add_request(None, params, prompt_token_ids=a, request_id="A")
+        eng.add_request(None, params, prompt_token_ids=b, request_id="B")
+        done = {}
+        for _ in range(200):  # bounded
+            if not eng.has_unfinished_requests():
+                break
+            for out in eng.step():
+                if out.finished:
+                    done[out.request_id] = out
+        eng.check_invariants()
+    assert done["B"].metrics["num_preemptions"] == 1  # the case under test happened
+    assert done["B"].outputs[0].token_ids == ref
+
+
 @pytest.mark.parametrize("family, tp, groups", [
     ("olmo2", 2, {"qkv", "gate_up", "down"}),
     ("olmo2", 4, {"qkv", "gate_up", "down"}),  # 2 KV heads on 4 ranks: k_norm replicated too
