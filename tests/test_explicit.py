@@ -77,15 +77,11 @@ def test_explicit_file_passes_parity(family, written, serve):
 def test_explicit_phi3_takes_longrope_past_the_original_length(written, serve):
     """The explicit file passes attn_metadata.long_rope to its rotary: a 220-token prompt (the
     tiny original length is 128) and one that grows past 128 match HF, as the generated
-    model's do (test_spec_mechanisms)."""
+    model's do (test_spec_mechanisms; the same no-cache HF greedy reference)."""
+    from test_spec_mechanisms import test_longrope_prompts_past_the_original_length_match_hf
+
     serve("phi3", written("phi3"))
-    assert "attn_metadata.long_rope" in written("phi3")
-    long_prompt = " ".join(f"word{i % 50}" for i in range(60))
-    short_prompt = " ".join(f"word{i % 50}" for i in range(33))
-    report = run_parity("phi3", device="cpu", dtype="float32",
-                        prompts=[long_prompt, short_prompt], max_new_tokens=12)
-    assert report.passed, [(r.name, p.max_abs, p.greedy_note) for r in report.runs
-                           for p in r.prompts]
+    test_longrope_prompts_past_the_original_length_match_hf()
 
 
 @pytest.mark.parametrize("family", ["llama", "phi3"])
