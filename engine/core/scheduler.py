@@ -118,7 +118,8 @@ class Scheduler:
                     and len(seq) > self.long_rope_from):  # crosses it: recompute all as long
                 self.running.pop(i)
                 self._recompute(seq)
-                out.preempted.append(seq)  # its pending token comes before it is admitted
+                if seq.num_pending:  # its pending token comes before it is admitted
+                    out.preempted.append(seq)
                 continue
             num_new = min(seq.num_uncomputed_tokens, budget)
             if num_new < seq.num_uncomputed_tokens and not chunked:

@@ -288,12 +288,17 @@ def load_class(target: str | type) -> type:
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as e:
-            if module_name.split(".")[0] != PROJECT_PACKAGE or e.name is None \
-                    or not module_name.startswith(e.name):
+            if module_name.split(".")[0] != PROJECT_PACKAGE or e.name is None or not (
+                    module_name == e.name or module_name.startswith(e.name + ".")):
                 raise  # not a project's model, or its module is there and an import is not
+            loaded = sys.modules.get(PROJECT_PACKAGE)
+            other = [str(Path(p).parent) for p in getattr(loaded, "__path__", [])]
             raise ModelNotSupportedError(
                 f"{target}: a project's model, and no project with it is found from "
-                f"{Path.cwd()}: run aphro in the folder that holds aphro_models/, or put that "
+                f"{Path.cwd()}"
+                + (f" (this process serves the models of the project in {other[0]}: one "
+                   "project's aphro_models at a time)" if other else "")
+                + ": run aphro in the folder that holds its aphro_models/, or put that "
                 "folder on PYTHONPATH") from None
     obj = module
     try:
