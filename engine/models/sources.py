@@ -67,7 +67,9 @@ def generated_from(module_path: Path) -> Path | None:
     if path.is_absolute():
         return path
     # relative to the checkout (in-tree modules), else to the project of aphro_models/NAME.py
-    return REPO / path if (REPO / path).is_file() else module_path.resolve().parents[1] / path
+    module_path = module_path.resolve()
+    in_repo = module_path.is_relative_to(REPO) and module_path.parent.name != "aphro_models"
+    return REPO / path if in_repo or (REPO / path).is_file() else module_path.parents[1] / path
 
 
 def module_source(target: str) -> tuple[Path | None, Path | None]:
