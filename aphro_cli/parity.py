@@ -173,7 +173,9 @@ def print_report(r) -> None:
                     where = ", ".join(map(str, p.outliers[:6])) + (
                         ", …" if len(p.outliers) > 6 else "")
                     console.print(f"  {run.name} prompt {p.index}: {len(p.outliers)} position(s) "
-                                  f"outside tolerance ({where})"
+                                  f"outside tolerance ({where}; the logits at position i "
+                                  f"predict token i + 1, output token 0 at position "
+                                  f"{p.num_prompt_tokens - 1})"
                                   + ("; excused" if p.logits_ok else ""), highlight=False)
                 if p.first_mismatch is not None:
                     console.print(f"  {run.name} prompt {p.index}: {p.greedy_note}",
