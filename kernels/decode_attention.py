@@ -55,7 +55,8 @@ def _decode_kernel(
 
     q = tl.load(q_ptr + seq * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=hd_mask, other=0.0)  # [BLOCK_H, BLOCK_D]
-    if KV_FP8:  # e4m3 widens to fp16 in one instruction (to bf16 it takes several)
+    if KV_FP8:  # a 16-bit query with an FP8 cache: e4m3 widens to fp16 in one instruction
+        # (to bf16 it takes several); a float32 query widens the cache to float32
         q = q.to(tl.float16)
     if USE_ALIBI:
         slopes = tl.load(alibi_ptr + heads, mask=h_mask, other=0.0) * 1.4426950408889634
@@ -206,7 +207,8 @@ def paged_decode_attention_triton(
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=next_pow2(head_dim), BLOCK_H=block_h,
         BLOCK_N=cfg["block_n"], PAGE=page, SPLIT=num_splits > 1,
         USE_ALIBI=use_alibi, USE_WINDOW=bool(sliding_window), USE_SOFTCAP=use_softcap,
-        UPCAST=upcast_dots(query.dtype), KV_FP8=key_cache.dtype == torch.float8_e4m3fn,
+        UPCAST=upcast_dots(query.dtype),
+        KV_FP8=key_cache.dtype == torch.float8_e4m3fn and query.element_size() == 2,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if num_splits > 1:

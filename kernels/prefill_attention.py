@@ -111,7 +111,8 @@ def _prefill_kernel(
     qpos = first + offs_m
     q = tl.load(q_ptr + (q_begin + offs_m)[:, None] * stride_qt + head * stride_qh
                 + offs_d[None, :], mask=qd_mask, other=0.0)  # [BLOCK_M, BLOCK_D]
-    if KV_FP8:  # e4m3 widens to fp16 in one instruction (to bf16 it takes several)
+    if KV_FP8:  # a 16-bit query with an FP8 cache: e4m3 widens to fp16 in one instruction
+        # (to bf16 it takes several); a float32 query widens the cache to float32
         q = q.to(tl.float16)
     slope = 0.0
     if USE_ALIBI:
@@ -211,7 +212,8 @@ def paged_prefill_attention_triton(
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=next_pow2(head_dim),
         BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], PAGE=page,
         USE_ALIBI=use_alibi, USE_WINDOW=bool(sliding_window), USE_SOFTCAP=use_softcap,
-        UPCAST=upcast_dots(query.dtype), KV_FP8=key_cache.dtype == torch.float8_e4m3fn,
+        UPCAST=upcast_dots(query.dtype),
+        KV_FP8=key_cache.dtype == torch.float8_e4m3fn and query.element_size() == 2,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out

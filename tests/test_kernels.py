@@ -248,11 +248,13 @@ def test_reshape_and_cache_fp8():
     assert kc.view(-1, kv_heads, head_dim)[unwritten].float().isnan().all()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("kind", ["decode", "prefill", "mixed"])
-def test_attention_reads_an_fp8_cache(kind):
-    """The kernels widen an FP8 cache's keys and values to the query's dtype: the same
-    attention as the reference's over the same FP8 cache."""
-    heads, kv_heads, head_dim, bs, dtype = 8, 2, 64, 16, torch.bfloat16
+def test_attention_reads_an_fp8_cache(kind, dtype):
+    """The kernels widen an FP8 cache's keys and values (to fp16 for a 16-bit query, to
+    float32 for a float32 one): the same attention as the reference's over the same FP8
+    cache, within the query dtype's tolerance."""
+    heads, kv_heads, head_dim, bs = 8, 2, 64, 16
     q_lens, ctx_lens = {"decode": ([1, 1, 1], [1, 17, 150]),
                         "prefill": ([20, 33], [52, 90]),
                         "mixed": ([12, 10, 1, 1], [12, 40, 7, 33])}[kind]

@@ -232,3 +232,17 @@ def test_parity_check_warns_when_the_spec_changed_and_its_hint_regenerates(tmp_p
     res = run("parity-check", "mymodel", *FAST)
     assert "warning:" not in res.output
     assert res.exit_code == 1 and "FAIL" in res.stdout  # gptj rotary on a neox checkpoint
+
+
+def test_a_project_spec_named_like_an_in_tree_one_is_its_own(tmp_path, monkeypatch):
+    """A project's model_specs/mistral.toml is the spec of the project's generated module, not
+    the checkout's model_specs/mistral.toml: no false "out of date" warning, and the record
+    vouches for the project's spec."""
+    from engine.models.sources import module_source
+
+    monkeypatch.chdir(tmp_path)
+    results = walk(monkeypatch, "new-model", "mistral", "--like", "llama", *FAST[:0])
+    assert results[-1].exit_code == 0, results[-1].output
+    assert "warning:" not in results[-1].output
+    _, spec = module_source("aphro_models.mistral:MistralForCausalLM")
+    assert spec == (tmp_path / "model_specs" / "mistral.toml").resolve()

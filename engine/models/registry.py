@@ -33,7 +33,7 @@ from pathlib import Path
 
 from engine.errors import ModelContractError, ModelNotSupportedError, RegistryFileError
 from engine.models.records import user_records
-from engine.models.sources import SPEC_TARGET
+from engine.models.sources import REPO, SPEC_TARGET
 
 IN_TREE = Path(__file__).resolve().parent
 PROJECT_PACKAGE = "aphro_models"  # a project's model package (outside the checkout)
@@ -250,7 +250,8 @@ def ensure_importable(module_name: str) -> None:
     if module_name.split(".")[0] != PROJECT_PACKAGE:
         return
     root = project_root()
-    for folder in [root] if root is not None else _recorded_projects(module_name):
+    here = root is not None and (root / PROJECT_PACKAGE).is_dir()
+    for folder in [root] if here else _recorded_projects(module_name):
         if (folder / PROJECT_PACKAGE).is_dir():
             if str(folder) not in sys.path:
                 sys.path.insert(0, str(folder))
@@ -262,9 +263,10 @@ def _recorded_projects(module_name: str) -> list[Path]:
         records = user_records()
     except RegistryFileError:
         return []
-    return [Path(name).parent.parent for rec in records.values()
-            if rec.target.partition(":")[0] == module_name for name in rec.sources
-            if Path(name).is_absolute() and Path(name).parent.name == PROJECT_PACKAGE]
+    files = [Path(name) if Path(name).is_absolute() else REPO / name  # sources.shown's names
+             for rec in records.values() if rec.target.partition(":")[0] == module_name
+             for name in rec.sources]
+    return [f.parent.parent for f in files if f.parent.name == PROJECT_PACKAGE]
 
 
 def load_class(target: str | type) -> type:

@@ -66,10 +66,11 @@ def generated_from(module_path: Path) -> Path | None:
     path = Path(label)
     if path.is_absolute():
         return path
-    # relative to the checkout (in-tree modules), else to the project of aphro_models/NAME.py
+    # the generator names a spec inside the checkout relative to it; a project's spec (outside
+    # it) as given, relative to the project of aphro_models/NAME.py
     module_path = module_path.resolve()
-    in_repo = module_path.is_relative_to(REPO) and module_path.parent.name != "aphro_models"
-    return REPO / path if in_repo or (REPO / path).is_file() else module_path.parents[1] / path
+    project = module_path.parent.name == "aphro_models" and not module_path.is_relative_to(REPO)
+    return (module_path.parents[1] if project else REPO) / path
 
 
 def module_source(target: str) -> tuple[Path | None, Path | None]:
