@@ -302,3 +302,29 @@ def test_randomized_stress(seed: int):
         else:
             assert seq.status is SequenceStatus.FINISHED_LENGTH
             assert seq.num_output_tokens == seq.sampling_params.max_tokens
+
+
+def test_longrope_crossing_recomputes_in_the_same_step_without_a_pending_token():
+    """LongRoPE with an original length of 8: a 6-token prompt is computed short; the step
+    that would compute position 8 instead recomputes all 9 tokens as long, admitted in that
+    same schedule (no token is pending in synchronous stepping), its prefix-cache keys salted
+    apart from the short ones; a 10-token prompt is long from the start. Nothing is
+    preempted and no KV is read wrong (FakeEngine's checks)."""
+    from engine.core.block_manager import LONG_ROPE_ROOT, hash_block
+
+    eng = FakeEngine(16, prefix_caching=True)
+    eng.sched = Scheduler(eng.config, eng.bm, long_rope_from=8)
+    seq = eng.add("a", 6, max_tokens=6)
+    long = eng.add("b", list(range(100, 110)), max_tokens=1)  # no block shared with "a"
+    assert (seq.long_rope, long.long_rope) == (False, True)
+    steps = []
+    for _ in range(20):  # bounded
+        if not eng.sched.has_unfinished():
+            break
+        out = eng.step()
+        steps.append({s.request_id: n for s, n in out.scheduled if s is seq})
+        assert not out.preempted
+    # prefill 6, decodes at positions 6 and 7, then all 9 tokens again (positions 0..8)
+    assert [s["a"] for s in steps if "a" in s][:4] == [6, 1, 1, 9]
+    assert seq.long_rope and seq.num_preemptions == 0 and seq.num_output_tokens == 6
+    assert seq.block_hashes[0] == hash_block(LONG_ROPE_ROOT, seq.token_ids[:BS])
