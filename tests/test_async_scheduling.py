@@ -13,6 +13,20 @@ PROMPTS = ["hello", "the quick brown fox jumps over the lazy dog", "a",
            "tensor parallel layers own their shard of every weight", "rain fell on the bridge"]
 
 
+def finished_outputs(eng, max_steps: int = 200) -> dict:
+    """Step `eng` until every request has finished (at most max_steps steps); the finished
+    RequestOutputs by request id."""
+    done = {}
+    for _ in range(max_steps):
+        if not eng.has_unfinished_requests():
+            break
+        for out in eng.step():
+            if out.finished:
+                done[out.request_id] = out
+    assert not eng.has_unfinished_requests(), f"unfinished after {max_steps} steps"
+    return done
+
+
 def params_for(llm: LLM) -> list[SamplingParams]:
     # a stop string and a stop id that greedy decoding of these prompts actually meets
     ref = llm.generate(PROMPTS[:2], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
@@ -84,13 +98,8 @@ def test_abort_while_a_step_is_in_flight(tiny_llama_dir, after_steps):
                 eng.step()
             eng.abort_request(ids[1])
             eng.abort_request(ids[3])
-            done = {}
-            for _ in range(100):  # bounded
-                if not eng.has_unfinished_requests():
-                    break
-                for out in eng.step():
-                    if out.finished:
-                        done[out.request_id] = out.outputs[0].token_ids
+            done = {rid: out.outputs[0].token_ids
+                    for rid, out in finished_outputs(eng, 100).items()}
             assert not eng.has_unfinished_requests()
             eng.check_invariants()
             assert eng.block_manager.num_free_blocks == eng.num_kv_blocks
@@ -133,15 +142,9 @@ def test_a_preempted_sequence_whose_last_token_is_pending_stops_there(tiny_llama
                 eng.step()
             eng.add_request(None, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True),
                             prompt_token_ids=list(range(10, 19)), request_id="B")
-            done = {}
-            for _ in range(100):  # bounded
-                if not eng.has_unfinished_requests():
-                    break
-                for out in eng.step():
-                    if out.finished:
-                        done[out.request_id] = (out.outputs[0].token_ids,
-                                                out.outputs[0].finish_reason,
-                                                out.metrics["num_preemptions"])
+            done = {rid: (out.outputs[0].token_ids, out.outputs[0].finish_reason,
+                          out.metrics["num_preemptions"])
+                    for rid, out in finished_outputs(eng, 100).items()}
             eng.check_invariants()
             assert eng.block_manager.num_free_blocks == eng.num_kv_blocks
             results[mode] = done
@@ -170,14 +173,8 @@ def test_penalties_overlap_and_count_the_token_on_the_device(tiny_llama_dir):
             eng.step()
             eng.step()
             assert (eng._inflight is not None) == mode  # overlapping, penalties and all
-            done = {}
-            for _ in range(100):  # bounded
-                if not eng.has_unfinished_requests():
-                    break
-                for out in eng.step():
-                    if out.finished:
-                        done[out.request_id] = out.outputs[0].token_ids
-            got[mode] = done
+            got[mode] = {rid: out.outputs[0].token_ids
+                         for rid, out in finished_outputs(eng, 100).items()}
     assert got[True] == got[False]
     plain = got[False]["3"]
     assert len(set(plain)) < len(plain) and all(got[False][k] != plain for k in "012")

@@ -231,6 +231,8 @@ def test_longrope_preempted_on_the_step_it_crosses_stays_hfs(async_scheduling,
     """B (122 tokens) is preempted by the older A exactly when it reaches 129 tokens (10 KV
     blocks of 16): it is recomputed with the long factors, as HF generate recomputes it, not
     with the short ones it was computed with so far."""
+    from test_async_scheduling import finished_outputs
+
     from engine import LLM, SamplingParams
     from engine.validate.compare import load_hf
 
@@ -245,13 +247,7 @@ def test_longrope_preempted_on_the_step_it_crosses_stays_hfs(async_scheduling,
         eng = llm.engine
         eng.add_request(None, params, prompt_token_ids=a, request_id="A")
         eng.add_request(None, params, prompt_token_ids=b, request_id="B")
-        done = {}
-        for _ in range(200):  # bounded
-            if not eng.has_unfinished_requests():
-                break
-            for out in eng.step():
-                if out.finished:
-                    done[out.request_id] = out
+        done = finished_outputs(eng)
         eng.check_invariants()
     assert done["B"].metrics["num_preemptions"] == 1  # the case under test happened
     assert done["B"].outputs[0].token_ids == ref
