@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from aphro_cli.main import console, err_console, handle_errors
-from aphro_cli.options import KV_CACHE_DTYPE_CHOICES, KV_CACHE_DTYPE_HELP, QuantizationChoice
+from aphro_cli.options import KV_CACHE_DTYPE_HELP, kv_cache_dtype_choice, quantization_choice
 
 PRESET_HELP = ("Without MODEL: random weights of this shape, built on the device (tiny, llama-1b, "
                "llama-8b, qwen2.5-7b, mistral-7b, mixtral-8x7b). Default: llama-8b on a GPU, "
@@ -101,9 +101,9 @@ def _hint(json_path: str | None) -> None:
               help="Prompts per HF generate call.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--dtype", default="auto", show_default=True, help=DTYPE_HELP)
-@click.option("--quantization", "-q", type=QuantizationChoice(), default=None,
+@click.option("--quantization", "-q", type=quantization_choice(), default=None,
               help="The engine's scheme (HF runs the model unquantized).")
-@click.option("--kv-cache-dtype", type=click.Choice(KV_CACHE_DTYPE_CHOICES), default="auto",
+@click.option("--kv-cache-dtype", type=kv_cache_dtype_choice(), default="auto",
               show_default=True, help=KV_CACHE_DTYPE_HELP)
 @click.option("--max-num-seqs", type=click.IntRange(1), default=None,
               help="Sequences in one step at most (default: the engine's).")
@@ -210,8 +210,8 @@ def throughput(model, preset, random_weights, dataset, tokenizer, num_prompts, i
               help="auto: bfloat16 on a GPU, float32 on the CPU.")
 @click.option("--eager-too", is_flag=True, help="Also run without CUDA graphs.")
 @click.option("--eager", is_flag=True, hidden=True, help="Only without CUDA graphs.")
-@click.option("--quantization", "-q", type=QuantizationChoice(), default=None)
-@click.option("--kv-cache-dtype", type=click.Choice(KV_CACHE_DTYPE_CHOICES), default="auto",
+@click.option("--quantization", "-q", type=quantization_choice(), default=None)
+@click.option("--kv-cache-dtype", type=kv_cache_dtype_choice(), default="auto",
               show_default=True, help=KV_CACHE_DTYPE_HELP)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--json", "json_path", is_flag=False, flag_value="-", default=None,

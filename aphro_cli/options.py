@@ -4,33 +4,43 @@ named as vLLM names them; `engine_kwargs` turns them into EngineConfig.create's 
 from __future__ import annotations
 
 import functools
+import importlib
 
 import click
 
 
-class QuantizationChoice(click.Choice):
-    """click.Choice over engine.layers.quantization's QUANTIZATION_METHODS (the one list of
-    --quantization values), imported when first read: that module imports torch, and
-    `aphro --help` (which imports every command's module) stays without it."""
+class LazyChoice(click.Choice):
+    """click.Choice over a list the engine keeps (the one place it is spelled), imported when
+    first read: the engine's modules import torch, and `aphro --help` (which imports every
+    command's module) stays without it."""
 
-    def __init__(self) -> None:
+    def __init__(self, module: str, name: str) -> None:
+        self._source = (module, name)
         super().__init__(())
 
     @property
     def choices(self):
-        from engine.layers.quantization.registry import QUANTIZATION_METHODS
-
-        return QUANTIZATION_METHODS
+        module, name = self._source
+        return getattr(importlib.import_module(module), name)
 
     @choices.setter
     def choices(self, value) -> None:  # click.Choice.__init__ assigns its argument
         pass
 
 
-# engine.config.KV_CACHE_DTYPES (spelled out: that module imports torch, aphro --help does not)
-KV_CACHE_DTYPE_CHOICES = ("auto", "fp8", "fp8_e4m3")
-KV_CACHE_DTYPE_HELP = ("KV cache: auto (the model's dtype) or fp8 (e4m3, half the bytes of bf16; "
-                       "values saturate at +-448, no scales; GPUs of compute capability >= 8.9).")
+def quantization_choice() -> LazyChoice:
+    """--quantization's values: engine.layers.quantization's QUANTIZATION_METHODS."""
+    return LazyChoice("engine.layers.quantization.registry", "QUANTIZATION_METHODS")
+
+
+def kv_cache_dtype_choice() -> LazyChoice:
+    """--kv-cache-dtype's values: engine.config.KV_CACHE_DTYPES."""
+    return LazyChoice("engine.config", "KV_CACHE_DTYPES")
+
+
+KV_CACHE_DTYPE_HELP = ("KV cache: auto (the model's dtype) or fp8 (e4m3, half the bytes of bf16, "
+                       "for memory; values saturate at +-448, no scales; GPUs of compute "
+                       "capability >= 8.9).")
 
 _ENGINE_OPTIONS = [
     click.option("--dtype", default="auto", show_default=True,
@@ -55,11 +65,11 @@ _ENGINE_OPTIONS = [
                  default="16", show_default=True, help="Tokens per KV cache block."),
     click.option("--enable-prefix-caching/--no-enable-prefix-caching", default=True,
                  show_default=True, help="Share KV blocks of common prompt prefixes."),
-    click.option("--quantization", "-q", type=QuantizationChoice(), default=None,
+    click.option("--quantization", "-q", type=quantization_choice(), default=None,
                  help="Linear layers: fp8 (FP8 weights and activations, GPUs of compute "
                       "capability >= 8.9), int8 (weight-only); default: the checkpoint's "
                       "quantization_config, else none."),
-    click.option("--kv-cache-dtype", type=click.Choice(KV_CACHE_DTYPE_CHOICES), default="auto",
+    click.option("--kv-cache-dtype", type=kv_cache_dtype_choice(), default="auto",
                  show_default=True, help=KV_CACHE_DTYPE_HELP),
     click.option("--enforce-eager", is_flag=True, help="No CUDA graphs."),
     click.option("--max-logprobs", type=click.IntRange(0), default=20, show_default=True,

@@ -13,7 +13,7 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 from rich.table import Table
 
 from aphro_cli.main import console, err_console, handle_errors
-from aphro_cli.options import KV_CACHE_DTYPE_CHOICES
+from aphro_cli.options import kv_cache_dtype_choice
 from aphro_cli.progress import log_lines
 from engine.errors import AphroError
 
@@ -54,7 +54,7 @@ def _verdict(ok: bool) -> str:
 @click.option("--quantization", "-q", type=click.Choice(QUANTIZATION_CHOICES), default=None,
               help="Quantize the engine's linear layers at load time (HF stays at full "
                    "precision); judged by top-1 agreement, mean KL and greedy prefix.")
-@click.option("--kv-cache-dtype", type=click.Choice(KV_CACHE_DTYPE_CHOICES), default="auto",
+@click.option("--kv-cache-dtype", type=kv_cache_dtype_choice(), default="auto",
               show_default=True, help="The engine's KV cache (fp8: judged by top-1 agreement, "
                                       "mean KL and greedy prefix, as FP8 weights are).")
 @click.option("--min-top1", type=float, help="Override the least top-1 agreement of a run.")

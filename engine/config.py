@@ -163,11 +163,14 @@ class EngineConfig:
         quant = resolve_quantization(quantization, hf_config, dev)
         cache = CacheConfig(block_size, enable_prefix_caching, gpu_memory_utilization,
                             kv_cache_bytes, num_kv_blocks, kv_cache_dtype)
-        if cache.cache_dtype != "auto" and dev.type == "cuda" \
-                and torch.cuda.get_device_capability(dev) < (8, 9):
-            raise ConfigError(f"kv_cache_dtype={kv_cache_dtype!r} needs a GPU of compute "
-                              "capability >= 8.9 (Ada, Hopper) for its FP8 conversions; this "
-                              f"one is {'.'.join(map(str, torch.cuda.get_device_capability(dev)))}")
+        if cache.cache_dtype != "auto" and dev.type == "cuda":
+            from engine.layers.quantization.fp8 import fp8_supported
+
+            if not fp8_supported(dev):
+                raise ConfigError(
+                    f"kv_cache_dtype={kv_cache_dtype!r} needs a GPU of compute capability "
+                    ">= 8.9 (Ada, Hopper) for its FP8 conversions; this one is "
+                    f"{'.'.join(map(str, torch.cuda.get_device_capability(dev)))}")
         parallel = ParallelConfig(tensor_parallel_size, distributed_timeout_s,
                                   shutdown_timeout_s, worker_address)
         check_tp_config(hf_config, parallel.tensor_parallel_size, dev,

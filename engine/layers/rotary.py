@@ -117,11 +117,9 @@ def rope_params_from_config(config) -> dict:
 _TABLES: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
-def _cos_sin_table(rotary_dim: int, max_position: int, rope_params: dict
-                   ) -> tuple[torch.Tensor, int]:
-    """([rows, rotary_dim] float32 cos | sin, long_rows): rows 0 .. max_position - 1 by
-    position; LongRoPE also has rows long_rows .. 2 * long_rows - 1 (long_rows =
-    max_position), long at every position."""
+def _cos_sin_table(rotary_dim: int, max_position: int, rope_params: dict) -> torch.Tensor:
+    """[rows, rotary_dim] float32 cos | sin: rows 0 .. max_position - 1 by position; LongRoPE
+    also has rows max_position .. 2 * max_position - 1, long at every position."""
     base = float(rope_params.get("rope_theta", 10000.0))
     kind = rope_params.get("rope_type", "default")
     inv_freq = _default_inv_freq(base, rotary_dim)
@@ -152,13 +150,11 @@ def _cos_sin_table(rotary_dim: int, max_position: int, rope_params: dict
                           "dynamic, yarn, llama3, longrope")
     t = torch.arange(max_position, dtype=torch.float64) * t_scale
     freqs = torch.outer(t, inv_freq.to(torch.float32).double())
-    long_rows = 0
     if long_freq is not None:  # longrope: other frequencies past the original length
         long_all = torch.outer(t, long_freq.to(torch.float32).double())
         freqs[long_from:] = long_all[long_from:]
         freqs = torch.cat((freqs, long_all))
-        long_rows = max_position
-    return torch.cat((freqs.cos() * mscale, freqs.sin() * mscale), dim=-1).float(), long_rows
+    return torch.cat((freqs.cos() * mscale, freqs.sin() * mscale), dim=-1).float()
 
 
 class RotaryEmbedding(nn.Module):
@@ -170,7 +166,7 @@ class RotaryEmbedding(nn.Module):
                str(torch.get_default_device()))
         table = _TABLES.get(key)
         if table is None:
-            table = _TABLES[key] = _cos_sin_table(rotary_dim, max_position, rope_params)[0]
+            table = _TABLES[key] = _cos_sin_table(rotary_dim, max_position, rope_params)
         # longrope: rows [max_position, 2 * max_position) are long at every position
         self.long_rows = max_position if rope_params.get("rope_type") == "longrope" else 0
         self.register_buffer("cos_sin_cache", table, persistent=False)  # [rows, rotary_dim]
