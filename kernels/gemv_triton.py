@@ -16,6 +16,16 @@ was exact but 1.3-1.7x slower at batch 1 (docs/PERF.md). The quotient x / scale 
 x * (1 / scale) corrected by one fused multiply-add (Markstein): the correctly rounded quotient,
 as the reference's division, at a few instructions per element.
 
+With SPLIT_K > 1 the programs of one BLOCK_N slice each take 1/SPLIT_K of K (more programs in
+flight when N is narrow and K long, e.g. Llama's down projection: 4096 rows of 14336), store
+their float32 partial sums to a workspace and count themselves in on a per-slice counter; the
+program that arrives last adds the others' partials to its own, applies the epilogue, writes y
+and resets the counter for the next call: one kernel, no memset, no second launch. The stores,
+a CTA barrier, then one acquire-release atomic is the order CUDA's own grid synchronization
+relies on; the partials are read past L1 (".cg"), which other SMs' writes do not update. The
+workspace and counters are per device and shared by every call (kernels on one stream run one
+after another): made on the first call at a size, before any CUDA graph captures it.
+
 Meta-parameters come from a small table keyed on the shape (gemv_config), never from autotuning:
 the first call at a shape compiles, a CUDA graph captured after it replays the same launch.
 """
@@ -41,18 +51,20 @@ class GemvConfig:
     block_k: int  # weight columns per step; a step of one row is block_k * element bytes
     num_warps: int
     num_stages: int
+    split_k: int = 1  # programs sharing one BLOCK_N slice, each over 1/split_k of K
 
 
-# (smallest N, BLOCK_N, BLOCK_K in bytes of one weight row, num_warps, num_stages), first match
-# wins. Wide N (gate_up, lm_head) takes 64 rows a program; Llama's 4096 and 6144 take 32 (128
-# and 192 programs on an H200's 132 SMs); narrow shards take 16 with deeper steps so that a
-# program keeps 16 KB of weight in flight per stage.
-# (A split-K variant, o_proj and down at split 2, measured 3.60 -> 3.26 ms fp8 batch-1 TPOT on
-# an H200 but failed a CUDA test with in-kernel quantization: commit 4b6f263, docs/PERF.md.)
-GEMV_TABLE: tuple[tuple[int, int, int, int, int], ...] = (
-    (16384, 64, 256, 4, 3),
-    (3072, 32, 512, 4, 4),
-    (0, 16, 1024, 2, 4),
+# (smallest N, smallest K, BLOCK_N, BLOCK_K in bytes of one weight row, num_warps, num_stages,
+# split_k), first match wins. From a sweep of the 8-bit weights at M = 1 on an H200 (run 7b,
+# docs/PERF.md): wide N (gate_up, the LM head) takes 64 rows a program; 6144 (Llama's qkv) 64
+# rows with deeper steps; 4096 x 4096 and longer (o_proj, down) split K in two, 128 programs;
+# narrow shards take 16 rows with deeper steps so a program keeps 16 KB in flight per stage.
+GEMV_TABLE: tuple[tuple[int, int, int, int, int, int, int], ...] = (
+    (16384, 0, 64, 256, 4, 3, 1),
+    (6144, 0, 64, 512, 4, 4, 1),
+    (4096, 4096, 64, 512, 4, 4, 2),
+    (3072, 0, 32, 512, 4, 4, 1),
+    (0, 0, 16, 1024, 2, 4, 1),
 )
 
 
@@ -65,14 +77,39 @@ SMEM_BUDGET = 200 * 1024
 def gemv_config(n: int, k: int, weight_bytes: int, x_bytes: int = 2) -> GemvConfig:
     """The table's launch for a weight [n, k] of `weight_bytes`-byte elements and activations
     of `x_bytes`-byte elements."""
-    for min_n, block_n, row_bytes, warps, stages in GEMV_TABLE:
-        if n >= min_n:
+    for min_n, min_k, block_n, row_bytes, warps, stages, split in GEMV_TABLE:
+        if n >= min_n and k >= min_k:
             block_k = min(row_bytes // weight_bytes, max(16, next_pow2(k)))
             while block_k > 16 and stages * block_k * (
                     block_n * weight_bytes + DOT_ROWS * x_bytes) > SMEM_BUDGET:
                 block_k //= 2
-            return GemvConfig(block_n, block_k, warps, stages)
-    raise AssertionError("GEMV_TABLE ends with a row for every N")
+            return GemvConfig(block_n, block_k, warps, stages,
+                              max(1, min(split, triton.cdiv(k, block_k))))
+    raise AssertionError("GEMV_TABLE ends with a row for every shape")
+
+
+_split_buffers: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+_retired: list[torch.Tensor] = []  # outgrown buffers: a graph captured earlier may still use them
+
+
+def split_buffers(device: torch.device, partial_floats: int, counters: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The device's split-K workspace (float32) and zeroed counters (int32), at least the
+    sizes asked. Grown only outside CUDA graph capture, and an outgrown buffer is kept alive,
+    never handed back to the allocator: a graph captured before keeps writing to it."""
+    ws, cnt = _split_buffers.get(device, (None, None))
+    if ws is None or ws.numel() < partial_floats or cnt.numel() < counters:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("the split-K GEMV's workspace must be made before CUDA graph "
+                               "capture: run the shape once first (the engine's warm-up does)")
+        if ws is not None:
+            _retired.extend((ws, cnt))
+        ws = torch.empty(max(partial_floats, ws.numel() if ws is not None else 0),
+                         dtype=torch.float32, device=device)
+        cnt = torch.zeros(max(counters, cnt.numel() if cnt is not None else 0, 1024),
+                          dtype=torch.int32, device=device)
+        _split_buffers[device] = (ws, cnt)
+    return ws, cnt
 
 
 @triton.jit
@@ -89,8 +126,9 @@ def _to_e4m3(v, s, r, FP8_MAX: tl.constexpr, ROUND: tl.constexpr):
 
 @triton.jit
 def _gemv_kernel(
-    x_ptr, w_ptr, ws_ptr, b_ptr, xs_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, AMAX_K: tl.constexpr,
+    x_ptr, w_ptr, ws_ptr, b_ptr, xs_ptr, y_ptr, part_ptr, count_ptr,
+    M, N, K, K_SPLIT, stride_xm, stride_wn, stride_ym,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, AMAX_K: tl.constexpr, SPLIT_K: tl.constexpr,
     ONE_ROW: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
     QUANT: tl.constexpr, STATIC: tl.constexpr, UPCAST: tl.constexpr, ROUND: tl.constexpr,
     FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr, DOT_ROWS: tl.constexpr,
@@ -127,9 +165,11 @@ def _gemv_kernel(
         r = tl.math.div_rn(s * 0.0 + 1.0, s)
 
     acc = tl.zeros((DOT_ROWS, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_start = tl.program_id(1) * K_SPLIT  # 0 and K without split-K
+    k_end = tl.minimum(k_start + K_SPLIT, K)
+    for k0 in range(k_start, k_end, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = k < K
+        k_ok = k < k_end
         w = tl.load(w_rows + k[None, :], mask=n_ok[:, None] & k_ok[None, :],
                     other=0.0)  # [BN, BK]
         if QUANT and ONE_ROW:  # quantize the one row; the 16 dot rows are copies of it
@@ -151,6 +191,24 @@ def _gemv_kernel(
         else:  # e4m3 / int8 values are exact in fp16 / bf16
             acc += tl.dot(xt, tl.trans(w.to(xt.dtype)))
 
+    y_ok = m_ok[:, None] & n_ok[None, :]
+    if SPLIT_K > 1:  # the last of the slice's programs to finish adds up and writes y
+        part_rows = offs_m[:, None] * N + offs_n[None, :]  # [16, BN] in one [M, N] partial
+        split = tl.program_id(1)
+        tl.store(part_ptr + split * M * N + part_rows, acc, mask=y_ok)
+        tl.debug_barrier()  # every thread's partial stored before the release below
+        arrived = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel", scope="gpu")
+        # last: [16, BN], true everywhere in the program that arrived last (a comparison of
+        # full tiles: the interpreter mishandles a scalar mask); the others only store
+        last = y_ok & ((tl.zeros((DOT_ROWS, BLOCK_N), tl.int32) + arrived) == SPLIT_K - 1)
+        for i in range(SPLIT_K - 1):  # every other program's partial
+            other = i + (i >= split).to(tl.int32)
+            acc += tl.load(part_ptr + other * M * N + part_rows, mask=last, other=0.0,
+                           cache_modifier=".cg")
+        tl.atomic_xchg(count_ptr + pid, 0, mask=arrived == SPLIT_K - 1, sem="relaxed",
+                       scope="gpu")  # for the next call
+        y_ok = last
+
     if QUANT:
         acc = acc * s
     if HAS_SCALE:
@@ -158,7 +216,7 @@ def _gemv_kernel(
     if HAS_BIAS:
         acc = acc + tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :],
-             acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+             acc.to(y_ptr.dtype.element_ty), mask=y_ok)
 
 
 def gemv_triton(
@@ -194,11 +252,21 @@ def gemv_triton(
         return y
     cfg = config or gemv_config(n, k, weight.element_size(), x.element_size())
     amax_k = min(next_pow2(k), 8192 if m == 1 else 512)
-    _gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
+    slices = triton.cdiv(n, cfg.block_n)
+    # K per program: a whole number of BLOCK_K steps, so only the last program's last step
+    # is masked; fewer programs than asked when K is too short for them all
+    k_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
+    split = triton.cdiv(k, k_split)
+    # sized for GEMV_MAX_TOKENS rows whatever m is: the warm-up of the first captured batch
+    # size then makes it big enough for every later one
+    part, count = (split_buffers(x.device, split * GEMV_MAX_TOKENS * n, slices) if split > 1
+                   else (y, y))
+    _gemv_kernel[(slices, split)](
         x, weight, weight_scale if weight_scale is not None else y,
         bias if bias is not None else y, input_scale if input_scale is not None else y, y,
-        m, n, k, x.stride(0), weight.stride(0), y.stride(0),
-        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, AMAX_K=amax_k, ONE_ROW=m == 1,
+        part, count, m, n, k, k_split, x.stride(0), weight.stride(0), y.stride(0),
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, AMAX_K=amax_k, SPLIT_K=split,
+        ONE_ROW=m == 1,
         HAS_SCALE=weight_scale is not None, HAS_BIAS=bias is not None, QUANT=quantize_input,
         STATIC=input_scale is not None, UPCAST=interpreting() or x.dtype == torch.float32,
         ROUND=interpreting(), FP8_MAX=FP8_MAX, MIN_SCALE=MIN_SCALE, DOT_ROWS=DOT_ROWS,

@@ -28,6 +28,8 @@ ULP = {torch.float32: 1e-5, torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10
 E4M3 = torch.arange(256, dtype=torch.uint8).view(FP8_DTYPE).float()
 E4M3 = E4M3[~E4M3.isnan()].unique()  # every finite e4m3 value, sorted
 SMALL = GemvConfig(block_n=16, block_k=32, num_warps=2, num_stages=2)  # several N and K steps
+# three programs per N slice over K (the last adds the others' partials): K split unevenly
+SPLIT = GemvConfig(block_n=16, block_k=32, num_warps=2, num_stages=2, split_k=3)
 
 
 def weight_of(dtype: torch.dtype, n: int, k: int) -> torch.Tensor:
@@ -65,7 +67,7 @@ def test_gemv_triton_equals_reference(m, n, k, x_dtype, w_kind):
     scale = torch.rand(n, device=DEV) * 0.05 + 1e-3
     bias = torch.randn(n, device=DEV).to(x_dtype)
     for kwargs in ({}, {"weight_scale": scale}, {"weight_scale": scale, "bias": bias}):
-        for config in (None, SMALL):
+        for config in (None, SMALL, SPLIT):
             got = gemv_triton(x, w, config=config, **kwargs)
             assert_close_ulp(got, gemv_ref(x, w, **kwargs))
 
@@ -82,10 +84,27 @@ def test_gemv_fp8_quantized_input_equals_the_fp8_reference(m, n, k, x_dtype, sta
     input_scale = torch.tensor([0.02], device=DEV) if static else None
     xq, x_scale = per_token_quant_fp8_ref(x, input_scale)
     ref = fp8_matmul(xq, x_scale, wq, w_scale, x_dtype, scaled_mm=False)
-    for config in (None, SMALL):
+    for config in (None, SMALL, SPLIT):
         got = gemv_triton(x, wq, w_scale, quantize_input=True, input_scale=input_scale,
                           config=config)
         assert_close_ulp(got, ref)
+
+
+@pytest.mark.parametrize("split", [2, 4, 7])
+def test_split_k_calls_in_a_row_each_equal_the_reference(split):
+    """The split-K programs count themselves in on shared counters that the last one resets:
+    calls in a row at other shapes and splits (each leaves the counters for the next) all give
+    the reference, and a split larger than K's steps falls back to fewer programs."""
+    from kernels.gemv_triton import split_buffers
+
+    for m, n, k in [(1, 40, 300), (5, 33, 1000), (16, 70, 130), (2, 40, 40)]:
+        x = torch.randn(m, k, device=DEV)
+        w = weight_of(torch.int8, n, k)
+        scale = torch.rand(n, device=DEV) + 0.1
+        config = GemvConfig(16, 32, 2, 2, split)
+        for _ in range(2):
+            assert_close_ulp(gemv_triton(x, w, scale, config=config), gemv_ref(x, w, scale))
+    assert int(split_buffers(torch.device(DEV), 1, 1)[1].abs().sum()) == 0
 
 
 @pytest.mark.parametrize("m", [1, 5, 16])
@@ -128,7 +147,9 @@ def test_gemv_config_table():
     for n in (1, 1024, 4096, 6144, 28672, 128256):
         c2, c1 = gemv_config(n, 4096, 2), gemv_config(n, 4096, 1)
         assert c1.block_n == c2.block_n and c1.block_k == 2 * c2.block_k
+        assert 1 <= c1.split_k <= 4096 // c1.block_k
     assert gemv_config(4096, 40, 1).block_k == 64
+    assert gemv_config(4096, 40, 1).split_k == 1  # one step of K: nothing to split
 
 
 def test_bench_gemv_runs_every_variant():
@@ -179,3 +200,29 @@ def assert_close_rows(got: torch.Tensor, ref: torch.Tensor, rel: float) -> None:
     row_max = ref.double().abs().amax(dim=1, keepdim=True)
     worst = (err / row_max.clamp_min(1e-30)).max().item()
     assert worst <= rel, f"max error {worst:.3g} of the row's largest output (bound {rel})"
+
+
+@pytest.mark.cuda
+@cuda
+def test_split_k_inside_a_cuda_graph():
+    """The engine captures decode in CUDA graphs: a graph of split-K calls (the table's row for
+    Llama's down projection, FP8 with in-kernel quantization) replayed on new inputs gives the
+    reference each time and leaves every counter at zero."""
+    from kernels.gemv_triton import split_buffers
+
+    n, k = 4096, 14336
+    assert gemv_config(n, k, 1).split_k > 1, "the test is of a row that splits K"
+    wq, w_scale = quantize_fp8_per_channel(torch.randn(n, k, device=DEV))
+    x = activations(1, k, torch.bfloat16)
+    gemv_triton(x, wq, w_scale, quantize_input=True)  # compiles, makes the workspace
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = gemv_triton(x, wq, w_scale, quantize_input=True)
+    for _ in range(3):
+        x.copy_(activations(1, k, torch.bfloat16))
+        graph.replay()
+        xq, x_scale = per_token_quant_fp8_ref(x)
+        ref = fp8_matmul(xq, x_scale, wq, w_scale, torch.bfloat16, scaled_mm=False)
+        assert_close_rows(y, ref, 2e-2)
+    torch.cuda.synchronize()
+    assert int(split_buffers(x.device, 1, 1)[1].abs().sum()) == 0
