@@ -26,8 +26,9 @@ relies on; the partials are read past L1 (".cg"), which other SMs' writes do not
 workspace and counters are per device and shared by every call (kernels on one stream run one
 after another): made on the first call at a size, before any CUDA graph captures it.
 
-Meta-parameters come from a small table keyed on the shape (gemv_config), never from autotuning:
-the first call at a shape compiles, a CUDA graph captured after it replays the same launch.
+Meta-parameters come from small tables keyed on the weight kind and shape (gemv_config), never
+from autotuning: the first call at a shape compiles, a CUDA graph captured after it replays the
+same launch.
 """
 
 from __future__ import annotations
@@ -55,17 +56,46 @@ class GemvConfig:
 
 
 # (smallest N, smallest K, BLOCK_N, BLOCK_K in bytes of one weight row, num_warps, num_stages,
-# split_k), first match wins. From a sweep of the 8-bit weights at M = 1 on an H200 (run 7b,
-# docs/PERF.md): wide N (gate_up, the LM head) takes 64 rows a program; 6144 (Llama's qkv) 64
-# rows with deeper steps; 4096 x 4096 and longer (o_proj, down) split K in two, 128 programs;
-# narrow shards take 16 rows with deeper steps so a program keeps 16 KB in flight per stage.
-GEMV_TABLE: tuple[tuple[int, int, int, int, int, int, int], ...] = (
-    (16384, 0, 64, 256, 4, 3, 1),
-    (6144, 0, 64, 512, 4, 4, 1),
-    (4096, 4096, 64, 512, 4, 4, 2),
-    (3072, 0, 32, 512, 4, 4, 1),
-    (0, 0, 16, 1024, 2, 4, 1),
-)
+# split_k), first match wins; one table per weight kind, from sweeps at M = 1 on an H200 (runs 7b
+# and 9b, docs/PERF.md; weights rotated past L2, in a CUDA graph). Wide N (gate_up, the LM head)
+# takes 64 rows a program everywhere; narrow shards 16 rows with deeper steps, so a program
+# keeps 16 KB in flight per stage.
+# - "fp8" (e4m3 x e4m3 MMA): 6144 (Llama's qkv) 64 rows with deeper steps; 4096 x 4096 and
+#   longer (o_proj, down) split K in two, 128 programs.
+# - "int8" (widened in registers): 32-row programs split K in two for qkv and o_proj, down in
+#   four: 14.9 -> 12.0, 10.6 -> 9.7 and 24.8 -> 21.3 us against the fp8 rows.
+# - "dense" (weights in the model dtype: bf16, fp16, float32): no split; the 4096-row shapes
+#   take 32 rows and 1 KB steps.
+GEMV_TABLES: dict[str, tuple[tuple[int, int, int, int, int, int, int], ...]] = {
+    "fp8": (
+        (16384, 0, 64, 256, 4, 3, 1),
+        (6144, 0, 64, 512, 4, 4, 1),
+        (4096, 4096, 64, 512, 4, 4, 2),
+        (3072, 0, 32, 512, 4, 4, 1),
+        (0, 0, 16, 1024, 2, 4, 1),
+    ),
+    "int8": (
+        (16384, 0, 64, 256, 4, 3, 1),
+        (6144, 0, 32, 512, 4, 3, 2),
+        (4096, 8192, 64, 512, 4, 3, 4),
+        (4096, 0, 32, 512, 4, 3, 2),
+        (3072, 0, 32, 512, 4, 4, 1),
+        (0, 0, 16, 1024, 2, 4, 1),
+    ),
+    "dense": (
+        (16384, 0, 64, 256, 4, 3, 1),
+        (6144, 0, 64, 512, 4, 4, 1),
+        (4096, 0, 32, 1024, 4, 4, 1),
+        (3072, 0, 32, 512, 4, 4, 1),
+        (0, 0, 16, 1024, 2, 4, 1),
+    ),
+}
+
+def weight_kind(dtype: torch.dtype) -> str:
+    """The GEMV_TABLES key of a weight dtype."""
+    if dtype == FP8_DTYPE:
+        return "fp8"
+    return "int8" if dtype == torch.int8 else "dense"
 
 
 # the pipelined tiles of one program (stages x (weight tile + the 16 x rows)) stay within this
@@ -74,10 +104,12 @@ GEMV_TABLE: tuple[tuple[int, int, int, int, int, int, int], ...] = (
 SMEM_BUDGET = 200 * 1024
 
 
-def gemv_config(n: int, k: int, weight_bytes: int, x_bytes: int = 2) -> GemvConfig:
-    """The table's launch for a weight [n, k] of `weight_bytes`-byte elements and activations
-    of `x_bytes`-byte elements."""
-    for min_n, min_k, block_n, row_bytes, warps, stages, split in GEMV_TABLE:
+def gemv_config(n: int, k: int, weight_dtype: torch.dtype, x_bytes: int = 2) -> GemvConfig:
+    """The table's launch for a weight [n, k] of `weight_dtype` and activations of
+    `x_bytes`-byte elements."""
+    weight_bytes = torch.empty((), dtype=weight_dtype).element_size()
+    for min_n, min_k, block_n, row_bytes, warps, stages, split in GEMV_TABLES[
+            weight_kind(weight_dtype)]:
         if n >= min_n and k >= min_k:
             block_k = min(row_bytes // weight_bytes, max(16, next_pow2(k)))
             while block_k > 16 and stages * block_k * (
@@ -85,7 +117,7 @@ def gemv_config(n: int, k: int, weight_bytes: int, x_bytes: int = 2) -> GemvConf
                 block_k //= 2
             return GemvConfig(block_n, block_k, warps, stages,
                               max(1, min(split, triton.cdiv(k, block_k))))
-    raise AssertionError("GEMV_TABLE ends with a row for every shape")
+    raise AssertionError("every table ends with a row for every shape")
 
 
 _split_buffers: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -250,7 +282,7 @@ def gemv_triton(
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return y
-    cfg = config or gemv_config(n, k, weight.element_size(), x.element_size())
+    cfg = config or gemv_config(n, k, weight.dtype, x.element_size())
     amax_k = min(next_pow2(k), 8192 if m == 1 else 512)
     slices = triton.cdiv(n, cfg.block_n)
     # K per program: a whole number of BLOCK_K steps, so only the last program's last step

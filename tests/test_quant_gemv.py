@@ -142,14 +142,32 @@ def test_gemv_strided_rows_and_empty():
 
 
 def test_gemv_config_table():
-    """Every row count gets a launch; 1-byte weights take twice the columns of 2-byte ones
-    per step (the same bytes), never more than K needs."""
-    for n in (1, 1024, 4096, 6144, 28672, 128256):
-        c2, c1 = gemv_config(n, 4096, 2), gemv_config(n, 4096, 1)
-        assert c1.block_n == c2.block_n and c1.block_k == 2 * c2.block_k
-        assert 1 <= c1.split_k <= 4096 // c1.block_k
-    assert gemv_config(4096, 40, 1).block_k == 64
-    assert gemv_config(4096, 40, 1).split_k == 1  # one step of K: nothing to split
+    """Every weight kind and row count gets a launch within the row's bytes per step, never
+    more columns than K needs, the pipelined tiles within the shared-memory budget, and a split
+    no larger than K's steps."""
+    from kernels.gemv_triton import DOT_ROWS, GEMV_TABLES, SMEM_BUDGET, weight_kind
+
+    for w_dtype in (torch.bfloat16, torch.float16, torch.float32, torch.int8, FP8_DTYPE):
+        rows = GEMV_TABLES[weight_kind(w_dtype)]
+        assert rows[-1][:2] == (0, 0), "each table ends with a row for every shape"
+        wb = torch.empty((), dtype=w_dtype).element_size()
+        for n in (1, 1024, 4096, 6144, 28672, 128256):
+            for k in (40, 4096, 14336):
+                for xb in (2, 4):
+                    c = gemv_config(n, k, w_dtype, xb)
+                    row = next(r for r in rows if n >= r[0] and k >= r[1])
+                    assert c.block_n == row[2] and c.block_k * wb <= row[3]
+                    assert c.block_k <= max(16, 2 * k)
+                    assert c.block_k == 16 or c.num_stages * c.block_k * (
+                        c.block_n * wb + DOT_ROWS * xb) <= SMEM_BUDGET
+                    assert 1 <= c.split_k <= -(-k // c.block_k)
+    # 1-byte weights take twice the columns of 2-byte ones per step where the rows agree
+    assert gemv_config(28672, 4096, FP8_DTYPE).block_k == 2 * gemv_config(
+        28672, 4096, torch.bfloat16).block_k
+    assert gemv_config(4096, 40, torch.int8).block_k == 64
+    assert gemv_config(4096, 40, FP8_DTYPE).split_k == 1  # one step of K: nothing to split
+    # float32 activations halve the narrow row's steps (4 x (16 KB + 64 KB) would not fit)
+    assert gemv_config(600, 4096, FP8_DTYPE, 4).block_k < gemv_config(600, 4096, FP8_DTYPE).block_k
 
 
 def test_bench_gemv_runs_every_variant():
@@ -211,7 +229,7 @@ def test_split_k_inside_a_cuda_graph():
     from kernels.gemv_triton import split_buffers
 
     n, k = 4096, 14336
-    assert gemv_config(n, k, 1).split_k > 1, "the test is of a row that splits K"
+    assert gemv_config(n, k, FP8_DTYPE).split_k > 1, "the test is of a row that splits K"
     wq, w_scale = quantize_fp8_per_channel(torch.randn(n, k, device=DEV))
     x = activations(1, k, torch.bfloat16)
     gemv_triton(x, wq, w_scale, quantize_input=True)  # compiles, makes the workspace
@@ -226,3 +244,25 @@ def test_split_k_inside_a_cuda_graph():
         assert_close_rows(y, ref, 2e-2)
     torch.cuda.synchronize()
     assert int(split_buffers(x.device, 1, 1)[1].abs().sum()) == 0
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("m", [1, 7, 16, 17])
+def test_unquantized_linear_on_cuda_equals_f_linear(m):
+    """The unquantized method gives decode-sized bf16 batches of a narrow weight to the small-M
+    kernel (and the rest to cuBLAS): x @ W^T + b as F.linear computes it in float32, within the
+    bf16 rounding of a row's largest output, on both sides of GEMV_MAX_TOKENS and of
+    CUBLAS_MIN_ROWS_16BIT."""
+    from types import SimpleNamespace
+
+    from engine.layers.linear_method import UnquantizedLinearMethod
+    from kernels.gemv_ref import CUBLAS_MIN_ROWS_16BIT
+
+    for n, k in ((4096, 4096), (4096, 14336), (CUBLAS_MIN_ROWS_16BIT, 1024)):
+        layer = SimpleNamespace(weight=weight_of(torch.bfloat16, n, k) / k ** 0.5)
+        x = activations(m, k, torch.bfloat16)
+        bias = torch.randn(n, device=DEV, dtype=torch.bfloat16)
+        got = UnquantizedLinearMethod().apply(layer, x, bias)
+        ref = torch.nn.functional.linear(x.float(), layer.weight.float(), bias.float())
+        assert_close_rows(got, ref.to(torch.bfloat16), 2.0 ** -7)

@@ -12,6 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.gemv_ref import CUBLAS_MIN_ROWS_16BIT, GEMV_MAX_TOKENS
+from kernels.ops import gemv
+
 
 def linear_param(data: torch.Tensor, output_dim: int | None = None,
                  input_dim: int | None = None, per_part: bool = False) -> nn.Parameter:
@@ -46,7 +49,9 @@ class LinearMethod:
 
 
 class UnquantizedLinearMethod(LinearMethod):
-    """The weight in the model dtype, F.linear."""
+    """The weight in the model dtype: F.linear (cuBLAS), except decode-sized inputs on CUDA
+    with a 16-bit weight of fewer than CUBLAS_MIN_ROWS_16BIT rows, which take the small-M
+    kernel (kernels/gemv_triton.py): it streams those narrow weights faster than cuBLAS."""
 
     def create_weights(self, layer, input_size_per_partition, output_size_per_partition,
                        params_dtype):
@@ -55,4 +60,9 @@ class UnquantizedLinearMethod(LinearMethod):
         layer.register_parameter("weight", linear_param(weight, output_dim=0, input_dim=1))
 
     def apply(self, layer, x, bias=None):
-        return F.linear(x, layer.weight, bias)
+        w = layer.weight
+        if (x.is_cuda and x.dim() == 2 and x.shape[0] <= GEMV_MAX_TOKENS and x.stride(1) == 1
+                and w.dtype in (torch.bfloat16, torch.float16) and x.dtype == w.dtype
+                and w.shape[0] < CUBLAS_MIN_ROWS_16BIT):
+            return gemv(x, w, None, bias)
+        return F.linear(x, w, bias)
