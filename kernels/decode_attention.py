@@ -2,9 +2,12 @@
 
 One program handles one (sequence, KV head, split): the group's query heads are stacked into the
 rows of one tile, so each KV head's keys and values are read once per group. With more than one
-split (flash-decoding), each split writes a partial output and its log-sum-exp, and a reduce
-kernel combines them. Split ranges are computed in the kernel from each sequence's own context
-length, so any context is covered whatever the split count (safe under CUDA-graph replay).
+split (flash-decoding), each split writes a partial output and its log-sum-exp and counts itself
+in on a per-(sequence, KV head) counter; the split that arrives last combines the others' partials
+with its own, writes the output and resets the counter (one kernel: no second launch for the
+reduction, as in kernels/gemv_triton.py's split-K). Split ranges are computed in the kernel from
+each sequence's own context length, so any context is covered whatever the split count (safe
+under CUDA-graph replay).
 """
 
 from __future__ import annotations
@@ -13,17 +16,26 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_common import LOG2E, dot, next_pow2, num_sms, runtime_args, tanh, upcast_dots
+from kernels.triton_common import (
+    LOG2E,
+    dot,
+    next_pow2,
+    num_sms,
+    persistent_buffer,
+    runtime_args,
+    tanh,
+    upcast_dots,
+)
 
 MAX_SPLITS = 64
 MIN_SPLIT_TOKENS = 256  # below this a split costs more in the reduce than it saves
 
 
 @triton.jit(**runtime_args("block_tables_ptr", "context_lens_ptr", "part_out_ptr", "part_lse_ptr",
-                          "stride_bt", "num_splits"))
+                          "count_ptr", "stride_bt", "num_splits"))
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, alibi_ptr,
-    out_ptr, part_out_ptr, part_lse_ptr,
+    out_ptr, part_out_ptr, part_lse_ptr, count_ptr,
     qk_scale, cap_in, cap_out, window,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_bt,
@@ -93,38 +105,50 @@ def _decode_kernel(
 
     has = l_i > 0.0
     o = acc / tl.where(has, l_i, 1.0)[:, None]
+    out_ptrs = out_ptr + seq * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
     if not SPLIT:
-        tl.store(out_ptr + seq * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
-                 o.to(out_ptr.dtype.element_ty), mask=hd_mask)
+        tl.store(out_ptrs, o.to(out_ptr.dtype.element_ty), mask=hd_mask)
     else:
-        row = (seq * num_heads + heads) * num_splits + split  # [BLOCK_H]
-        tl.store(part_out_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], o, mask=hd_mask)
+        row0 = (seq * num_heads + heads) * num_splits  # [BLOCK_H]: split 0's partial row
         lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
-        tl.store(part_lse_ptr + row, lse, mask=h_mask)
+        tl.store(part_out_ptr + (row0 + split)[:, None] * HEAD_DIM + offs_d[None, :], o,
+                 mask=hd_mask)
+        tl.store(part_lse_ptr + row0 + split, lse, mask=h_mask)
+        tl.debug_barrier()  # every thread's partial stored before the release below
+        counter = count_ptr + seq * tl.num_programs(1) + kvh
+        arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+        # last: [BLOCK_H], true in the split that arrived last (a comparison of full tiles:
+        # the interpreter mishandles a scalar mask); the others only store their partial
+        last = h_mask & ((tl.zeros([BLOCK_H], tl.int32) + arrived) == num_splits - 1)
+        m = lse
+        for i in range(num_splits - 1):  # the largest log-sum-exp of every split's
+            other = i + (i >= split).to(tl.int32)
+            m = tl.maximum(m, tl.load(part_lse_ptr + row0 + other, mask=last,
+                                      other=float("-inf"), cache_modifier=".cg"))
+        m = tl.where(m == float("-inf"), 0.0, m)  # a head no split saw a key for
+        w = tl.exp2(lse - m)  # [BLOCK_H]; 0 for an empty split
+        den = w
+        res = o * w[:, None]
+        for i in range(num_splits - 1):
+            other = i + (i >= split).to(tl.int32)
+            w = tl.exp2(tl.load(part_lse_ptr + row0 + other, mask=last, other=float("-inf"),
+                                cache_modifier=".cg") - m)
+            den += w
+            res += w[:, None] * tl.load(
+                part_out_ptr + (row0 + other)[:, None] * HEAD_DIM + offs_d[None, :],
+                mask=last[:, None] & d_mask[None, :], other=0.0, cache_modifier=".cg")
+        res = res / tl.where(den > 0.0, den, 1.0)[:, None]
+        tl.store(out_ptrs, res.to(out_ptr.dtype.element_ty), mask=last[:, None] & d_mask[None, :])
+        tl.atomic_xchg(counter, 0, mask=arrived == num_splits - 1, sem="relaxed",
+                       scope="gpu")  # for the next call
 
 
-@triton.jit(**runtime_args("part_out_ptr", "part_lse_ptr", "num_splits"))
-def _reduce_kernel(
-    part_out_ptr, part_lse_ptr, out_ptr, stride_ot, stride_oh, num_heads, num_splits,
-    SPLITS_P2: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    seq = tl.program_id(0)
-    head = tl.program_id(1)
-    offs_s = tl.arange(0, SPLITS_P2)
-    offs_d = tl.arange(0, BLOCK_D)
-    s_mask = offs_s < num_splits
-    row = (seq * num_heads + head) * num_splits + offs_s
-    lse = tl.load(part_lse_ptr + row, mask=s_mask, other=float("-inf"))
-    m = tl.max(lse, 0)
-    m = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.exp2(lse - m)  # [SPLITS_P2]; 0 for empty splits
-    o = tl.load(part_out_ptr + row[:, None] * HEAD_DIM + offs_d[None, :],
-                mask=s_mask[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
-    denom = tl.sum(w, 0)
-    res = tl.sum(w[:, None] * o, 0) / tl.where(denom > 0.0, denom, 1.0)
-    tl.store(out_ptr + seq * stride_ot + head * stride_oh + offs_d,
-             res.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
+def split_counters(device: torch.device, n: int) -> torch.Tensor:
+    """The zeroed arrival counters of split decode, one per (sequence, KV head), that the
+    kernel leaves at zero (triton_common.persistent_buffer: made before any graph captures
+    them). Split decode only runs with fewer than 3 programs per SM, so 1024 covers the
+    engine's batches."""
+    return persistent_buffer("decode counters", device, max(n, 1024), torch.int32, zeroed=True)
 
 
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_context_len: int,
@@ -190,15 +214,16 @@ def paged_decode_attention_triton(
                                dtype=torch.float32, device=query.device)
         part_lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32,
                                device=query.device)
+        count = split_counters(query.device, num_seqs * num_kv_heads)
     else:
-        part_out = part_lse = out  # unused
+        part_out = part_lse = count = out  # unused
     use_alibi = alibi_slopes is not None
     use_softcap = bool(logits_soft_cap)
     cap = float(logits_soft_cap) if use_softcap else 1.0
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         query, key_cache, value_cache, block_tables, context_lens,
         alibi_slopes if use_alibi else query,
-        out, part_out, part_lse,
+        out, part_out, part_lse, count,
         scale * LOG2E, scale / cap, cap * LOG2E, int(sliding_window or 0),
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
@@ -211,10 +236,4 @@ def paged_decode_attention_triton(
         KV_FP8=key_cache.dtype == torch.float8_e4m3fn and query.element_size() == 2,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    if num_splits > 1:
-        _reduce_kernel[(num_seqs, num_heads)](
-            part_out, part_lse, out, out.stride(0), out.stride(1), num_heads, num_splits,
-            SPLITS_P2=next_pow2(num_splits), HEAD_DIM=head_dim,
-            BLOCK_D=next_pow2(head_dim), num_warps=4,
-        )
     return out

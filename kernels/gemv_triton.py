@@ -41,7 +41,7 @@ import triton.language as tl
 
 from kernels.gemv_ref import GEMV_MAX_TOKENS
 from kernels.quant_ref import FP8_DTYPE, FP8_MAX, MIN_SCALE
-from kernels.triton_common import interpreting, next_pow2, round_to_e4m3
+from kernels.triton_common import interpreting, next_pow2, persistent_buffer, round_to_e4m3
 
 DOT_ROWS = 16  # tl.dot's smallest M: x is padded to this many rows (masked)
 
@@ -120,28 +120,13 @@ def gemv_config(n: int, k: int, weight_dtype: torch.dtype, x_bytes: int = 2) -> 
     raise AssertionError("every table ends with a row for every shape")
 
 
-_split_buffers: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-_retired: list[torch.Tensor] = []  # outgrown buffers: a graph captured earlier may still use them
-
-
 def split_buffers(device: torch.device, partial_floats: int, counters: int
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """The device's split-K workspace (float32) and zeroed counters (int32), at least the
-    sizes asked. Grown only outside CUDA graph capture, and an outgrown buffer is kept alive,
-    never handed back to the allocator: a graph captured before keeps writing to it."""
-    ws, cnt = _split_buffers.get(device, (None, None))
-    if ws is None or ws.numel() < partial_floats or cnt.numel() < counters:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("the split-K GEMV's workspace must be made before CUDA graph "
-                               "capture: run the shape once first (the engine's warm-up does)")
-        if ws is not None:
-            _retired.extend((ws, cnt))
-        ws = torch.empty(max(partial_floats, ws.numel() if ws is not None else 0),
-                         dtype=torch.float32, device=device)
-        cnt = torch.zeros(max(counters, cnt.numel() if cnt is not None else 0, 1024),
-                          dtype=torch.int32, device=device)
-        _split_buffers[device] = (ws, cnt)
-    return ws, cnt
+    sizes asked (triton_common.persistent_buffer: made before any graph captures them)."""
+    return (persistent_buffer("gemv partials", device, partial_floats, torch.float32),
+            persistent_buffer("gemv counters", device, max(counters, 1024), torch.int32,
+                              zeroed=True))
 
 
 @triton.jit

@@ -36,6 +36,30 @@ def runtime_args(*names: str) -> dict:
             if k in params}
 
 
+_persistent: dict[tuple[str, torch.device], torch.Tensor] = {}
+_retired: list[torch.Tensor] = []  # outgrown buffers: a graph captured earlier may still use them
+
+
+def persistent_buffer(name: str, device: torch.device, numel: int, dtype: torch.dtype,
+                      zeroed: bool = False) -> torch.Tensor:
+    """The device's buffer `name` of at least `numel` elements, kept across calls and CUDA
+    graph replays (split partials, the arrival counters of a last-program reduction, which the
+    kernels leave at zero). Grown only outside graph capture (the engine's warm-up runs every
+    shape first), and an outgrown buffer is kept alive, never handed back to the allocator: a
+    graph captured before keeps using it."""
+    buf = _persistent.get((name, device))
+    if buf is None or buf.numel() < numel:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"the kernels' {name} buffer must be made before CUDA graph "
+                               "capture: run the shape once first (the engine's warm-up does)")
+        if buf is not None:
+            _retired.append(buf)
+        size = max(numel, buf.numel() if buf is not None else 0)
+        buf = (torch.zeros if zeroed else torch.empty)(size, dtype=dtype, device=device)
+        _persistent[(name, device)] = buf
+    return buf
+
+
 def next_pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 

@@ -24,6 +24,7 @@ from kernels.attention_triton import (
 from kernels.decode_attention import (
     choose_num_splits,
     paged_decode_attention_triton,
+    split_counters,
 )
 from kernels.elementwise_ref import (
     gelu_and_mul_ref,
@@ -132,6 +133,48 @@ def test_decode_attention(case):
                                   head_dim ** -0.5, d["slopes"], window, cap,
                                   num_splits=splits, out=out)
     assert rel_err(out, ref) < TOL[dtype]
+
+
+def test_split_decode_calls_in_a_row_leave_the_counters_at_zero():
+    """The splits of a (sequence, KV head) count themselves in on a shared counter that the
+    last one resets: calls in a row at other batch sizes and split counts (each leaving the
+    counters to the next) all equal the reference, and the counters end at zero."""
+    for ctx_lens, splits in (([150, 3, 70], 3), ([40, 200], 5), ([1, 100, 33, 64], 2)):
+        q_lens = [1] * len(ctx_lens)
+        d = paged_inputs(ctx_lens, q_lens, 8, 2, 64, 16, torch.float16, False)
+        ref = attention_ref(d, q_lens, ctx_lens, None, None)
+        for _ in range(2):
+            out = nan_like(d["query"])
+            paged_decode_attention_triton(d["query"], d["k_tri"], d["v_tri"], d["bt_tri"],
+                                          d["ctx"], 64 ** -0.5, num_splits=splits, out=out)
+            assert rel_err(out, ref) < TOL[torch.float16]
+    assert int(split_counters(torch.device(DEV), 1).abs().sum()) == 0
+
+
+@pytest.mark.cuda
+@cuda
+def test_split_decode_inside_a_cuda_graph():
+    """Decode runs in captured CUDA graphs: a graph of a split decode call replayed on new
+    queries gives the reference each time and leaves the counters at zero."""
+    ctx_lens = [3000, 1, 700]
+    q_lens = [1] * len(ctx_lens)
+    d = paged_inputs(ctx_lens, q_lens, 32, 8, 128, 16, torch.bfloat16, False)
+    out = torch.empty_like(d["query"])
+
+    def call():
+        paged_decode_attention_triton(d["query"], d["k_tri"], d["v_tri"], d["bt_tri"],
+                                      d["ctx"], 128 ** -0.5, max_context_len=4096, out=out)
+
+    call()  # compiles, makes the counters
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    for _ in range(3):
+        d["query"].copy_(torch.randn_like(d["query"]))
+        graph.replay()
+        assert rel_err(out, attention_ref(d, q_lens, ctx_lens, None, None)) < TOL[torch.bfloat16]
+    torch.cuda.synchronize()
+    assert int(split_counters(torch.device(DEV), 1).abs().sum()) == 0
 
 
 def test_choose_num_splits():
