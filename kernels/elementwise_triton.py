@@ -8,7 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_common import next_pow2, runtime_args, tanh
+from kernels.quant_ref import FP8_DTYPE, FP8_MAX
+from kernels.triton_common import interpreting, next_pow2, round_to_e4m3, runtime_args, tanh
 
 
 def _warps(block: int) -> int:
@@ -79,22 +80,39 @@ def rms_norm_triton(
 
 
 @triton.jit
-def _rotate_heads(x_ptr, o_ptr, t, t_mask, stride_xt, stride_ot, num_heads, cos, sin,
+def _cast_out(y, x_ptr, o_ptr, FP8: tl.constexpr, FP8_MAX: tl.constexpr, ROUND: tl.constexpr):
+    """y (float32, or already x's dtype) as o's elements: rounded to x's dtype first, as the
+    unfused path's rotated tensor is; for an FP8 cache then saturated at +-FP8_MAX, as
+    reshape_and_cache writes it."""
+    y = y.to(x_ptr.dtype.element_ty)
+    if FP8:
+        y = tl.clamp(y.to(tl.float32), -FP8_MAX, FP8_MAX)
+        if ROUND:  # the interpreter's own conversion rounds some values wrongly
+            y = round_to_e4m3(y)
+    return y.to(o_ptr.dtype.element_ty)
+
+
+@triton.jit
+def _rotate_heads(x_ptr, o_ptr, t, o_rows, t_mask, stride_xt, stride_ot, num_heads, cos, sin,
                   HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_T: tl.constexpr,
                   BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_REST: tl.constexpr,
-                  NEOX: tl.constexpr, COPY_REST: tl.constexpr):
-    """Rotates heads [0, num_heads) of tokens t: one [BLOCK_T, BLOCK_H, dims] tile."""
+                  NEOX: tl.constexpr, COPY_REST: tl.constexpr, FP8: tl.constexpr,
+                  FP8_MAX: tl.constexpr, ROUND: tl.constexpr):
+    """Rotates heads [0, num_heads) of tokens t into rows o_rows of o: one [BLOCK_T, BLOCK_H,
+    dims] tile."""
     h = tl.arange(0, BLOCK_H)
     th_mask = t_mask[:, None, None] & (h < num_heads)[None, :, None]
     x_base = x_ptr + t[:, None, None] * stride_xt + h[None, :, None] * HEAD_DIM
-    o_base = o_ptr + t[:, None, None] * stride_ot + h[None, :, None] * HEAD_DIM
+    o_base = o_ptr + o_rows[:, None, None] * stride_ot + h[None, :, None] * HEAD_DIM
     if NEOX:
         i = tl.arange(0, BLOCK_HALF)[None, None, :]
         mask = th_mask & (i < HALF)
         x1 = tl.load(x_base + i, mask=mask, other=0.0).to(tl.float32)
         x2 = tl.load(x_base + HALF + i, mask=mask, other=0.0).to(tl.float32)
-        tl.store(o_base + i, (x1 * cos - x2 * sin).to(o_ptr.dtype.element_ty), mask=mask)
-        tl.store(o_base + HALF + i, (x2 * cos + x1 * sin).to(o_ptr.dtype.element_ty), mask=mask)
+        tl.store(o_base + i, _cast_out(x1 * cos - x2 * sin, x_ptr, o_ptr, FP8, FP8_MAX, ROUND),
+                 mask=mask)
+        tl.store(o_base + HALF + i,
+                 _cast_out(x2 * cos + x1 * sin, x_ptr, o_ptr, FP8, FP8_MAX, ROUND), mask=mask)
     else:  # interleaved pairs: load the rotated span whole and split it into (even, odd)
         i = tl.arange(0, 2 * BLOCK_HALF)[None, None, :]
         mask = th_mask & (i < 2 * HALF)
@@ -102,11 +120,25 @@ def _rotate_heads(x_ptr, o_ptr, t, t_mask, stride_xt, stride_ot, num_heads, cos,
         x1, x2 = tl.split(tl.reshape(x, (BLOCK_T, BLOCK_H, BLOCK_HALF, 2)))
         o = tl.join(x1 * cos - x2 * sin, x2 * cos + x1 * sin)
         o = tl.reshape(o, (BLOCK_T, BLOCK_H, 2 * BLOCK_HALF))
-        tl.store(o_base + i, o.to(o_ptr.dtype.element_ty), mask=mask)
+        tl.store(o_base + i, _cast_out(o, x_ptr, o_ptr, FP8, FP8_MAX, ROUND), mask=mask)
     if COPY_REST:
         r = 2 * HALF + tl.arange(0, BLOCK_REST)[None, None, :]
         r_mask = th_mask & (r < HEAD_DIM)
-        tl.store(o_base + r, tl.load(x_base + r, mask=r_mask), mask=r_mask)
+        tl.store(o_base + r, _cast_out(tl.load(x_base + r, mask=r_mask), x_ptr, o_ptr, FP8,
+                                       FP8_MAX, ROUND), mask=r_mask)
+
+
+@triton.jit
+def _cos_sin(pos_ptr, cache_ptr, t, t_mask, stride_c, HALF: tl.constexpr,
+             BLOCK_HALF: tl.constexpr):
+    """cos and sin of tokens t's positions: [BLOCK_T, 1, BLOCK_HALF] each, float32."""
+    pos = tl.load(pos_ptr + t, mask=t_mask, other=0).to(tl.int64)
+    i = tl.arange(0, BLOCK_HALF)
+    cs_mask = t_mask[:, None] & (i < HALF)[None, :]
+    cs = cache_ptr + pos[:, None] * stride_c + i[None, :]
+    cos = tl.load(cs, mask=cs_mask, other=0.0).to(tl.float32)[:, None, :]
+    sin = tl.load(cs + HALF, mask=cs_mask, other=0.0).to(tl.float32)[:, None, :]
+    return cos, sin
 
 
 @triton.jit(**runtime_args("pos_ptr", "num_tokens"))
@@ -120,16 +152,45 @@ def _rotary_kernel(
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     t_mask = t < num_tokens
     t = t.to(tl.int64)
-    pos = tl.load(pos_ptr + t, mask=t_mask, other=0).to(tl.int64)
-    i = tl.arange(0, BLOCK_HALF)
-    cs_mask = t_mask[:, None] & (i < HALF)[None, :]
-    cs = cache_ptr + pos[:, None] * stride_c + i[None, :]
-    cos = tl.load(cs, mask=cs_mask, other=0.0).to(tl.float32)[:, None, :]  # [T, 1, HALF]
-    sin = tl.load(cs + HALF, mask=cs_mask, other=0.0).to(tl.float32)[:, None, :]
-    _rotate_heads(q_ptr, qo_ptr, t, t_mask, stride_qt, stride_qot, num_q_heads, cos, sin,
-                  HEAD_DIM, HALF, BLOCK_T, BLOCK_HQ, BLOCK_HALF, BLOCK_REST, NEOX, COPY_REST)
-    _rotate_heads(k_ptr, ko_ptr, t, t_mask, stride_kt, stride_kot, num_k_heads, cos, sin,
-                  HEAD_DIM, HALF, BLOCK_T, BLOCK_HK, BLOCK_HALF, BLOCK_REST, NEOX, COPY_REST)
+    cos, sin = _cos_sin(pos_ptr, cache_ptr, t, t_mask, stride_c, HALF, BLOCK_HALF)
+    _rotate_heads(q_ptr, qo_ptr, t, t, t_mask, stride_qt, stride_qot, num_q_heads, cos, sin,
+                  HEAD_DIM, HALF, BLOCK_T, BLOCK_HQ, BLOCK_HALF, BLOCK_REST, NEOX, COPY_REST,
+                  False, 0.0, False)
+    _rotate_heads(k_ptr, ko_ptr, t, t, t_mask, stride_kt, stride_kot, num_k_heads, cos, sin,
+                  HEAD_DIM, HALF, BLOCK_T, BLOCK_HK, BLOCK_HALF, BLOCK_REST, NEOX, COPY_REST,
+                  False, 0.0, False)
+
+
+@triton.jit(**runtime_args("pos_ptr", "slot_ptr", "num_tokens"))
+def _rotary_cache_kernel(
+    pos_ptr, slot_ptr, q_ptr, k_ptr, v_ptr, qo_ptr, kc_ptr, vc_ptr, cache_ptr, num_tokens,
+    num_q_heads, num_k_heads, stride_qt, stride_kt, stride_vt, stride_qot, stride_kcs,
+    stride_vcs, stride_c,
+    HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    BLOCK_REST: tl.constexpr, BLOCK_D: tl.constexpr, NEOX: tl.constexpr,
+    COPY_REST: tl.constexpr, FP8: tl.constexpr, FP8_MAX: tl.constexpr, ROUND: tl.constexpr,
+):
+    """q rotated into qo; k rotated and v as it is into their cache slots (a slot < 0 is a
+    padding token: not written). A cache slot is one row of stride_kcs / stride_vcs."""
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_mask = t < num_tokens
+    t = t.to(tl.int64)
+    cos, sin = _cos_sin(pos_ptr, cache_ptr, t, t_mask, stride_c, HALF, BLOCK_HALF)
+    _rotate_heads(q_ptr, qo_ptr, t, t, t_mask, stride_qt, stride_qot, num_q_heads, cos, sin,
+                  HEAD_DIM, HALF, BLOCK_T, BLOCK_HQ, BLOCK_HALF, BLOCK_REST, NEOX, COPY_REST,
+                  False, 0.0, False)
+    slot = tl.load(slot_ptr + t, mask=t_mask, other=-1).to(tl.int64)
+    s_mask = t_mask & (slot >= 0)
+    _rotate_heads(k_ptr, kc_ptr, t, slot, s_mask, stride_kt, stride_kcs, num_k_heads, cos, sin,
+                  HEAD_DIM, HALF, BLOCK_T, BLOCK_HK, BLOCK_HALF, BLOCK_REST, NEOX, COPY_REST,
+                  FP8, FP8_MAX, ROUND)
+    h = tl.arange(0, BLOCK_HK)[None, :, None]
+    d = tl.arange(0, BLOCK_D)[None, None, :]
+    mask = s_mask[:, None, None] & (h < num_k_heads) & (d < HEAD_DIM)
+    v = tl.load(v_ptr + t[:, None, None] * stride_vt + h * HEAD_DIM + d, mask=mask)
+    tl.store(vc_ptr + slot[:, None, None] * stride_vcs + h * HEAD_DIM + d,
+             _cast_out(v, v_ptr, vc_ptr, FP8, FP8_MAX, ROUND), mask=mask)
 
 
 def _rotary_out(x: torch.Tensor, head_dim: int, inplace: bool,
@@ -178,6 +239,52 @@ def rotary_triton(
         num_warps=4 if block_t * block_hq * block_half <= 2048 else 8,
     )
     return q_out, k_out
+
+
+def rotary_and_cache_triton(
+    positions: torch.Tensor,  # [num_tokens]
+    query: torch.Tensor,  # [num_tokens, num_heads * head_dim]
+    key: torch.Tensor,  # [num_tokens, num_kv_heads * head_dim]
+    value: torch.Tensor,  # [num_tokens, num_kv_heads * head_dim]
+    cos_sin_cache: torch.Tensor,  # [max_position, rotary_dim] = cat(cos, sin) float32
+    head_dim: int,
+    is_neox: bool,
+    key_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,  # [num_tokens] int64; negative = skip (padding)
+) -> torch.Tensor:
+    """rotary_triton and reshape_and_cache_triton in one kernel: returns the query rotated (a
+    new tensor); the key rotated and the value go straight to their cache slots, with the
+    values, roundings and saturation of the two kernels one after the other."""
+    num_tokens = query.shape[0]
+    assert cos_sin_cache.stride(-1) == 1 and positions.shape[0] == num_tokens
+    assert key.shape == value.shape and key.shape[0] == num_tokens
+    assert key.stride(-1) == 1 and value.stride(-1) == 1
+    num_q, num_k = query.shape[1] // head_dim, key.shape[1] // head_dim
+    for cache in (key_cache, value_cache):  # a slot is one evenly strided row of heads
+        assert cache.shape[1:] == key_cache.shape[1:] and cache.shape[2:] == (num_k, head_dim)
+        assert cache.stride(3) == 1 and cache.stride(2) == head_dim
+        assert cache.stride(0) == cache.shape[1] * cache.stride(1)
+    assert slot_mapping.shape[0] >= num_tokens
+    q_out = _rotary_out(query, head_dim, False, None)
+    if num_tokens == 0:
+        return q_out
+    rot = cos_sin_cache.shape[1]
+    block_hq, block_hk, block_half = next_pow2(num_q), next_pow2(num_k), next_pow2(rot // 2)
+    block_t = max(1, min(16, 8192 // (block_hq * block_half * 2)))
+    _rotary_cache_kernel[(triton.cdiv(num_tokens, block_t),)](
+        positions.contiguous(), slot_mapping.contiguous(), query, key, value, q_out, key_cache,
+        value_cache, cos_sin_cache, num_tokens, num_q, num_k, query.stride(0), key.stride(0),
+        value.stride(0), q_out.stride(0), key_cache.stride(1), value_cache.stride(1),
+        cos_sin_cache.stride(0),
+        HEAD_DIM=head_dim, HALF=rot // 2, BLOCK_T=block_t, BLOCK_HQ=block_hq,
+        BLOCK_HK=block_hk, BLOCK_HALF=block_half,
+        BLOCK_REST=next_pow2(max(head_dim - rot, 1)), BLOCK_D=next_pow2(head_dim),
+        NEOX=is_neox, COPY_REST=rot < head_dim, FP8=key_cache.dtype == FP8_DTYPE,
+        FP8_MAX=FP8_MAX, ROUND=interpreting(),
+        num_warps=4 if block_t * block_hq * block_half <= 2048 else 8,
+    )
+    return q_out
 
 
 @triton.jit

@@ -29,6 +29,7 @@ def _triton() -> types.SimpleNamespace | None:
         reshape_and_cache=attention_triton.reshape_and_cache_triton,
         rms_norm=elementwise_triton.rms_norm_triton,
         rotary=elementwise_triton.rotary_triton,
+        rotary_and_cache=elementwise_triton.rotary_and_cache_triton,
         silu_and_mul=elementwise_triton.silu_and_mul_triton,
         gelu_and_mul=elementwise_triton.gelu_and_mul_triton,
         per_token_quant_fp8=quant_triton.per_token_quant_fp8_triton,
@@ -82,6 +83,23 @@ def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Te
     if tri is not None:
         return tri.rotary(positions, query, key, cos_sin_cache, head_dim, is_neox)
     return rotary_ref(positions, query, key, cos_sin_cache, head_dim, is_neox)
+
+
+def rotary_and_cache(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
+                     value: torch.Tensor, cos_sin_cache: torch.Tensor, head_dim: int,
+                     is_neox: bool, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                     slot_mapping: torch.Tensor) -> torch.Tensor:
+    """rotary_embedding, then reshape_and_cache of the rotated key and the value: returns the
+    rotated query. One kernel on CUDA (the rotated key is never written anywhere else)."""
+    tri = _use_triton(query)
+    if tri is not None:
+        return tri.rotary_and_cache(positions, query, key, value, cos_sin_cache, head_dim,
+                                    is_neox, key_cache, value_cache, slot_mapping)
+    query, key = rotary_ref(positions, query, key, cos_sin_cache, head_dim, is_neox)
+    heads = (key.shape[0], -1, head_dim)
+    reshape_and_cache_ref(key.view(heads), value.view(heads), key_cache, value_cache,
+                          slot_mapping)
+    return query
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

@@ -352,6 +352,53 @@ def test_rotary(is_neox, rotary_dim, tokens=5, heads=3, kv_heads=1, head_dim=64)
     assert rel_err(q2, ref_q) < EW_TOL and rel_err(k2, ref_k) < EW_TOL
 
 
+@pytest.mark.parametrize("is_neox", [True, False])
+@pytest.mark.parametrize("rotary_dim", [64, 32])  # full and partial rotary
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float8_e4m3fn])
+def test_rotary_and_cache(is_neox, rotary_dim, cache_dtype, tokens=21, heads=6, kv_heads=2,
+                          head_dim=64, bs=16, num_blocks=4):
+    """The fused kernel gives the rotary kernel's query and writes exactly what the rotary
+    then reshape_and_cache kernels write (the rotated key rounded to bf16 before the cache's
+    dtype, the value as it is), skipping padding slots; and both match the torch references
+    (the rotated key within a bf16 ulp, the value exactly)."""
+    from kernels.elementwise_triton import rotary_and_cache_triton
+
+    cache = torch.randn(50, rotary_dim, device=DEV) * 2  # any cos/sin values test the math
+    pos = torch.randint(0, 50, (tokens,), device=DEV)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, dtype=torch.bfloat16,
+                      device=DEV) * 100  # past e4m3's +-448 once rotated, for the FP8 cache
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    slots = torch.randperm(num_blocks * bs, device=DEV)[:tokens]
+    slots[[2, 9]] = -1
+    shape = (num_blocks, bs, kv_heads, head_dim)
+    kv_fused = torch.full((2, *shape), float("nan"), device=DEV).to(cache_dtype)
+    kv_two, kv_ref = kv_fused.clone(), kv_fused.clone()
+    got_q = rotary_and_cache_triton(pos, q, k, v, cache, head_dim, is_neox, kv_fused[0],
+                                    kv_fused[1], slots)
+    two_q, two_k = rotary_triton(pos, q, k, cache, head_dim, is_neox)
+    heads_of = (tokens, kv_heads, head_dim)
+    reshape_and_cache_triton(two_k.view(heads_of), v.view(heads_of), kv_two[0], kv_two[1], slots)
+    bits = torch.uint8 if cache_dtype == torch.float8_e4m3fn else torch.int16
+    assert torch.equal(got_q, two_q)
+    assert torch.equal(kv_fused.view(bits), kv_two.view(bits))
+
+    ref_q, ref_k = rotary_ref(pos, q, k, cache, head_dim, is_neox)
+    reshape_and_cache_ref(ref_k.view(heads_of), v.view(heads_of), kv_ref[0], kv_ref[1], slots)
+    assert rel_err(got_q, ref_q) < EW_TOL
+    ok = slots >= 0
+    s = slots[ok]
+    for i in (0, 1):
+        got, want = kv_fused[i][s // bs, s % bs].float(), kv_ref[i][s // bs, s % bs].float()
+        if i == 1:
+            assert torch.equal(got, want)
+        else:  # one ulp of the rotated bf16 key (or of its e4m3 value)
+            step = 2.0 ** -3 if cache_dtype == torch.float8_e4m3fn else 2.0 ** -7
+            assert bool(((got - want).abs() <= step * want.abs() + 1e-6).all())
+    unwritten = torch.ones(num_blocks * bs, dtype=torch.bool, device=DEV)
+    unwritten[s] = False
+    assert kv_fused[0].view(-1, kv_heads, head_dim)[unwritten].float().isnan().all()
+
+
 @pytest.mark.parametrize("kind", ["silu", "gelu-none", "gelu-tanh"])
 def test_act_and_mul(kind, shape=(3, 4, 2 * 48), dtype=torch.bfloat16):
     x = torch.randn(shape, dtype=dtype, device=DEV) * 3

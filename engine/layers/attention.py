@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from engine.layers.attention_metadata import AttentionMetadata
 from kernels import ops
+
+if TYPE_CHECKING:
+    from engine.layers.rotary import RotaryEmbedding
 
 
 def alibi_slopes(total_num_heads: int) -> torch.Tensor:
@@ -43,14 +47,24 @@ class PagedAttention(nn.Module):
             self.alibi_slopes = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                kv_cache: torch.Tensor, attn_metadata: AttentionMetadata) -> torch.Tensor:
+                kv_cache: torch.Tensor, attn_metadata: AttentionMetadata,
+                rotary: RotaryEmbedding | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        """q [T, heads * head_dim], k and v [T, kv_heads * head_dim] -> [T, heads * head_dim].
+        With `rotary` (and the step's `positions`) q and k are rotated first, in the kernel
+        that writes the cache: the same values as calling the rotary, then this, without."""
         num_tokens = q.shape[0]
-        q = q.view(num_tokens, self.num_heads, self.head_dim)
-        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        q3 = q.view(num_tokens, self.num_heads, self.head_dim)  # a wrong head count fails here
+        k3 = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v3 = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         key_cache, value_cache = kv_cache[0], kv_cache[1]  # [num_blocks, block, KVH, D]
         m = attn_metadata
-        ops.reshape_and_cache(k, v, key_cache, value_cache, m.slot_mapping)
+        if rotary is not None:
+            q = rotary.rotate_and_cache(positions, q, k, v, key_cache, value_cache,
+                                        m.slot_mapping, m.long_rope).view(q3.shape)
+        else:
+            ops.reshape_and_cache(k3, v3, key_cache, value_cache, m.slot_mapping)
+            q = q3
         out = ops.paged_attention(q, key_cache, value_cache, m.block_tables, m.context_lens,
                                   m.query_start_loc, m.max_query_len, m.max_context_len,
                                   m.num_prefills, m.num_prefill_tokens, self.scale,

@@ -176,10 +176,27 @@ class RotaryEmbedding(nn.Module):
         """positions [T]; query [T, H * head_size]; key [T, KVH * head_size]; long_rope [T]
         bool or None (AttentionMetadata.long_rope: tokens of a prompt past LongRoPE's original
         length, which take the long factors at every position; ignored by other schemes)."""
+        return ops.rotary_embedding(self._table_rows(positions, long_rope), query, key,
+                                    self.cos_sin_cache, self.head_size, self.is_neox_style)
+
+    def rotate_and_cache(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
+                         value: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                         slot_mapping: torch.Tensor,
+                         long_rope: torch.Tensor | None = None) -> torch.Tensor:
+        """forward, then the rotated key and the value written to their cache slots (one
+        kernel on CUDA: engine.layers.attention.Attention calls this when given the rotary).
+        Returns the rotated query."""
+        return ops.rotary_and_cache(self._table_rows(positions, long_rope), query, key, value,
+                                    self.cos_sin_cache, self.head_size, self.is_neox_style,
+                                    key_cache, value_cache, slot_mapping)
+
+    def _table_rows(self, positions: torch.Tensor,
+                    long_rope: torch.Tensor | None) -> torch.Tensor:
+        """The cos/sin table row of each token: its position, or past the short rows for
+        LongRoPE's long tokens."""
         if long_rope is not None and self.long_rows:
-            positions = positions + long_rope.to(positions.dtype) * self.long_rows
-        return ops.rotary_embedding(positions, query, key, self.cos_sin_cache, self.head_size,
-                                    self.is_neox_style)
+            return positions + long_rope.to(positions.dtype) * self.long_rows
+        return positions
 
 
 def get_rope(head_size: int, rotary_dim: int, max_position: int, rope_params: dict,

@@ -100,6 +100,5 @@ class Attention(nn.Module):
             k = p.k_norm(k.reshape(-1, self.head_dim)).view(k.shape[0], -1)
         elif p.q_norm is not None:  # across heads: [T, heads * head_dim]
             q, k = p.q_norm(q), p.k_norm(k)
-        if self.rotary_emb is not None:
-            q, k = self.rotary_emb(positions, q, k, attn_metadata.long_rope)
-        return p.o_proj(self.attn(q, k, v, kv_cache, attn_metadata))
+        # the rotary is applied in the attention's cache-write kernel
+        return p.o_proj(self.attn(q, k, v, kv_cache, attn_metadata, self.rotary_emb, positions))

@@ -86,9 +86,14 @@ def attention_class(spec: ModelSpec, n: Names) -> list[str]:
     elif a.attention.qk_norm:
         lines.append(f"        q, k = self.{ck.q_norm}(q), self.{ck.k_norm}(k)")
     if a.position.kind == "rope":
-        lines.append("        # long_rope: LongRoPE's long-prompt tokens (None for other schemes)")
-        lines.append("        q, k = self.rotary_emb(positions, q, k, attn_metadata.long_rope)")
-    lines.append("        out = self.attn(q, k, v, kv_cache, attn_metadata)  # [T, heads * dim]")
+        lines += [
+            "        # q and k are rotated in the kernel that writes the KV cache (the same values",
+            "        # as q, k = self.rotary_emb(positions, q, k, attn_metadata.long_rope) first)",
+            "        out = self.attn(",
+            "            q, k, v, kv_cache, attn_metadata, rotary=self.rotary_emb, positions=positions",
+            "        )  # [T, heads * dim]"]
+    else:
+        lines.append("        out = self.attn(q, k, v, kv_cache, attn_metadata)  # [T, heads * dim]")
     lines.append(f"        return self.{ck.o_proj}(out)")
     return lines
 
