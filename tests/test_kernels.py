@@ -399,54 +399,25 @@ def test_rotary_and_cache(is_neox, rotary_dim, cache_dtype, tokens=21, heads=6, 
     assert kv_fused[0].view(-1, kv_heads, head_dim)[unwritten].float().isnan().all()
 
 
-# compiled in a fresh process without the interpreter (whose kernels the compiler cannot take)
-_COMPILE_FOR_HOPPER = """
-import sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from kernels import elementwise_triton as ew
-
-cache_ty = sys.argv[1]
-sig = dict.fromkeys(["pos_ptr", "slot_ptr"], "*i64")
-sig |= dict.fromkeys(["q_ptr", "k_ptr", "v_ptr", "qo_ptr"], "*bf16")
-sig |= {"kc_ptr": cache_ty, "vc_ptr": cache_ty, "cache_ptr": "*fp32"}
-sig |= dict.fromkeys(["num_tokens", "num_q_heads", "num_k_heads", "stride_qt", "stride_kt",
-                      "stride_vt", "stride_qot", "stride_kcs", "stride_vcs", "stride_c"], "i32")
-for neox in (True, False):
-    for rot in (128, 64):
-        const = dict(HEAD_DIM=128, HALF=rot // 2, BLOCK_T=1, BLOCK_HQ=32, BLOCK_HK=8,
-                     BLOCK_HALF=rot // 2, BLOCK_REST=max(128 - rot, 1), BLOCK_D=128, NEOX=neox,
-                     COPY_REST=rot < 128, FP8=cache_ty == "*fp8e4nv", FP8_MAX=448.0,
-                     ROUND=False)
-        src = ASTSource(fn=ew._rotary_cache_kernel,
-                        signature=sig | dict.fromkeys(const, "constexpr"), constexprs=const)
-        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                                  options={"num_warps": 4})
-        print("cubin", neox, rot, len(compiled.asm["cubin"]))
-"""
-
-
 @pytest.mark.parametrize("cache_ty", ["*bf16", "*fp8e4nv"])
 def test_rotary_and_cache_compiles_for_hopper(cache_ty):
-    """The interpreter runs a kernel's Python, not the compiler: compile the fused rotary +
-    cache-write kernel to sm_90 cubins (triton.compile for a Hopper target needs no GPU), at
-    Llama's head shapes, neox and gptj, full and partial rotary, bf16 and FP8 caches."""
-    import subprocess
-    import sys
-    from pathlib import Path
+    """The fused rotary + cache-write kernel compiles to sm_90 cubins (tests/hopper_compile.py:
+    no GPU needed) at Llama's head shapes: neox and gptj, full and partial rotary, bf16 and FP8
+    caches."""
+    from hopper_compile import compile_for_hopper
 
-    import triton
-
-    if not list(Path(triton.__file__).parent.glob("backends/nvidia/bin/ptxas*")):
-        pytest.skip("this triton has no ptxas")
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_HOPPER, cache_ty], check=False,
-                          env=env, cwd=Path(__file__).parent.parent, capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    cubins = [line.split() for line in done.stdout.splitlines() if line.startswith("cubin")]
-    assert len(cubins) == 4 and all(int(c[-1]) > 0 for c in cubins)
+    sig = dict.fromkeys(["pos_ptr", "slot_ptr"], "*i64")
+    sig |= dict.fromkeys(["q_ptr", "k_ptr", "v_ptr", "qo_ptr"], "*bf16")
+    sig |= {"kc_ptr": cache_ty, "vc_ptr": cache_ty, "cache_ptr": "*fp32"}
+    sig |= dict.fromkeys(["num_tokens", "num_q_heads", "num_k_heads", "stride_qt", "stride_kt",
+                          "stride_vt", "stride_qot", "stride_kcs", "stride_vcs", "stride_c"],
+                         "i32")
+    base = {"HEAD_DIM": 128, "BLOCK_T": 1, "BLOCK_HQ": 32, "BLOCK_HK": 8, "BLOCK_D": 128,
+            "FP8": cache_ty == "*fp8e4nv", "FP8_MAX": 448.0, "ROUND": False}
+    variants = [{**base, "HALF": rot // 2, "BLOCK_HALF": rot // 2,
+                 "BLOCK_REST": max(128 - rot, 1), "NEOX": neox, "COPY_REST": rot < 128}
+                for neox in (True, False) for rot in (128, 64)]
+    compile_for_hopper("kernels.elementwise_triton", "_rotary_cache_kernel", sig, variants)
 
 
 @pytest.mark.parametrize("kind", ["silu", "gelu-none", "gelu-tanh"])

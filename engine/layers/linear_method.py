@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.layers.activation import gated_act_code
 from kernels.gemv_ref import CUBLAS_MIN_ROWS_16BIT, GEMV_MAX_TOKENS
 from kernels.ops import gemv
 
@@ -47,6 +48,12 @@ class LinearMethod:
               bias: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
 
+    def apply_gated(self, layer: nn.Module, x: torch.Tensor, act: nn.Module,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
+        """apply(layer, act(x), bias) for a gated activation `act` ([T, 2d] -> [T, d]): a gated
+        MLP's down projection. A method may compute the two in one kernel."""
+        return self.apply(layer, act(x), bias)
+
 
 class UnquantizedLinearMethod(LinearMethod):
     """The weight in the model dtype: F.linear (cuBLAS), except decode-sized inputs on CUDA
@@ -60,9 +67,19 @@ class UnquantizedLinearMethod(LinearMethod):
         layer.register_parameter("weight", linear_param(weight, output_dim=0, input_dim=1))
 
     def apply(self, layer, x, bias=None):
-        w = layer.weight
-        if (x.is_cuda and x.dim() == 2 and x.shape[0] <= GEMV_MAX_TOKENS and x.stride(1) == 1
-                and w.dtype in (torch.bfloat16, torch.float16) and x.dtype == w.dtype
-                and w.shape[0] < CUBLAS_MIN_ROWS_16BIT):
-            return gemv(x, w, None, bias)
-        return F.linear(x, w, bias)
+        if _takes_gemv(layer.weight, x):
+            return gemv(x, layer.weight, None, bias)
+        return F.linear(x, layer.weight, bias)
+
+    def apply_gated(self, layer, x, act, bias=None):
+        code = gated_act_code(act)
+        if code is not None and _takes_gemv(layer.weight, x):
+            return gemv(x, layer.weight, None, bias, act=code)
+        return self.apply(layer, act(x), bias)
+
+
+def _takes_gemv(w: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether the unquantized linear gives x to the small-M kernel rather than cuBLAS."""
+    return (x.is_cuda and x.dim() == 2 and x.shape[0] <= GEMV_MAX_TOKENS and x.stride(1) == 1
+            and w.dtype in (torch.bfloat16, torch.float16) and x.dtype == w.dtype
+            and w.shape[0] < CUBLAS_MIN_ROWS_16BIT)

@@ -23,6 +23,7 @@ from typing import ClassVar
 import torch
 
 from engine.errors import ConfigError
+from engine.layers.activation import gated_act_code
 from engine.layers.linear import LinearMethod, UnquantizedLinearMethod, linear_param
 from engine.layers.quantization.base import (
     QuantizationConfig,
@@ -135,6 +136,15 @@ class Fp8LinearMethod(LinearMethod):
         if bias is not None:
             y = y + bias
         return y.view(*x.shape[:-1], y.shape[-1])
+
+    def apply_gated(self, layer, x, act, bias=None):
+        code = gated_act_code(act)
+        if code is not None and x.dim() == 2 and x.shape[0] <= GEMV_MAX_TOKENS and (
+                x.stride(-1) == 1):  # decode: activation, quantization and matmul in one kernel
+            static = layer.input_scale if self.activation_scheme == "static" else None
+            return gemv(x, layer.weight, layer.weight_scale, bias, quantize_input=True,
+                        input_scale=static, act=code)
+        return self.apply(layer, act(x), bias)
 
 
 def check_fp8_device(device: torch.device) -> None:
