@@ -10,7 +10,7 @@ import triton.language as tl
 from kernels.decode_attention import paged_decode_attention_triton
 from kernels.prefill_attention import paged_prefill_attention_triton
 from kernels.quant_ref import FP8_DTYPE, FP8_MAX
-from kernels.triton_common import interpreting, next_pow2, round_to_e4m3, runtime_args
+from kernels.triton_common import interpreting, next_pow2, runtime_args, to_cache
 
 
 def paged_attention_triton(
@@ -68,11 +68,7 @@ def _reshape_and_cache_kernel(
     mask = (slot >= 0)[:, None, None] & (h < NUM_KV_HEADS) & (d < HEAD_DIM)
     k = tl.load(key_ptr + t * stride_kt + h * stride_kh + d, mask=mask)
     v = tl.load(value_ptr + t * stride_vt + h * stride_vh + d, mask=mask)
-    if FP8:  # an FP8 cache: e4m3 saturates at +-FP8_MAX (no per-tensor scale: it is 1)
-        k = tl.clamp(k.to(tl.float32), -FP8_MAX, FP8_MAX)
-        v = tl.clamp(v.to(tl.float32), -FP8_MAX, FP8_MAX)
-        if ROUND:  # the interpreter's own conversion rounds some values wrongly
-            k, v = round_to_e4m3(k), round_to_e4m3(v)
+    k, v = to_cache(k, FP8, FP8_MAX, ROUND), to_cache(v, FP8, FP8_MAX, ROUND)
     tl.store(key_cache_ptr + blk * stride_kcb + off * stride_kct + h * stride_kch + d,
              k.to(key_cache_ptr.dtype.element_ty), mask=mask)
     tl.store(value_cache_ptr + blk * stride_vcb + off * stride_vct + h * stride_vch + d,

@@ -18,10 +18,12 @@ import triton.language as tl
 
 from kernels.triton_common import (
     LOG2E,
+    count_in,
     dot,
     next_pow2,
     num_sms,
     persistent_buffer,
+    reset_if_last,
     runtime_args,
     tanh,
     upcast_dots,
@@ -114,9 +116,8 @@ def _decode_kernel(
         tl.store(part_out_ptr + (row0 + split)[:, None] * HEAD_DIM + offs_d[None, :], o,
                  mask=hd_mask)
         tl.store(part_lse_ptr + row0 + split, lse, mask=h_mask)
-        tl.debug_barrier()  # every thread's partial stored before the release below
         counter = count_ptr + seq * tl.num_programs(1) + kvh
-        arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+        arrived = count_in(counter)
         # last: [BLOCK_H], true in the split that arrived last (a comparison of full tiles:
         # the interpreter mishandles a scalar mask); the others only store their partial
         last = h_mask & ((tl.zeros([BLOCK_H], tl.int32) + arrived) == num_splits - 1)
@@ -139,8 +140,7 @@ def _decode_kernel(
                 mask=last[:, None] & d_mask[None, :], other=0.0, cache_modifier=".cg")
         res = res / tl.where(den > 0.0, den, 1.0)[:, None]
         tl.store(out_ptrs, res.to(out_ptr.dtype.element_ty), mask=last[:, None] & d_mask[None, :])
-        tl.atomic_xchg(counter, 0, mask=arrived == num_splits - 1, sem="relaxed",
-                       scope="gpu")  # for the next call
+        reset_if_last(counter, arrived, num_splits)
 
 
 def split_counters(device: torch.device, n: int) -> torch.Tensor:

@@ -8,8 +8,9 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.attention_triton import reshape_and_cache_triton
 from kernels.quant_ref import FP8_DTYPE, FP8_MAX
-from kernels.triton_common import interpreting, next_pow2, round_to_e4m3, runtime_args, tanh
+from kernels.triton_common import interpreting, next_pow2, runtime_args, tanh, to_cache
 
 
 def _warps(block: int) -> int:
@@ -84,12 +85,7 @@ def _cast_out(y, x_ptr, o_ptr, FP8: tl.constexpr, FP8_MAX: tl.constexpr, ROUND: 
     """y (float32, or already x's dtype) as o's elements: rounded to x's dtype first, as the
     unfused path's rotated tensor is; for an FP8 cache then saturated at +-FP8_MAX, as
     reshape_and_cache writes it."""
-    y = y.to(x_ptr.dtype.element_ty)
-    if FP8:
-        y = tl.clamp(y.to(tl.float32), -FP8_MAX, FP8_MAX)
-        if ROUND:  # the interpreter's own conversion rounds some values wrongly
-            y = round_to_e4m3(y)
-    return y.to(o_ptr.dtype.element_ty)
+    return to_cache(y.to(x_ptr.dtype.element_ty), FP8, FP8_MAX, ROUND).to(o_ptr.dtype.element_ty)
 
 
 @triton.jit
@@ -261,11 +257,16 @@ def rotary_and_cache_triton(
     assert key.shape == value.shape and key.shape[0] == num_tokens
     assert key.stride(-1) == 1 and value.stride(-1) == 1
     num_q, num_k = query.shape[1] // head_dim, key.shape[1] // head_dim
-    for cache in (key_cache, value_cache):  # a slot is one evenly strided row of heads
-        assert cache.shape[1:] == key_cache.shape[1:] and cache.shape[2:] == (num_k, head_dim)
-        assert cache.stride(3) == 1 and cache.stride(2) == head_dim
-        assert cache.stride(0) == cache.shape[1] * cache.stride(1)
+    assert value_cache.shape == key_cache.shape and key_cache.shape[2:] == (num_k, head_dim)
     assert slot_mapping.shape[0] >= num_tokens
+    if not all(c.stride(3) == 1 and c.stride(2) == head_dim
+               and c.stride(0) == c.shape[1] * c.stride(1) for c in (key_cache, value_cache)):
+        # a cache whose slots are not evenly strided rows of heads: the two kernels
+        q_out, k_out = rotary_triton(positions, query, key, cos_sin_cache, head_dim, is_neox)
+        heads = (num_tokens, num_k, head_dim)
+        reshape_and_cache_triton(k_out.view(heads), value.view(heads), key_cache, value_cache,
+                                 slot_mapping)
+        return q_out
     q_out = _rotary_out(query, head_dim, False, None)
     if num_tokens == 0:
         return q_out

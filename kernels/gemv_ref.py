@@ -18,7 +18,7 @@ from kernels.quant_ref import per_token_quant_fp8_ref
 GATED_GELU_APPROXIMATIONS = ("none", "tanh")
 
 GEMV_MAX_TOKENS = 16  # the small-M path serves up to this many rows (decode batch sizes)
-# on CUDA the unquantized linear gives decode-sized batches to the small-M kernel when the
+# on a Hopper GPU the unquantized linear gives decode-sized batches to the small-M kernel when the
 # 16-bit weight has fewer rows than this, cuBLAS otherwise: at M = 1 in the run-9b sweep (one
 # H200) the kernel beat cuBLAS on Llama-3-8B's qkv, o_proj and down (15.4 / 11.4 / 30.1 against
 # 16.4 / 12.7 / 31.0 us) and lost on gate_up (57.7 against 57.0 us)

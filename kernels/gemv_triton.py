@@ -42,7 +42,15 @@ import triton.language as tl
 from kernels.elementwise_triton import gated_act
 from kernels.gemv_ref import GEMV_MAX_TOKENS
 from kernels.quant_ref import FP8_DTYPE, FP8_MAX, MIN_SCALE
-from kernels.triton_common import interpreting, next_pow2, persistent_buffer, round_to_e4m3
+from kernels.triton_common import (
+    count_in,
+    interpreting,
+    next_pow2,
+    persistent_buffer,
+    reset_if_last,
+    round_to_e4m3,
+    shared_memory_bytes,
+)
 
 DOT_ROWS = 16  # tl.dot's smallest M: x is padded to this many rows (masked)
 
@@ -100,21 +108,27 @@ def weight_kind(dtype: torch.dtype) -> str:
 
 
 # the pipelined tiles of one program (stages x (weight tile + the 16 x rows)) stay within this
-# many bytes of shared memory (an H100 / H200 SM has 227 KB): float32 activations halve BLOCK_K
-# of the narrow row, whose 4 x (16 KB + 16 x 1024 x 4 B) would need 320 KB
+# many bytes of shared memory on an H100 / H200 (227 KB an SM), and 27 KB under what a program
+# may use on other GPUs (an A100's 164 KB, an L4's 99 KB): float32 activations halve BLOCK_K of
+# the narrow row, whose 4 x (16 KB + 16 x 1024 x 4 B) would need 320 KB
 SMEM_BUDGET = 200 * 1024
+SMEM_MARGIN = 27 * 1024
 
 
-def gemv_config(n: int, k: int, weight_dtype: torch.dtype, x_bytes: int = 2) -> GemvConfig:
+def gemv_config(n: int, k: int, weight_dtype: torch.dtype, x_bytes: int = 2,
+                shared_memory: int | None = None) -> GemvConfig:
     """The table's launch for a weight [n, k] of `weight_dtype` and activations of
-    `x_bytes`-byte elements."""
-    weight_bytes = torch.empty((), dtype=weight_dtype).element_size()
+    `x_bytes`-byte elements, on a device whose programs may use `shared_memory` bytes (default:
+    an H200's)."""
+    weight_bytes = weight_dtype.itemsize
+    budget = SMEM_BUDGET if shared_memory is None else min(SMEM_BUDGET,
+                                                           shared_memory - SMEM_MARGIN)
     for min_n, min_k, block_n, row_bytes, warps, stages, split in GEMV_TABLES[
             weight_kind(weight_dtype)]:
         if n >= min_n and k >= min_k:
             block_k = min(row_bytes // weight_bytes, max(16, next_pow2(k)))
             while block_k > 16 and stages * block_k * (
-                    block_n * weight_bytes + DOT_ROWS * x_bytes) > SMEM_BUDGET:
+                    block_n * weight_bytes + DOT_ROWS * x_bytes) > budget:
                 block_k //= 2
             return GemvConfig(block_n, block_k, warps, stages,
                               max(1, min(split, triton.cdiv(k, block_k))))
@@ -224,8 +238,7 @@ def _gemv_kernel(
         part_rows = offs_m[:, None] * N + offs_n[None, :]  # [16, BN] in one [M, N] partial
         split = tl.program_id(1)
         tl.store(part_ptr + split * M * N + part_rows, acc, mask=y_ok)
-        tl.debug_barrier()  # every thread's partial stored before the release below
-        arrived = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel", scope="gpu")
+        arrived = count_in(count_ptr + pid)
         # last: [16, BN], true everywhere in the program that arrived last (a comparison of
         # full tiles: the interpreter mishandles a scalar mask); the others only store
         last = y_ok & ((tl.zeros((DOT_ROWS, BLOCK_N), tl.int32) + arrived) == SPLIT_K - 1)
@@ -233,8 +246,7 @@ def _gemv_kernel(
             other = i + (i >= split).to(tl.int32)
             acc += tl.load(part_ptr + other * M * N + part_rows, mask=last, other=0.0,
                            cache_modifier=".cg")
-        tl.atomic_xchg(count_ptr + pid, 0, mask=arrived == SPLIT_K - 1, sem="relaxed",
-                       scope="gpu")  # for the next call
+        reset_if_last(count_ptr + pid, arrived, SPLIT_K)
         y_ok = last
 
     if QUANT:
@@ -283,7 +295,8 @@ def gemv_triton(
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return y
-    cfg = config or gemv_config(n, k, weight.dtype, x.element_size())
+    cfg = config or gemv_config(n, k, weight.dtype, x.element_size(),
+                                shared_memory_bytes(x.device))
     amax_k = min(next_pow2(k), 8192 if m == 1 else 512)
     slices = triton.cdiv(n, cfg.block_n)
     # K per program: a whole number of BLOCK_K steps, so only the last program's last step

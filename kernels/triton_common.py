@@ -46,7 +46,10 @@ def persistent_buffer(name: str, device: torch.device, numel: int, dtype: torch.
     graph replays (split partials, the arrival counters of a last-program reduction, which the
     kernels leave at zero). Grown only outside graph capture (the engine's warm-up runs every
     shape first), and an outgrown buffer is kept alive, never handed back to the allocator: a
-    graph captured before keeps using it."""
+    graph captured before keeps using it. A megabyte or two in all, not counted in the KV-cache
+    budget, kept for the process's life."""
+    if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:0": one buffer
+        device = torch.device("cuda", torch.cuda.current_device())
     buf = _persistent.get((name, device))
     if buf is None or buf.numel() < numel:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
@@ -105,3 +108,48 @@ def round_to_e4m3(v):
     sign = v.to(tl.int32, bitcast=True) & -2147483648  # -0.0 stays -0.0, as in torch
     subnormal = (rounded.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
     return tl.where(tl.abs(v) < 0.015625, subnormal, bits.to(tl.float32, bitcast=True))
+
+
+@triton.jit
+def count_in(counter_ptr):
+    """One program's arrival on a counter shared by the programs that split a reduction,
+    after its partial is stored: a CTA barrier, then an acquire-release add (the order CUDA's
+    own grid synchronization relies on). Returns how many arrived before it; the one that sees
+    `total - 1` is last, reads the others' partials past L1 (".cg") and calls reset_if_last.
+    Nothing waits, so the programs need not be resident together. (The interpreter runs
+    programs one after another: CPU tests check the arithmetic and the reset, not ordering.)"""
+    tl.debug_barrier()
+    return tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
+
+
+@triton.jit
+def reset_if_last(counter_ptr, arrived, total):
+    """The last program to arrive (count_in) sets the counter back to zero for the next call."""
+    tl.atomic_xchg(counter_ptr, 0, mask=arrived == total - 1, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def to_cache(x, FP8: tl.constexpr, FP8_MAX: tl.constexpr, ROUND: tl.constexpr):
+    """x as the KV cache stores it, before the conversion to its element type: for an FP8
+    (e4m3) cache saturated at +-FP8_MAX (no per-tensor scale: it is 1), and rounded here under
+    the interpreter, whose own conversion rounds some values wrongly; else unchanged."""
+    if FP8:
+        x = tl.clamp(x.to(tl.float32), -FP8_MAX, FP8_MAX)
+        if ROUND:
+            x = round_to_e4m3(x)
+    return x
+
+
+def shared_memory_bytes(device: torch.device) -> int:
+    """Shared memory one program may use on `device` (an H100 / H200 SM's 227 KB off CUDA)."""
+    if device.type != "cuda":
+        return 232448
+    return _shared_memory(device.index if device.index is not None
+                          else torch.cuda.current_device())
+
+
+@functools.cache
+def _shared_memory(index: int) -> int:
+    from triton.runtime import driver
+
+    return int(driver.active.utils.get_device_properties(index)["max_shared_mem"])

@@ -75,9 +75,9 @@ def test_explicit_file_passes_parity(family, written, serve):
 
 
 def test_explicit_phi3_takes_longrope_past_the_original_length(written, serve):
-    """The explicit file passes attn_metadata.long_rope to its rotary: a 220-token prompt (the
-    tiny original length is 128) and one that grows past 128 match HF, as the generated
-    model's do (test_spec_mechanisms; the same no-cache HF greedy reference)."""
+    """The explicit file's attention applies the rotary with attn_metadata.long_rope: a
+    220-token prompt (the tiny original length is 128) and one that grows past 128 match HF,
+    as the generated model's do (test_spec_mechanisms; the same no-cache HF greedy reference)."""
     from test_spec_mechanisms import test_longrope_prompts_past_the_original_length_match_hf
 
     serve("phi3", written("phi3"))

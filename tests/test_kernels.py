@@ -399,11 +399,42 @@ def test_rotary_and_cache(is_neox, rotary_dim, cache_dtype, tokens=21, heads=6, 
     assert kv_fused[0].view(-1, kv_heads, head_dim)[unwritten].float().isnan().all()
 
 
+@pytest.mark.parametrize("layout", ["slots strided apart", "blocks strided apart"])
+def test_rotary_and_cache_into_caches_of_other_layouts(layout, tokens=9, kv_heads=2,
+                                                       head_dim=32, bs=16, num_blocks=3):
+    """Caches that are views of a bigger tensor: slots a fixed stride apart take the fused
+    kernel, blocks apart from their slots the two kernels; both write what the rotary then
+    reshape_and_cache references write."""
+    from kernels.elementwise_triton import rotary_and_cache_triton
+
+    cache = torch.randn(40, head_dim, device=DEV)
+    pos = torch.randint(0, 40, (tokens,), device=DEV)
+    q = torch.randn(tokens, 4 * head_dim, dtype=torch.float16, device=DEV)
+    k = torch.randn(tokens, kv_heads * head_dim, dtype=torch.float16, device=DEV)
+    v = torch.randn_like(k)
+    slots = torch.randperm(num_blocks * bs, device=DEV)[:tokens]
+    if layout == "slots strided apart":  # [blocks, block, 2 (k | v), heads, dim]
+        big = torch.zeros(num_blocks, bs, 2, kv_heads, head_dim, dtype=torch.float16,
+                          device=DEV)
+        kc, vc = big[:, :, 0], big[:, :, 1]
+    else:  # [blocks, 2 (k | v), block, heads, dim]
+        big = torch.zeros(num_blocks, 2, bs, kv_heads, head_dim, dtype=torch.float16,
+                          device=DEV)
+        kc, vc = big[:, 0], big[:, 1]
+    kc_ref, vc_ref = torch.zeros_like(kc), torch.zeros_like(vc)
+    got_q = rotary_and_cache_triton(pos, q, k, v, cache, head_dim, True, kc, vc, slots)
+    ref_q, ref_k = rotary_ref(pos, q, k, cache, head_dim, True)
+    heads = (tokens, kv_heads, head_dim)
+    reshape_and_cache_ref(ref_k.view(heads), v.view(heads), kc_ref, vc_ref, slots)
+    assert rel_err(got_q, ref_q) < EW_TOL
+    assert rel_err(kc, kc_ref) < EW_TOL and torch.equal(vc, vc_ref)
+
+
 @pytest.mark.parametrize("cache_ty", ["*bf16", "*fp8e4nv"])
 def test_rotary_and_cache_compiles_for_hopper(cache_ty):
     """The fused rotary + cache-write kernel compiles to sm_90 cubins (tests/hopper_compile.py:
-    no GPU needed) at Llama's head shapes: neox and gptj, full and partial rotary, bf16 and FP8
-    caches."""
+    no GPU needed) at Llama's head shapes: neox with the full rotary, gptj with a partial one,
+    bf16 and FP8 caches."""
     from hopper_compile import compile_for_hopper
 
     sig = dict.fromkeys(["pos_ptr", "slot_ptr"], "*i64")
@@ -416,7 +447,7 @@ def test_rotary_and_cache_compiles_for_hopper(cache_ty):
             "FP8": cache_ty == "*fp8e4nv", "FP8_MAX": 448.0, "ROUND": False}
     variants = [{**base, "HALF": rot // 2, "BLOCK_HALF": rot // 2,
                  "BLOCK_REST": max(128 - rot, 1), "NEOX": neox, "COPY_REST": rot < 128}
-                for neox in (True, False) for rot in (128, 64)]
+                for neox, rot in ((True, 128), (False, 64))]
     compile_for_hopper("kernels.elementwise_triton", "_rotary_cache_kernel", sig, variants)
 
 
@@ -488,3 +519,40 @@ def test_elementwise_real():
     test_rotary(False, 64, tokens=1000, heads=32, kv_heads=8, head_dim=128)
     test_act_and_mul("silu", shape=(4096, 2 * 14336))
     test_act_and_mul("gelu-tanh", shape=(1000, 2 * 11008))
+
+
+def test_attention_calls_a_rotary_of_its_own_forward():
+    """PagedAttention(..., rotary=) rotates in its cache-write kernel only for the stock
+    RotaryEmbedding; a subclass with a forward of its own (an out-of-tree model's) is called as
+    it is, and the output is the same as calling it first and the attention without it."""
+    from engine.layers.attention import PagedAttention
+    from engine.layers.attention_metadata import AttentionMetadata
+    from engine.layers.rotary import RotaryEmbedding
+
+    class Shifted(RotaryEmbedding):  # the stock rotation, three positions on
+        def forward(self, positions, query, key, long_rope=None):
+            return super().forward(positions + 3, query, key, long_rope)
+
+    tokens, heads, kv_heads, head_dim, bs = 5, 4, 2, 16, 16
+    rope = {"rope_type": "default", "rope_theta": 10000.0}
+    q = torch.randn(tokens, heads * head_dim)
+    k, v = torch.randn(2, tokens, kv_heads * head_dim)
+    positions = torch.arange(tokens)
+    meta = AttentionMetadata(
+        slot_mapping=torch.arange(tokens), block_tables=torch.zeros(1, 1, dtype=torch.int32),
+        context_lens=torch.tensor([tokens], dtype=torch.int32),
+        query_start_loc=torch.tensor([0, tokens], dtype=torch.int32),
+        seq_start_loc=torch.tensor([0, tokens], dtype=torch.int32), max_query_len=tokens,
+        max_context_len=tokens, num_prefills=1, num_prefill_tokens=tokens, num_decode_tokens=0)
+    attn = PagedAttention(heads, head_dim, head_dim ** -0.5, kv_heads)
+    for rotary in (RotaryEmbedding(head_dim, head_dim, 64, rope),
+                   Shifted(head_dim, head_dim, 64, rope)):
+        outs = []
+        for fused in (True, False):
+            kv = torch.zeros(2, 1, bs, kv_heads, head_dim)
+            if fused:
+                outs.append(attn(q, k, v, kv, meta, rotary=rotary, positions=positions))
+            else:
+                rq, rk = rotary(positions, q, k)
+                outs.append(attn(rq, rk, v, kv, meta))
+        torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)

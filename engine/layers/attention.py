@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from engine.layers.attention_metadata import AttentionMetadata
+from engine.layers.rotary import RotaryEmbedding
 from kernels import ops
-
-if TYPE_CHECKING:
-    from engine.layers.rotary import RotaryEmbedding
 
 
 def alibi_slopes(total_num_heads: int) -> torch.Tensor:
@@ -59,10 +56,14 @@ class PagedAttention(nn.Module):
         v3 = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         key_cache, value_cache = kv_cache[0], kv_cache[1]  # [num_blocks, block, KVH, D]
         m = attn_metadata
-        if rotary is not None:
+        if rotary is not None and type(rotary).forward is RotaryEmbedding.forward:
+            assert positions is not None, "the rotary goes with the step's positions"
             q = rotary.rotate_and_cache(positions, q, k, v, key_cache, value_cache,
                                         m.slot_mapping, m.long_rope).view(q3.shape)
         else:
+            if rotary is not None:  # a rotary of its own forward: called as it is
+                q, k = rotary(positions, q, k, m.long_rope)
+                q3, k3 = q.view(q3.shape), k.view(k3.shape)
             ops.reshape_and_cache(k3, v3, key_cache, value_cache, m.slot_mapping)
             q = q3
         out = ops.paged_attention(q, key_cache, value_cache, m.block_tables, m.context_lens,

@@ -8,6 +8,8 @@ it like the weight.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -79,7 +81,20 @@ class UnquantizedLinearMethod(LinearMethod):
 
 
 def _takes_gemv(w: torch.Tensor, x: torch.Tensor) -> bool:
-    """Whether the unquantized linear gives x to the small-M kernel rather than cuBLAS."""
+    """Whether the unquantized linear gives x to the small-M kernel rather than cuBLAS: on a
+    Hopper GPU (where the kernel was measured against cuBLAS), a decode-sized batch, a 16-bit
+    weight of fewer than CUBLAS_MIN_ROWS_16BIT rows, both with contiguous rows."""
     return (x.is_cuda and x.dim() == 2 and x.shape[0] <= GEMV_MAX_TOKENS and x.stride(1) == 1
             and w.dtype in (torch.bfloat16, torch.float16) and x.dtype == w.dtype
-            and w.shape[0] < CUBLAS_MIN_ROWS_16BIT)
+            and w.shape[0] < CUBLAS_MIN_ROWS_16BIT and w.dim() == 2 and w.stride(1) == 1
+            and _hopper(x.device))
+
+
+@functools.cache
+def _hopper_index(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] == 9
+
+
+def _hopper(device: torch.device) -> bool:
+    return _hopper_index(device.index if device.index is not None
+                         else torch.cuda.current_device())
