@@ -98,8 +98,11 @@ def test_int8_weight_matmul_strided_input_rows():
     x = wide[:, 10:74]
     w = torch.randint(-127, 128, (40, 64), dtype=torch.int8, device=DEV)
     s = torch.rand(40, device=DEV)
-    assert torch.allclose(int8_weight_matmul_triton(x, w, s), int8_weight_matmul_ref(x, w, s),
-                          rtol=1e-5, atol=1e-5)
+    ref = int8_weight_matmul_ref(x, w, s)
+    # float32 sums of +-127-sized terms in another order: ~1e-4 apart where they cancel to
+    # near zero, so the bound is relative to the largest output (a stride bug is off by O(1))
+    torch.testing.assert_close(int8_weight_matmul_triton(x, w, s), ref, rtol=1e-5,
+                               atol=1e-5 * ref.abs().max().item())
 
 
 # ---------------------------------------------------------------------------------------------
