@@ -150,6 +150,39 @@ def test_gemv_with_a_gated_activation_compiles_for_hopper():
                            {**ptrs, "w_ptr": w_ty, **ints}, variants)
 
 
+@pytest.mark.parametrize("arch,shared_memory", [(90, 232448), (89, 101376)])
+def test_the_launches_fit_the_shared_memory_of_each_gpu(arch, shared_memory):
+    """gemv_config's launches, compiled for an H100 / H200 (227 KB of shared memory a
+    program) and an L4 (99 KB), ask for no more than the GPU has: the rows with the most
+    shared memory (the narrow-N row's 1 KB steps, 4 stages; the 4096-row ones) with float32
+    and bf16 activations, for each weight kind. Run 8's OutOfResources (the narrow row with float32 x: 327,680 bytes
+    against the H200's 232,448) is the first case; the compile reports what a launch would."""
+    from hopper_compile import compile_launches
+
+    ints = dict.fromkeys(["M", "N", "K", "K_SPLIT", "stride_xm", "stride_wn", "stride_ym"],
+                         "i32")
+    base = {"AMAX_K": 512, "SPLIT_K": 1, "ONE_ROW": False, "HAS_SCALE": True,
+            "HAS_BIAS": False, "ACT": -1, "STATIC": False, "ROUND": False, "FP8_MAX": 448.0,
+            "MIN_SCALE": 1e-12, "DOT_ROWS": 16}
+    kinds = [(FP8_DTYPE, "*fp8e4nv"), (torch.int8, "*i8"), (torch.bfloat16, "*bf16")]
+    for w_dtype, w_ty in kinds:
+        for x_dtype, x_ty in ((torch.float32, "*fp32"), (torch.bfloat16, "*bf16")):
+            if w_dtype == torch.bfloat16 and x_dtype == torch.float32:
+                continue
+            launches = []
+            for n, k in ((600, 4096), (4096, 4096)):
+                c = gemv_config(n, k, w_dtype, x_dtype.itemsize, shared_memory)
+                launches.append({"constexprs": {
+                    **base, "BLOCK_N": c.block_n, "BLOCK_K": c.block_k,
+                    "QUANT": w_dtype == FP8_DTYPE, "UPCAST": x_dtype == torch.float32},
+                    "num_warps": c.num_warps, "num_stages": c.num_stages})
+            sig = {"x_ptr": x_ty, "w_ptr": w_ty, "ws_ptr": "*fp32", "b_ptr": x_ty,
+                   "xs_ptr": "*fp32", "y_ptr": x_ty, "part_ptr": "*fp32", "count_ptr": "*i32",
+                   **ints}
+            asked = compile_launches("kernels.gemv_triton", "_gemv_kernel", sig, launches, arch)
+            assert max(asked) <= shared_memory, (w_dtype, x_dtype, asked)
+
+
 @pytest.mark.parametrize("split", [2, 4, 7])
 def test_split_k_calls_in_a_row_each_equal_the_reference(split):
     """The split-K programs count themselves in on shared counters that the last one resets:
