@@ -125,16 +125,20 @@ def _rotate_heads(x_ptr, o_ptr, t, o_rows, t_mask, stride_xt, stride_ot, num_hea
 
 
 @triton.jit
-def _cos_sin(pos_ptr, cache_ptr, t, t_mask, stride_c, HALF: tl.constexpr,
-             BLOCK_HALF: tl.constexpr):
-    """cos and sin of tokens t's positions: [BLOCK_T, 1, BLOCK_HALF] each, float32."""
+def _tokens_cos_sin(pos_ptr, cache_ptr, num_tokens, stride_c, HALF: tl.constexpr,
+                    BLOCK_T: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """This program's tokens t (int64), their mask, and the cos and sin of their positions:
+    [BLOCK_T, 1, BLOCK_HALF] each, float32."""
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_mask = t < num_tokens
+    t = t.to(tl.int64)
     pos = tl.load(pos_ptr + t, mask=t_mask, other=0).to(tl.int64)
     i = tl.arange(0, BLOCK_HALF)
     cs_mask = t_mask[:, None] & (i < HALF)[None, :]
     cs = cache_ptr + pos[:, None] * stride_c + i[None, :]
     cos = tl.load(cs, mask=cs_mask, other=0.0).to(tl.float32)[:, None, :]
     sin = tl.load(cs + HALF, mask=cs_mask, other=0.0).to(tl.float32)[:, None, :]
-    return cos, sin
+    return t, t_mask, cos, sin
 
 
 @triton.jit(**runtime_args("pos_ptr", "num_tokens"))
@@ -145,10 +149,8 @@ def _rotary_kernel(
     BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
     BLOCK_REST: tl.constexpr, NEOX: tl.constexpr, COPY_REST: tl.constexpr,
 ):
-    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    t_mask = t < num_tokens
-    t = t.to(tl.int64)
-    cos, sin = _cos_sin(pos_ptr, cache_ptr, t, t_mask, stride_c, HALF, BLOCK_HALF)
+    t, t_mask, cos, sin = _tokens_cos_sin(pos_ptr, cache_ptr, num_tokens, stride_c, HALF,
+                                          BLOCK_T, BLOCK_HALF)
     _rotate_heads(q_ptr, qo_ptr, t, t, t_mask, stride_qt, stride_qot, num_q_heads, cos, sin,
                   HEAD_DIM, HALF, BLOCK_T, BLOCK_HQ, BLOCK_HALF, BLOCK_REST, NEOX, COPY_REST,
                   False, 0.0, False)
@@ -169,10 +171,8 @@ def _rotary_cache_kernel(
 ):
     """q rotated into qo; k rotated and v as it is into their cache slots (a slot < 0 is a
     padding token: not written). A cache slot is one row of stride_kcs / stride_vcs."""
-    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    t_mask = t < num_tokens
-    t = t.to(tl.int64)
-    cos, sin = _cos_sin(pos_ptr, cache_ptr, t, t_mask, stride_c, HALF, BLOCK_HALF)
+    t, t_mask, cos, sin = _tokens_cos_sin(pos_ptr, cache_ptr, num_tokens, stride_c, HALF,
+                                          BLOCK_T, BLOCK_HALF)
     _rotate_heads(q_ptr, qo_ptr, t, t, t_mask, stride_qt, stride_qot, num_q_heads, cos, sin,
                   HEAD_DIM, HALF, BLOCK_T, BLOCK_HQ, BLOCK_HALF, BLOCK_REST, NEOX, COPY_REST,
                   False, 0.0, False)
