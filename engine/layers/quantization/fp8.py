@@ -25,6 +25,7 @@ import torch
 from engine.errors import ConfigError
 from engine.layers.activation import gated_act_code
 from engine.layers.linear import LinearMethod, UnquantizedLinearMethod, linear_param
+from engine.layers.linear_method import decode_sized
 from engine.layers.quantization.base import (
     QuantizationConfig,
     all_or_none,
@@ -125,7 +126,7 @@ class Fp8LinearMethod(LinearMethod):
         x2 = x.reshape(-1, x.shape[-1])  # [T, in]
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
-        static = layer.input_scale if self.activation_scheme == "static" else None
+        static = self._static_scale(layer)
         if x2.shape[0] <= GEMV_MAX_TOKENS:  # decode: quantize and multiply in one kernel
             y = gemv(x2, layer.weight, layer.weight_scale, bias, quantize_input=True,
                      input_scale=static)  # [T, out]
@@ -137,11 +138,14 @@ class Fp8LinearMethod(LinearMethod):
             y = y + bias
         return y.view(*x.shape[:-1], y.shape[-1])
 
+    def _static_scale(self, layer) -> torch.Tensor | None:
+        """The checkpoint's input scale under a static activation scheme, else None."""
+        return layer.input_scale if self.activation_scheme == "static" else None
+
     def apply_gated(self, layer, x, act, bias=None):
         code = gated_act_code(act)
-        if code is not None and x.dim() == 2 and x.shape[0] <= GEMV_MAX_TOKENS and (
-                x.stride(-1) == 1):  # decode: activation, quantization and matmul in one kernel
-            static = layer.input_scale if self.activation_scheme == "static" else None
+        if code is not None and decode_sized(x):  # decode: activation, quantization and matmul in one kernel
+            static = self._static_scale(layer)
             return gemv(x, layer.weight, layer.weight_scale, bias, quantize_input=True,
                         input_scale=static, act=code)
         return self.apply(layer, act(x), bias)
