@@ -220,6 +220,8 @@ def _gemv_kernel(
             # a broadcast, not a masked pad: it reaches the dot operand without a trip through
             # shared memory (rows 1..15 are never stored)
             xt = tl.broadcast_to(xq[None, :], (DOT_ROWS, BLOCK_K))  # [16, BK]
+        elif ONE_ROW and ACT >= 0:  # the activation of the one row, not of 16 masked ones
+            xt = tl.broadcast_to(_x_tile(x_ptr + k, k_ok, K, ACT)[None, :], (DOT_ROWS, BLOCK_K))
         else:
             xt = _x_tile(x_rows + k[None, :], m_ok[:, None] & k_ok[None, :], K,
                          ACT)  # [16, BK]

@@ -378,6 +378,54 @@ def test_unquantized_linear_on_cuda_equals_f_linear(m, monkeypatch):
         assert_close_rows(got, ref.to(torch.bfloat16), 2.0 ** -7)
 
 
+def test_every_linear_layer_moves_with_to_and_computes_x_wt_plus_b():
+    """nn.Module.to() / .double() work on each TP linear layer (a layer's method named
+    `_apply` once shadowed nn.Module._apply, so `.to()` raised TypeError): the parameters
+    change dtype, and the forward is F.linear in float64 with the layer's own weight."""
+    from engine.layers.linear import (ColumnParallelLinear, MergedColumnParallelLinear,
+                                      QKVParallelLinear, ReplicatedLinear, RowParallelLinear)
+
+    layers = [ReplicatedLinear(24, 10), ColumnParallelLinear(24, 10),
+              MergedColumnParallelLinear(24, [10, 6]), QKVParallelLinear(24, 4, 4, 2),
+              RowParallelLinear(24, 10)]
+    x = torch.randn(3, 24, dtype=torch.float64)
+    for layer in layers:
+        for p in layer.parameters():
+            p.data.normal_()
+        moved = layer.to(torch.float64)
+        assert moved is layer and all(p.dtype == torch.float64 for p in layer.parameters())
+        out = layer(x)
+        out = out[0] if isinstance(out, tuple) else out
+        ref = x @ layer.weight.T + (layer.bias if layer.bias is not None else 0.0)
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("scheme", [None, "int8"])
+@pytest.mark.parametrize("m", [1, 5])
+def test_down_projection_layer_with_the_activation(scheme, m):
+    """RowParallelLinear(x, act=silu) on this machine's device (the small-M kernel under the
+    interpreter for int8 on CPU) equals F.linear of silu(gate) * up with the dequantized
+    weight, in float32 (tiny odd sizes: 2 x 37 -> 19)."""
+    from types import SimpleNamespace
+
+    from engine.layers.activation import get_gated_act
+    from engine.layers.linear import RowParallelLinear
+    from engine.layers.quantization import resolve_quantization
+
+    quant = resolve_quantization(scheme, SimpleNamespace(), torch.device(DEV))
+    method = None if scheme is None else quant.linear_method()
+    layer = RowParallelLinear(37, 19, bias=True, linear_method=method).to(DEV)
+    w = torch.randn(19, 37, device=DEV)
+    layer.weight.data.copy_(w)
+    layer.bias.data.normal_()
+    layer.linear_method.process_weights_after_loading(layer)
+    if scheme == "int8":
+        w = layer.weight.float() * layer.weight_scale[:, None]
+    x = torch.randn(m, 74, device=DEV)
+    ref = torch.nn.functional.linear(silu_and_mul_ref(x), w, layer.bias)
+    assert_close_rows(layer(x, act=get_gated_act("silu")), ref, 1e-5)
+
+
 @pytest.mark.cuda
 @cuda
 @pytest.mark.parametrize("scheme", [None, "fp8", "int8"])
