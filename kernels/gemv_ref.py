@@ -11,11 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.elementwise_ref import gelu_and_mul_ref, silu_and_mul_ref
 from kernels.quant_ref import per_token_quant_fp8_ref
-
-# the gated activations' codes, as the kernels take them: 0 silu, then these gelus
-GATED_GELU_APPROXIMATIONS = ("none", "tanh")
 
 GEMV_MAX_TOKENS = 16  # the small-M path serves up to this many rows (decode batch sizes)
 # on a Hopper GPU the unquantized linear gives decode-sized batches to the small-M kernel when the
@@ -32,13 +28,8 @@ def gemv_ref(
     bias: torch.Tensor | None = None,  # [N]
     quantize_input: bool = False,  # x to e4m3 per token first (the FP8 scheme)
     input_scale: torch.Tensor | None = None,  # [] or [1] float32: a static x scale
-    act: int | None = None,  # x is [M, 2K] = [gate | up]: the input is act(gate) * up
 ) -> torch.Tensor:
-    """-> [M, N] in x's dtype; the scales and the bias applied to the float32 sum. `act`: 0
-    silu, 1 gelu, 2 gelu (tanh), applied as silu_and_mul_ref / gelu_and_mul_ref do."""
-    if act is not None:
-        x = silu_and_mul_ref(x) if act == 0 else gelu_and_mul_ref(
-            x, GATED_GELU_APPROXIMATIONS[act - 1])
+    """-> [M, N] in x's dtype; the scales and the bias applied to the float32 sum."""
     if quantize_input:
         xq, x_scale = per_token_quant_fp8_ref(x, input_scale)  # [M, K] fp8, [M, 1]
         acc = xq.float() @ weight.float().t()  # [M, N]

@@ -39,7 +39,6 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.elementwise_triton import gated_act
 from kernels.gemv_ref import GEMV_MAX_TOKENS
 from kernels.quant_ref import FP8_DTYPE, FP8_MAX, MIN_SCALE
 from kernels.triton_common import (
@@ -157,21 +156,11 @@ def _to_e4m3(v, s, r, FP8_MAX: tl.constexpr, ROUND: tl.constexpr):
 
 
 @triton.jit
-def _x_tile(ptrs, mask, K, ACT: tl.constexpr):
-    """x's elements at ptrs (0 where masked); with a gated activation (ACT >= 0: x is [gate |
-    up], K wide each, ptrs into the gate half) act(gate) * up, as act_and_mul computes it."""
-    if ACT < 0:
-        return tl.load(ptrs, mask=mask, other=0.0)
-    return gated_act(tl.load(ptrs, mask=mask, other=0.0), tl.load(ptrs + K, mask=mask, other=0.0),
-                     ACT)
-
-
-@triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, ws_ptr, b_ptr, xs_ptr, y_ptr, part_ptr, count_ptr,
     M, N, K, K_SPLIT, stride_xm, stride_wn, stride_ym,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, AMAX_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    ONE_ROW: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+    ONE_ROW: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
     QUANT: tl.constexpr, STATIC: tl.constexpr, UPCAST: tl.constexpr, ROUND: tl.constexpr,
     FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr, DOT_ROWS: tl.constexpr,
 ):
@@ -193,15 +182,15 @@ def _gemv_kernel(
             amax = tl.zeros((AMAX_K,), tl.float32)
             for k0 in range(0, K, AMAX_K):
                 k = k0 + tl.arange(0, AMAX_K)
-                v = _x_tile(x_ptr + k, k < K, K, ACT).to(tl.float32)  # [AMAX_K]
+                v = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)  # [AMAX_K]
                 amax = tl.maximum(amax, tl.abs(v))
             s = tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), FP8_MAX), MIN_SCALE)
         else:
             amax = tl.zeros((DOT_ROWS, AMAX_K), tl.float32)
             for k0 in range(0, K, AMAX_K):
                 k = k0 + tl.arange(0, AMAX_K)
-                v = _x_tile(x_rows + k[None, :], m_ok[:, None] & (k[None, :] < K), K,
-                            ACT).to(tl.float32)  # [16, AMAX_K]
+                v = tl.load(x_rows + k[None, :], mask=m_ok[:, None] & (k[None, :] < K),
+                            other=0.0).to(tl.float32)  # [16, AMAX_K]
                 amax = tl.maximum(amax, tl.abs(v))
             s = tl.maximum(tl.math.div_rn(tl.max(amax, axis=1), FP8_MAX), MIN_SCALE)[:, None]
         r = tl.math.div_rn(s * 0.0 + 1.0, s)
@@ -215,16 +204,14 @@ def _gemv_kernel(
         w = tl.load(w_rows + k[None, :], mask=n_ok[:, None] & k_ok[None, :],
                     other=0.0)  # [BN, BK]
         if QUANT and ONE_ROW:  # quantize the one row; the 16 dot rows are copies of it
-            v = _x_tile(x_ptr + k, k_ok, K, ACT).to(tl.float32)  # [BK]
+            v = tl.load(x_ptr + k, mask=k_ok, other=0.0).to(tl.float32)  # [BK]
             xq = _to_e4m3(v, s, r, FP8_MAX, ROUND)
             # a broadcast, not a masked pad: it reaches the dot operand without a trip through
             # shared memory (rows 1..15 are never stored)
             xt = tl.broadcast_to(xq[None, :], (DOT_ROWS, BLOCK_K))  # [16, BK]
-        elif ONE_ROW and ACT >= 0:  # the activation of the one row, not of 16 masked ones
-            xt = tl.broadcast_to(_x_tile(x_ptr + k, k_ok, K, ACT)[None, :], (DOT_ROWS, BLOCK_K))
         else:
-            xt = _x_tile(x_rows + k[None, :], m_ok[:, None] & k_ok[None, :], K,
-                         ACT)  # [16, BK]
+            xt = tl.load(x_rows + k[None, :], mask=m_ok[:, None] & k_ok[None, :],
+                         other=0.0)  # [16, BK]
             if QUANT:
                 xt = _to_e4m3(xt.to(tl.float32), s, r, FP8_MAX, ROUND)
         if UPCAST:  # the interpreter, or float32 activations: float32 products
@@ -262,22 +249,18 @@ def _gemv_kernel(
 
 
 def gemv_triton(
-    x: torch.Tensor,  # [M, K] bf16 / fp16 / fp32, M <= GEMV_MAX_TOKENS; [M, 2K] with `act`
+    x: torch.Tensor,  # [M, K] bf16 / fp16 / fp32, M <= GEMV_MAX_TOKENS
     weight: torch.Tensor,  # [N, K] x's dtype, float8_e4m3fn or int8 (any with fp32 x)
     weight_scale: torch.Tensor | None = None,  # [N] float32
     bias: torch.Tensor | None = None,  # [N]
     quantize_input: bool = False,  # x to e4m3 per token inside the kernel (fp8 weight)
     input_scale: torch.Tensor | None = None,  # [] or [1] float32: static x scale
     config: GemvConfig | None = None,  # default: gemv_config of the shape
-    act: int | None = None,  # x is [gate | up]: multiply act(gate) * up (0 silu, 1 / 2 gelu)
 ) -> torch.Tensor:
-    """x @ (weight * weight_scale)^T + bias -> [M, N] in x's dtype, accumulated in float32.
-    With `act` the input is act_and_mul(x) (a gated MLP's down projection), made in the
-    kernel's loads as silu_and_mul / gelu_and_mul would make it."""
-    gated = 2 if act is not None else 1
+    """x @ (weight * weight_scale)^T + bias -> [M, N] in x's dtype, accumulated in float32."""
     assert x.dim() == 2 and x.stride(-1) == 1, "x: [M, K], rows contiguous"
     assert weight.dim() == 2 and weight.stride(-1) == 1 and (
-        weight.shape[1] * gated == x.shape[1]), (
+        weight.shape[1] == x.shape[1]), (
         "weight: [N, K], rows contiguous", tuple(weight.shape), tuple(x.shape))
     m, k = x.shape[0], weight.shape[1]
     n = weight.shape[0]
@@ -314,7 +297,7 @@ def gemv_triton(
         bias if bias is not None else y, input_scale if input_scale is not None else y, y,
         part, count, m, n, k, k_split, x.stride(0), weight.stride(0), y.stride(0),
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, AMAX_K=amax_k, SPLIT_K=split,
-        ONE_ROW=m == 1, ACT=-1 if act is None else act,
+        ONE_ROW=m == 1,
         HAS_SCALE=weight_scale is not None, HAS_BIAS=bias is not None, QUANT=quantize_input,
         STATIC=input_scale is not None, UPCAST=interpreting() or x.dtype == torch.float32,
         ROUND=interpreting(), FP8_MAX=FP8_MAX, MIN_SCALE=MIN_SCALE, DOT_ROWS=DOT_ROWS,

@@ -132,12 +132,11 @@ def int8_weight_matmul(x: torch.Tensor, weight: torch.Tensor,
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None = None,
          bias: torch.Tensor | None = None, quantize_input: bool = False,
-         input_scale: torch.Tensor | None = None, act: int | None = None) -> torch.Tensor:
+         input_scale: torch.Tensor | None = None) -> torch.Tensor:
     """The small-M linear (M <= kernels.gemv_ref.GEMV_MAX_TOKENS rows): [M, K] @ (weight [N, K]
     * weight_scale [N])^T + bias -> [M, N] in x's dtype. `quantize_input`: x to e4m3 per token
-    (or with the static `input_scale`) first, for an e4m3 weight (the FP8 scheme). `act`: x is
-    [M, 2K] and the input act_and_mul(x) (0 silu, 1 gelu, 2 gelu tanh), made in the kernel."""
+    (or with the static `input_scale`) first, for an e4m3 weight (the FP8 scheme)."""
     tri = _use_triton(x)
     if tri is not None:
-        return tri.gemv(x, weight, weight_scale, bias, quantize_input, input_scale, act=act)
-    return gemv_ref(x, weight, weight_scale, bias, quantize_input, input_scale, act)
+        return tri.gemv(x, weight, weight_scale, bias, quantize_input, input_scale)
+    return gemv_ref(x, weight, weight_scale, bias, quantize_input, input_scale)

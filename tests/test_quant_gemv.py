@@ -14,7 +14,6 @@ import torch
 pytest.importorskip("triton")
 
 from engine.layers.quantization.fp8 import fp8_matmul, quantize_fp8_per_channel
-from kernels.elementwise_ref import gelu_and_mul_ref, silu_and_mul_ref
 from kernels.gemv_ref import GEMV_MAX_TOKENS, gemv_ref
 from kernels.gemv_triton import GemvConfig, gemv_config, gemv_triton
 from kernels.quant_ref import FP8_DTYPE, per_token_quant_fp8_ref
@@ -91,65 +90,6 @@ def test_gemv_fp8_quantized_input_equals_the_fp8_reference(m, n, k, x_dtype, sta
         assert_close_ulp(got, ref)
 
 
-GATED = {0: silu_and_mul_ref, 1: lambda x: gelu_and_mul_ref(x, "none"),
-         2: lambda x: gelu_and_mul_ref(x, "tanh")}
-
-
-@pytest.mark.parametrize("act", [0, 1, 2])
-@pytest.mark.parametrize("m", [1, 4])
-@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("w_kind", ["same", "int8", "fp8"])
-def test_gemv_with_a_gated_activation_equals_act_and_mul_then_the_reference(act, m, x_dtype,
-                                                                             w_kind):
-    """act=c: the kernel makes silu / gelu / gelu-tanh(gate) * up from [gate | up] as it loads
-    x. float32: what the act_and_mul reference followed by the GEMV reference gives, within an
-    output ulp. bf16 (the interpreter's conversions truncate, so a torch reference differs by
-    an ulp here and there): bit for bit what the act_and_mul kernel followed by the same GEMV
-    launch gives, FP8's in-kernel quantization included."""
-    from kernels.elementwise_triton import gelu_and_mul_triton, silu_and_mul_triton
-
-    n, k = 37, 71
-    x = (torch.randn(m, 2 * k, device=DEV) * 2).to(x_dtype)
-    w_dtype = {"same": x_dtype, "int8": torch.int8, "fp8": FP8_DTYPE}[w_kind]
-    w = weight_of(w_dtype, n, k)
-    scale = torch.rand(n, device=DEV) * 0.05 + 1e-3
-    bias = torch.randn(n, device=DEV).to(x_dtype)
-    quant = w_kind == "fp8"
-    if x_dtype == torch.float32:
-        ref = gemv_ref(GATED[act](x), w, scale, bias, quantize_input=quant)
-    else:
-        a = {0: silu_and_mul_triton, 1: lambda x: gelu_and_mul_triton(x, "none"),
-             2: lambda x: gelu_and_mul_triton(x, "tanh")}[act](x)
-    for config in (None, SPLIT):
-        got = gemv_triton(x, w, scale, bias, quantize_input=quant, config=config, act=act)
-        if x_dtype == torch.float32:
-            assert_close_ulp(got, ref)
-        else:
-            two = gemv_triton(a, w, scale, bias, quantize_input=quant, config=config)
-            assert torch.equal(got, two)
-
-
-def test_gemv_with_a_gated_activation_compiles_for_hopper():
-    """The small-M kernel with the activation in its loads compiles to sm_90 cubins
-    (tests/hopper_compile.py: no GPU needed): silu and gelu-tanh, bf16 x with bf16, int8 and
-    e4m3 weights; silu on one row unsplit, gelu-tanh on several rows split."""
-    from hopper_compile import compile_for_hopper
-
-    ptrs = {"x_ptr": "*bf16", "w_ptr": "*bf16", "ws_ptr": "*fp32", "b_ptr": "*bf16",
-            "xs_ptr": "*fp32", "y_ptr": "*bf16", "part_ptr": "*fp32", "count_ptr": "*i32"}
-    ints = dict.fromkeys(["M", "N", "K", "K_SPLIT", "stride_xm", "stride_wn", "stride_ym"],
-                         "i32")
-    base = {"BLOCK_N": 32, "BLOCK_K": 256, "AMAX_K": 8192, "HAS_BIAS": False, "STATIC": False,
-            "UPCAST": False, "ROUND": False, "FP8_MAX": 448.0, "MIN_SCALE": 1e-12,
-            "DOT_ROWS": 16}
-    for w_ty, quant in (("*bf16", False), ("*i8", False), ("*fp8e4nv", True)):
-        variants = [{**base, "ACT": act, "ONE_ROW": one_row, "SPLIT_K": split,
-                     "HAS_SCALE": w_ty != "*bf16", "QUANT": quant}
-                    for act, one_row, split in ((0, True, 1), (2, False, 2))]
-        compile_for_hopper("kernels.gemv_triton", "_gemv_kernel",
-                           {**ptrs, "w_ptr": w_ty, **ints}, variants)
-
-
 @pytest.mark.parametrize("arch,shared_memory", [(90, 232448), (89, 101376)])
 def test_the_launches_fit_the_shared_memory_of_each_gpu(arch, shared_memory):
     """gemv_config's launches, compiled for an H100 / H200 (227 KB of shared memory a
@@ -162,7 +102,7 @@ def test_the_launches_fit_the_shared_memory_of_each_gpu(arch, shared_memory):
     ints = dict.fromkeys(["M", "N", "K", "K_SPLIT", "stride_xm", "stride_wn", "stride_ym"],
                          "i32")
     base = {"AMAX_K": 512, "SPLIT_K": 1, "ONE_ROW": False, "HAS_SCALE": True,
-            "HAS_BIAS": False, "ACT": -1, "STATIC": False, "ROUND": False, "FP8_MAX": 448.0,
+            "HAS_BIAS": False, "STATIC": False, "ROUND": False, "FP8_MAX": 448.0,
             "MIN_SCALE": 1e-12, "DOT_ROWS": 16}
     kinds = [(FP8_DTYPE, "*fp8e4nv"), (torch.int8, "*i8"), (torch.bfloat16, "*bf16")]
     for w_dtype, w_ty in kinds:
@@ -379,11 +319,16 @@ def test_unquantized_linear_on_cuda_equals_f_linear(m, monkeypatch):
 
 
 def test_every_linear_layer_moves_with_to_and_computes_x_wt_plus_b():
-    """nn.Module.to() / .double() work on each TP linear layer (a layer's method named
-    `_apply` once shadowed nn.Module._apply, so `.to()` raised TypeError): the parameters
-    change dtype, and the forward is F.linear in float64 with the layer's own weight."""
-    from engine.layers.linear import (ColumnParallelLinear, MergedColumnParallelLinear,
-                                      QKVParallelLinear, ReplicatedLinear, RowParallelLinear)
+    """nn.Module.to() works on each TP linear layer (a RowParallelLinear method named `_apply`
+    once shadowed nn.Module._apply, so `.to()` raised TypeError): the parameters change dtype,
+    and the forward is x @ W^T + b in float64 with the layer's own weight."""
+    from engine.layers.linear import (
+        ColumnParallelLinear,
+        MergedColumnParallelLinear,
+        QKVParallelLinear,
+        ReplicatedLinear,
+        RowParallelLinear,
+    )
 
     layers = [ReplicatedLinear(24, 10), ColumnParallelLinear(24, 10),
               MergedColumnParallelLinear(24, [10, 6]), QKVParallelLinear(24, 4, 4, 2),
@@ -398,57 +343,3 @@ def test_every_linear_layer_moves_with_to_and_computes_x_wt_plus_b():
         out = out[0] if isinstance(out, tuple) else out
         ref = x @ layer.weight.T + (layer.bias if layer.bias is not None else 0.0)
         torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
-
-
-@pytest.mark.parametrize("scheme", [None, "int8"])
-@pytest.mark.parametrize("m", [1, 5])
-def test_down_projection_layer_with_the_activation(scheme, m):
-    """RowParallelLinear(x, act=silu) on this machine's device (the small-M kernel under the
-    interpreter for int8 on CPU) equals F.linear of silu(gate) * up with the dequantized
-    weight, in float32 (tiny odd sizes: 2 x 37 -> 19)."""
-    from types import SimpleNamespace
-
-    from engine.layers.activation import get_gated_act
-    from engine.layers.linear import RowParallelLinear
-    from engine.layers.quantization import resolve_quantization
-
-    quant = resolve_quantization(scheme, SimpleNamespace(), torch.device(DEV))
-    method = None if scheme is None else quant.linear_method()
-    layer = RowParallelLinear(37, 19, bias=True, linear_method=method).to(DEV)
-    w = torch.randn(19, 37, device=DEV)
-    layer.weight.data.copy_(w)
-    layer.bias.data.normal_()
-    layer.linear_method.process_weights_after_loading(layer)
-    if scheme == "int8":
-        w = layer.weight.float() * layer.weight_scale[:, None]
-    x = torch.randn(m, 74, device=DEV)
-    ref = torch.nn.functional.linear(silu_and_mul_ref(x), w, layer.bias)
-    assert_close_rows(layer(x, act=get_gated_act("silu")), ref, 1e-5)
-
-
-@pytest.mark.cuda
-@cuda
-@pytest.mark.parametrize("scheme", [None, "fp8", "int8"])
-@pytest.mark.parametrize("m", [1, 16, 17])
-def test_down_projection_with_the_activation_on_cuda(scheme, m):
-    """A gated MLP's down projection with the activation given to the linear method
-    (RowParallelLinear(x, act=...)) equals the activation module followed by the projection,
-    for each scheme, on both sides of GEMV_MAX_TOKENS (Llama's 14336 -> 4096)."""
-    from types import SimpleNamespace
-
-    from engine.layers.activation import get_gated_act
-    from engine.layers.linear import RowParallelLinear
-    from engine.layers.quantization import resolve_quantization
-
-    quant = resolve_quantization(scheme, SimpleNamespace(), torch.device(DEV))
-    method = None if scheme is None else quant.linear_method()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        layer = RowParallelLinear(14336, 4096, bias=False, linear_method=method).to(DEV)
-    finally:
-        torch.set_default_dtype(torch.float32)
-    layer.weight.data.copy_(torch.randn(4096, 14336, device=DEV) / 14336 ** 0.5)
-    layer.linear_method.process_weights_after_loading(layer)
-    act = get_gated_act("silu")
-    x = activations(m, 2 * 14336, torch.bfloat16)
-    assert_close_rows(layer(x, act=act), layer(act(x)), 2e-2 if scheme == "fp8" else 2.0 ** -7)

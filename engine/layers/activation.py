@@ -8,7 +8,6 @@ from torch import nn
 
 from engine.errors import ConfigError
 from kernels import ops
-from kernels.gemv_ref import GATED_GELU_APPROXIMATIONS
 
 
 class SiluAndMul(nn.Module):
@@ -41,16 +40,6 @@ _PLAIN = {
 _GATED = {"silu": SiluAndMul, "swish": SiluAndMul}
 _GELU_APPROX = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh",
                 "gelu_fast": "tanh"}
-
-
-def gated_act_code(act: nn.Module) -> int | None:
-    """The kernels' code of a gated activation module (0 silu, 1 gelu, 2 gelu tanh: the small-M
-    linear can apply it to its input), None for any other."""
-    if type(act) is SiluAndMul:
-        return 0
-    if type(act) is GeluAndMul:
-        return 1 + GATED_GELU_APPROXIMATIONS.index(act.approximate)
-    return None
 
 
 def get_act_fn(name: str):

@@ -310,17 +310,10 @@ class RowParallelLinear(LinearBase):
         dim = None if getattr(param, "per_part", False) else getattr(param, "input_dim", None)
         return REPLICATED if dim is None else split_spec(dim, self.input_size, self.tp_size)
 
-    def _matmul(self, x, act, bias=None):
-        if act is None:
-            return self.linear_method.apply(self, x, bias)
-        return self.linear_method.apply_gated(self, x, act, bias)
-
-    def forward(self, x: torch.Tensor, act: nn.Module | None = None) -> torch.Tensor:
-        """x @ W^T + b (all-reduced across ranks). With a gated activation `act` the input is
-        act(x), x being [T, 2 * in] (gate | up): the linear method may apply it in its kernel."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
-            return self._matmul(x, act, self.bias)
-        y = self._matmul(x, act)
+            return self.linear_method.apply(self, x, self.bias)
+        y = self.linear_method.apply(self, x)
         if self.reduce_results:
             y = tp_all_reduce(y)
         return y + self.bias if self.bias is not None else y

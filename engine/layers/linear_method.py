@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.layers.activation import gated_act_code
 from kernels.gemv_ref import CUBLAS_MIN_ROWS_16BIT, GEMV_MAX_TOKENS
 from kernels.ops import gemv
 
@@ -50,12 +49,6 @@ class LinearMethod:
               bias: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
 
-    def apply_gated(self, layer: nn.Module, x: torch.Tensor, act: nn.Module,
-                    bias: torch.Tensor | None = None) -> torch.Tensor:
-        """apply(layer, act(x), bias) for a gated activation `act` ([T, 2d] -> [T, d]): a gated
-        MLP's down projection. A method may compute the two in one kernel."""
-        return self.apply(layer, act(x), bias)
-
 
 class UnquantizedLinearMethod(LinearMethod):
     """The weight in the model dtype: F.linear (cuBLAS), except decode-sized inputs on CUDA
@@ -72,12 +65,6 @@ class UnquantizedLinearMethod(LinearMethod):
         if _takes_gemv(layer.weight, x):
             return gemv(x, layer.weight, None, bias)
         return F.linear(x, layer.weight, bias)
-
-    def apply_gated(self, layer, x, act, bias=None):
-        code = gated_act_code(act)
-        if code is not None and _takes_gemv(layer.weight, x):
-            return gemv(x, layer.weight, None, bias, act=code)
-        return self.apply(layer, act(x), bias)
 
 
 def decode_sized(x: torch.Tensor) -> bool:

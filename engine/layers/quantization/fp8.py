@@ -23,9 +23,7 @@ from typing import ClassVar
 import torch
 
 from engine.errors import ConfigError
-from engine.layers.activation import gated_act_code
 from engine.layers.linear import LinearMethod, UnquantizedLinearMethod, linear_param
-from engine.layers.linear_method import decode_sized
 from engine.layers.quantization.base import (
     QuantizationConfig,
     all_or_none,
@@ -141,14 +139,6 @@ class Fp8LinearMethod(LinearMethod):
     def _static_scale(self, layer) -> torch.Tensor | None:
         """The checkpoint's input scale under a static activation scheme, else None."""
         return layer.input_scale if self.activation_scheme == "static" else None
-
-    def apply_gated(self, layer, x, act, bias=None):
-        code = gated_act_code(act)
-        if code is not None and decode_sized(x):  # decode: activation, quantization and matmul in one kernel
-            static = self._static_scale(layer)
-            return gemv(x, layer.weight, layer.weight_scale, bias, quantize_input=True,
-                        input_scale=static, act=code)
-        return self.apply(layer, act(x), bias)
 
 
 def check_fp8_device(device: torch.device) -> None:

@@ -15,9 +15,7 @@ from typing import ClassVar
 
 import torch
 
-from engine.layers.activation import gated_act_code
 from engine.layers.linear import LinearMethod, linear_param
-from engine.layers.linear_method import decode_sized
 from engine.layers.quantization.base import QuantizationConfig, channel_amax
 from kernels.gemv_ref import GEMV_MAX_TOKENS
 from kernels.ops import gemv, int8_weight_matmul
@@ -63,12 +61,6 @@ class Int8LinearMethod(LinearMethod):
         if bias is not None:
             y = y + bias
         return y.view(*x.shape[:-1], y.shape[-1])
-
-    def apply_gated(self, layer, x, act, bias=None):
-        code = gated_act_code(act)
-        if code is not None and decode_sized(x):  # decode: the activation made in the small-M kernel
-            return gemv(x, layer.weight, layer.weight_scale, bias, act=code)
-        return self.apply(layer, act(x), bias)
 
 
 @dataclass(frozen=True)

@@ -47,8 +47,7 @@ class GatedMLP(nn.Module):
         self.act_fn = get_gated_act(dims.activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # the activation goes with the down projection: decode batches make it in its kernel
-        return self.parts.down(self.parts.gate_up(x), act=self.act_fn)
+        return self.parts.down(self.act_fn(self.parts.gate_up(x)))
 
 
 class PlainMLP(nn.Module):

@@ -117,10 +117,7 @@ def mlp_class(spec: ModelSpec, n: Names) -> list[str]:
             "intermediate_size", "hidden_size", "bias=bias", "linear_method=linear_method"])
         lines.append("        # act(gate) * up, fused")
         lines += call(8, "self.act_fn = ", "get_gated_act", [config_expr(c.activation)])
-        body = "\n".join([
-            "        # act(gate) * up goes in with the down projection: the values of",
-            f"        # self.{ck.down}(self.act_fn(gate_up)), made in its kernel for decode batches",
-            f"        return self.{ck.down}(self.{gate_up}(x), act=self.act_fn)"])
+        body = f"        return self.{ck.down}(self.act_fn(self.{gate_up}(x)))"
     else:
         lines += call(8, f"self.{ck.fc_in} = ", "ColumnParallelLinear", [
             "hidden_size", "intermediate_size", "bias=bias", "linear_method=linear_method"])
