@@ -153,3 +153,60 @@ def _shared_memory(index: int) -> int:
     from triton.runtime import driver
 
     return int(driver.active.utils.get_device_properties(index)["max_shared_mem"])
+
+
+# -- programmatic dependent launch (Hopper) ---------------------------------------------------
+# A kernel launched with launch_pdl may start while the kernel before it on the stream is still
+# running, once every program of that one has called gdc_launch_dependents (or exited); it then
+# does what needs nothing of the earlier kernels (the small-M linear: pull its first weight
+# tiles into L2) and waits (gdc_wait) for them to finish, their writes visible, before it
+# reads an activation or writes anything. CUDA graphs keep the launch as a programmatic edge.
+try:
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # a Triton without them: no programmatic launches
+    gdc_launch_dependents = gdc_wait = None
+
+
+def pdl(device: torch.device) -> bool:
+    """Whether kernels on `device` use programmatic dependent launch: a Hopper or later GPU, a
+    Triton that has it, not the interpreter, and APHRO_PDL not "0"."""
+    if device.type != "cuda" or interpreting() or gdc_wait is None:
+        return False
+    if os.environ.get("APHRO_PDL", "1") == "0":
+        return False
+    return _capability(device.index if device.index is not None
+                       else torch.cuda.current_device()) >= 9
+
+
+@functools.cache
+def _capability(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
+def pdl_launch_kw(early: bool) -> dict:
+    """The launch keywords of a kernel that `early` starts before the one ahead of it ends."""
+    return {"launch_pdl": True} if early else {}
+
+
+@triton.jit
+def release_dependents(PDL: tl.constexpr):
+    """At a kernel's start: the next kernel, if launched with launch_pdl, may start now (it
+    waits for this one to finish before it reads what this one writes)."""
+    if PDL:
+        gdc_launch_dependents()
+
+
+@triton.jit
+def wait_for_previous(PDL: tl.constexpr):
+    """Before a kernel launched with launch_pdl reads or writes anything an earlier kernel
+    touches: the earlier kernels have finished and their writes are visible."""
+    if PDL:
+        gdc_wait()
+
+
+@triton.jit
+def prefetch_l2(ptrs):
+    """Ask for the 128-byte lines at ptrs to be brought into L2 (no registers filled, no wait).
+    The pointers must be valid addresses."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs],
+                              dtype=tl.int32, is_pure=False, pack=1)

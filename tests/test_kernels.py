@@ -451,6 +451,70 @@ def test_rotary_and_cache_compiles_for_hopper(cache_ty):
     compile_for_hopper("kernels.elementwise_triton", "_rotary_cache_kernel", sig, variants)
 
 
+def _before(ptx: str, first: str, *later: str) -> bool:
+    """`first` occurs in ptx, before any occurrence of each of `later`."""
+    i = ptx.find(first)
+    return i >= 0 and all(ptx.find(t) == -1 or ptx.find(t) > i for t in later)
+
+
+def test_programmatic_launch_in_the_compiled_kernels():
+    """Programmatic dependent launch (Hopper), checked in the sm_90 PTX (tests/hopper_compile.py):
+    the small-M linear, launched early, prefetches weight lines to L2 and then waits
+    (griddepcontrol.wait) before its first global load, store or atomic, so it cannot read an
+    activation the kernel before is still writing, nor overwrite a buffer that one still reads;
+    the kernels in front of the decode linears (add + RMSNorm, act-and-mul, decode attention)
+    let the next kernel launch before their own first load; with PDL off none of it is there
+    (as compiled for the interpreter and for GPUs before Hopper)."""
+    from hopper_compile import compile_launches
+
+    i32 = "i32"
+    gemv_sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "ws_ptr": "*fp32", "b_ptr": "*bf16",
+                "xs_ptr": "*fp32", "y_ptr": "*bf16", "part_ptr": "*fp32", "count_ptr": "*i32",
+                **dict.fromkeys(["M", "N", "K", "K_SPLIT", "stride_xm", "stride_wn",
+                                 "stride_ym"], i32)}
+    gemv = {"BLOCK_N": 32, "BLOCK_K": 512, "AMAX_K": 4096, "SPLIT_K": 2, "ONE_ROW": True,
+            "HAS_SCALE": False, "HAS_BIAS": False, "QUANT": False, "STATIC": False,
+            "UPCAST": False, "ROUND": False, "FP8_MAX": 448.0, "MIN_SCALE": 1e-12,
+            "DOT_ROWS": 16, "LINE": 64, "PREFETCH_LINES": 16}
+    fp8_sig = {**gemv_sig, "w_ptr": "*fp8e4nv"}
+    fp8 = {**gemv, "HAS_SCALE": True, "QUANT": True, "ONE_ROW": False, "LINE": 128}
+    rms_sig = {"x_ptr": "*bf16", "res_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16",
+               "res_out_ptr": "*bf16", "eps": "fp32", "weight_offset": "fp32",
+               **dict.fromkeys(["hidden", "stride_x", "stride_r", "stride_o", "stride_ro"], i32)}
+    rms = {"BLOCK": 4096, "HAS_RES": True, "HAS_OFFSET": False}
+    act_sig = {"x_ptr": "*bf16", "out_ptr": "*bf16", "d": i32, "stride_x": i32, "stride_o": i32}
+    act = {"BLOCK": 1024, "ACT": 0}
+    dec_sig = {"q_ptr": "*bf16", "k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16",
+               "block_tables_ptr": "*i32", "context_lens_ptr": "*i32", "alibi_ptr": "*bf16",
+               "out_ptr": "*bf16", "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32",
+               "count_ptr": "*i32", "qk_scale": "fp32", "cap_in": "fp32", "cap_out": "fp32",
+               **dict.fromkeys(["window", "stride_qt", "stride_qh", "stride_ot", "stride_oh",
+                                "stride_kb", "stride_kt", "stride_kh", "stride_vb",
+                                "stride_vt", "stride_vh", "stride_bt", "num_heads",
+                                "num_splits"], i32)}
+    dec = {"GROUP": 4, "HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_H": 16, "BLOCK_N": 64,
+           "PAGE": 16, "SPLIT": True, "USE_ALIBI": False, "USE_WINDOW": False,
+           "USE_SOFTCAP": False, "UPCAST": False, "KV_FP8": False}
+    memory = ("ld.global", "st.global", "atom.")
+    for module, kernel, sig, const in (("kernels.gemv_triton", "_gemv_kernel", gemv_sig, gemv),
+                                       ("kernels.gemv_triton", "_gemv_kernel", fp8_sig, fp8)):
+        on, off = compile_launches(module, kernel, sig, [
+            {"constexprs": {**const, "PDL": flag}, "num_warps": 4} for flag in (True, False)],
+            ptx=True)
+        assert _before(on, "prefetch.global.L2", "griddepcontrol.wait"), kernel
+        assert _before(on, "griddepcontrol.wait", *memory), kernel
+        assert "griddepcontrol" not in off and "prefetch.global" not in off
+    for module, kernel, sig, const in (
+            ("kernels.elementwise_triton", "_rms_norm_kernel", rms_sig, rms),
+            ("kernels.elementwise_triton", "_act_and_mul_kernel", act_sig, act),
+            ("kernels.decode_attention", "_decode_kernel", dec_sig, dec)):
+        on, off = compile_launches(module, kernel, sig, [
+            {"constexprs": {**const, "PDL": flag}, "num_warps": 4} for flag in (True, False)],
+            ptx=True)
+        assert _before(on, "griddepcontrol.launch_dependents", *memory), kernel
+        assert "griddepcontrol" not in off, kernel
+
+
 @pytest.mark.parametrize("kind", ["silu", "gelu-none", "gelu-tanh"])
 def test_act_and_mul(kind, shape=(3, 4, 2 * 48), dtype=torch.bfloat16):
     x = torch.randn(shape, dtype=dtype, device=DEV) * 3
