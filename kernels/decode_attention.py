@@ -22,9 +22,7 @@ from kernels.triton_common import (
     dot,
     next_pow2,
     num_sms,
-    pdl,
     persistent_buffer,
-    release_dependents,
     reset_if_last,
     runtime_args,
     tanh,
@@ -47,9 +45,8 @@ def _decode_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
     BLOCK_N: tl.constexpr, PAGE: tl.constexpr, SPLIT: tl.constexpr,
     USE_ALIBI: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,
-    UPCAST: tl.constexpr, KV_FP8: tl.constexpr, PDL: tl.constexpr,
+    UPCAST: tl.constexpr, KV_FP8: tl.constexpr,
 ):
-    release_dependents(PDL)  # the output projection may start (its weights to L2) meanwhile
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -237,6 +234,6 @@ def paged_decode_attention_triton(
         USE_ALIBI=use_alibi, USE_WINDOW=bool(sliding_window), USE_SOFTCAP=use_softcap,
         UPCAST=upcast_dots(query.dtype),
         KV_FP8=key_cache.dtype == torch.float8_e4m3fn and query.element_size() == 2,
-        PDL=pdl(query.device), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out

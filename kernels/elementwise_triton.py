@@ -10,15 +10,7 @@ import triton.language as tl
 
 from kernels.attention_triton import reshape_and_cache_triton
 from kernels.quant_ref import FP8_DTYPE, FP8_MAX
-from kernels.triton_common import (
-    interpreting,
-    next_pow2,
-    pdl,
-    release_dependents,
-    runtime_args,
-    tanh,
-    to_cache,
-)
+from kernels.triton_common import interpreting, next_pow2, runtime_args, tanh, to_cache
 
 
 def _warps(block: int) -> int:
@@ -29,9 +21,8 @@ def _warps(block: int) -> int:
 def _rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, eps, weight_offset, hidden,
     stride_x, stride_r, stride_o, stride_ro,
-    BLOCK: tl.constexpr, HAS_RES: tl.constexpr, HAS_OFFSET: tl.constexpr, PDL: tl.constexpr,
+    BLOCK: tl.constexpr, HAS_RES: tl.constexpr, HAS_OFFSET: tl.constexpr,
 ):
-    release_dependents(PDL)  # the next linear may start (its weights to L2) while this runs
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < hidden
@@ -84,7 +75,7 @@ def rms_norm_triton(
             float(weight_offset), hidden, x2.stride(0), r2.stride(0), out.stride(0),
             res_out.stride(0) if res_out is not None else 0,
             BLOCK=block, HAS_RES=residual is not None, HAS_OFFSET=bool(weight_offset),
-            PDL=pdl(x.device), num_warps=_warps(block),
+            num_warps=_warps(block),
         )
     return out.view(shape), (res_out.view(shape) if res_out is not None else None)
 
@@ -316,9 +307,7 @@ def gated_act(g, u, ACT: tl.constexpr):
 def _act_and_mul_kernel(
     x_ptr, out_ptr, d, stride_x, stride_o,
     BLOCK: tl.constexpr, ACT: tl.constexpr,  # 0 silu, 1 gelu (erf), 2 gelu (tanh)
-    PDL: tl.constexpr,
 ):
-    release_dependents(PDL)  # the down projection may start while this runs
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < d
@@ -339,7 +328,7 @@ def _act_and_mul(x: torch.Tensor, act: int, out: torch.Tensor | None) -> torch.T
     if out.numel() > 0:
         block = min(next_pow2(d), 2048)
         _act_and_mul_kernel[(x2.shape[0], triton.cdiv(d, block))](
-            x2, out, d, x2.stride(0), out.stride(0), BLOCK=block, ACT=act, PDL=pdl(x.device),
+            x2, out, d, x2.stride(0), out.stride(0), BLOCK=block, ACT=act,
             num_warps=_warps(block) if block >= 512 else 2,
         )
     return out.view(*x.shape[:-1], d)

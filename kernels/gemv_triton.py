@@ -45,14 +45,10 @@ from kernels.triton_common import (
     count_in,
     interpreting,
     next_pow2,
-    pdl,
-    pdl_launch_kw,
     persistent_buffer,
-    prefetch_l2,
     reset_if_last,
     round_to_e4m3,
     shared_memory_bytes,
-    wait_for_previous,
 )
 
 DOT_ROWS = 16  # tl.dot's smallest M: x is padded to this many rows (masked)
@@ -115,9 +111,6 @@ def weight_kind(dtype: torch.dtype) -> str:
 # may use on other GPUs (an A100's 164 KB, an L4's 99 KB): float32 activations halve BLOCK_K of
 # the narrow row, whose 4 x (16 KB + 16 x 1024 x 4 B) would need 320 KB
 SMEM_BUDGET = 200 * 1024
-# with programmatic dependent launch (Hopper) a program pulls this many of its first BLOCK_K
-# steps into L2 while the kernel before it finishes
-PREFETCH_STEPS = 2
 SMEM_MARGIN = 27 * 1024
 
 
@@ -170,7 +163,6 @@ def _gemv_kernel(
     ONE_ROW: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
     QUANT: tl.constexpr, STATIC: tl.constexpr, UPCAST: tl.constexpr, ROUND: tl.constexpr,
     FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr, DOT_ROWS: tl.constexpr,
-    PDL: tl.constexpr, LINE: tl.constexpr, PREFETCH_LINES: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -179,13 +171,6 @@ def _gemv_kernel(
     m_ok = offs_m < M
     w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn  # [BN, 1]
     x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm  # [16, 1]
-    k_start = tl.program_id(1) * K_SPLIT  # 0 and K without split-K
-    k_end = tl.minimum(k_start + K_SPLIT, K)
-    if PDL:  # launched early: the program's first weight steps (constants) to L2, then wait
-        lines = tl.minimum(k_start + tl.arange(0, PREFETCH_LINES) * LINE, k_end - 1)
-        rows = tl.minimum(offs_n, N - 1).to(tl.int64) * stride_wn
-        prefetch_l2(w_ptr + rows[:, None] + lines[None, :])
-        wait_for_previous(PDL)
 
     # x's scales (QUANT): s is a scalar (static, or the one row's) or [16, 1]; r = 1 / s
     s = 1.0
@@ -211,6 +196,8 @@ def _gemv_kernel(
         r = tl.math.div_rn(s * 0.0 + 1.0, s)
 
     acc = tl.zeros((DOT_ROWS, BLOCK_N), dtype=tl.float32)
+    k_start = tl.program_id(1) * K_SPLIT  # 0 and K without split-K
+    k_end = tl.minimum(k_start + K_SPLIT, K)
     for k0 in range(k_start, k_end, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_ok = k < k_end
@@ -305,10 +292,6 @@ def gemv_triton(
     # size then makes it big enough for every later one
     part, count = (split_buffers(x.device, split * GEMV_MAX_TOKENS * n, slices) if split > 1
                    else (y, y))
-    early = pdl(x.device)
-    line = 128 // weight.element_size()  # weight elements in a 128-byte line
-    # prefetched ahead of the wait: the first PREFETCH_STEPS steps of each row
-    prefetch_lines = next_pow2(max(1, PREFETCH_STEPS * cfg.block_k // line))
     _gemv_kernel[(slices, split)](
         x, weight, weight_scale if weight_scale is not None else y,
         bias if bias is not None else y, input_scale if input_scale is not None else y, y,
@@ -318,7 +301,6 @@ def gemv_triton(
         HAS_SCALE=weight_scale is not None, HAS_BIAS=bias is not None, QUANT=quantize_input,
         STATIC=input_scale is not None, UPCAST=interpreting() or x.dtype == torch.float32,
         ROUND=interpreting(), FP8_MAX=FP8_MAX, MIN_SCALE=MIN_SCALE, DOT_ROWS=DOT_ROWS,
-        PDL=early, LINE=line, PREFETCH_LINES=prefetch_lines,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch_kw(early),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return y

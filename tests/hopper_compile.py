@@ -32,23 +32,21 @@ for launch in spec["launches"]:
     options = {k: launch[k] for k in ("num_warps", "num_stages") if k in launch}
     compiled = triton.compile(src, target=GPUTarget("cuda", spec["arch"], 32), options=options)
     print("compiled", len(compiled.asm["cubin"]), compiled.metadata.shared)
-    if spec["ptx"]:
-        print("ptx", json.dumps(compiled.asm["ptx"]))
 """
 
 
 def compile_launches(module: str, kernel: str, signature: dict[str, str],
-                     launches: list[dict], arch: int = 90, ptx: bool = False) -> list:
+                     launches: list[dict], arch: int = 90) -> list[int]:
     """Compiles module.kernel for sm_<arch> once per launch ({"constexprs": ..., and optional
-    "num_warps", "num_stages"}); returns the shared memory each asks for, in bytes (with
-    `ptx`: each one's PTX text instead). Fails the test with the compiler's message if any does
-    not compile; skips it where this triton has no ptxas."""
+    "num_warps", "num_stages"}); returns the shared memory each asks for, in bytes. Fails the
+    test with the compiler's message if any does not compile; skips it where this triton has
+    no ptxas."""
     import triton
 
     if not list(Path(triton.__file__).parent.glob("backends/nvidia/bin/ptxas*")):
         pytest.skip("this triton has no ptxas")
     spec = {"module": module, "kernel": kernel, "signature": signature, "launches": launches,
-            "arch": arch, "ptx": ptx}
+            "arch": arch}
     done = subprocess.run([sys.executable, "-c", _SCRIPT, json.dumps(spec)], check=False,
                           env={**os.environ, "TRITON_INTERPRET": "0"},
                           cwd=Path(__file__).parent.parent, capture_output=True, text=True,
@@ -56,9 +54,6 @@ def compile_launches(module: str, kernel: str, signature: dict[str, str],
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [line.split() for line in done.stdout.splitlines() if line.startswith("compiled")]
     assert len(rows) == len(launches) and all(int(r[1]) > 0 for r in rows)
-    if ptx:
-        return [json.loads(line[4:]) for line in done.stdout.splitlines()
-                if line.startswith("ptx ")]
     return [int(r[2]) for r in rows]
 
 

@@ -103,7 +103,7 @@ def test_the_launches_fit_the_shared_memory_of_each_gpu(arch, shared_memory):
                          "i32")
     base = {"AMAX_K": 512, "SPLIT_K": 1, "ONE_ROW": False, "HAS_SCALE": True,
             "HAS_BIAS": False, "STATIC": False, "ROUND": False, "FP8_MAX": 448.0,
-            "MIN_SCALE": 1e-12, "DOT_ROWS": 16, "PDL": arch >= 90, "PREFETCH_LINES": 16}
+            "MIN_SCALE": 1e-12, "DOT_ROWS": 16}
     kinds = [(FP8_DTYPE, "*fp8e4nv"), (torch.int8, "*i8"), (torch.bfloat16, "*bf16")]
     for w_dtype, w_ty in kinds:
         for x_dtype, x_ty in ((torch.float32, "*fp32"), (torch.bfloat16, "*bf16")):
@@ -114,7 +114,6 @@ def test_the_launches_fit_the_shared_memory_of_each_gpu(arch, shared_memory):
                 c = gemv_config(n, k, w_dtype, x_dtype.itemsize, shared_memory)
                 launches.append({"constexprs": {
                     **base, "BLOCK_N": c.block_n, "BLOCK_K": c.block_k,
-                    "LINE": 128 // w_dtype.itemsize,
                     "QUANT": w_dtype == FP8_DTYPE, "UPCAST": x_dtype == torch.float32},
                     "num_warps": c.num_warps, "num_stages": c.num_stages})
             sig = {"x_ptr": x_ty, "w_ptr": w_ty, "ws_ptr": "*fp32", "b_ptr": x_ty,
