@@ -160,11 +160,11 @@ def test_a_graceful_stop_lets_requests_in_flight_finish(tiny_llama_dir):
                          for _ in range(16)]
                 await asyncio.wait_for(started.wait(), WAIT_S)
                 server.server.shutdown_threadsafe()  # what SIGTERM does
-                try:  # nothing new is taken any more
+                try:  # nothing new is taken any more: a 503, or no connection at all
                     late = await client.post("/v1/completions", json={"prompt": "hi"})
                     assert late.status_code == 503, late.text
-                except httpx.ConnectError:
-                    pass
+                except (httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError):
+                    pass  # refused, or closed unanswered (a race of the stop: CI saw ReadError)
                 return await asyncio.wait_for(asyncio.gather(*tasks), WAIT_S)
 
         results = asyncio.run(run())
