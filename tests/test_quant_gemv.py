@@ -343,3 +343,18 @@ def test_every_linear_layer_moves_with_to_and_computes_x_wt_plus_b():
         out = out[0] if isinstance(out, tuple) else out
         ref = x @ layer.weight.T + (layer.bias if layer.bias is not None else 0.0)
         torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+
+
+def test_row_parallel_linear_takes_a_gated_activation_as_older_explicit_files_pass_it():
+    """RowParallelLinear(x, act=silu), as explicit files written by the template of 2026-12-01
+    call the down projection: F.linear of silu(gate) * up (the torch reference), float32."""
+    from engine.layers.activation import get_gated_act
+    from engine.layers.linear import RowParallelLinear
+    from kernels.elementwise_ref import silu_and_mul_ref
+
+    layer = RowParallelLinear(37, 19, bias=True)
+    for p in layer.parameters():
+        p.data.normal_()
+    x = torch.randn(5, 74)
+    ref = torch.nn.functional.linear(silu_and_mul_ref(x), layer.weight, layer.bias)
+    torch.testing.assert_close(layer(x, act=get_gated_act("silu")), ref)

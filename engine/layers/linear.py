@@ -310,7 +310,12 @@ class RowParallelLinear(LinearBase):
         dim = None if getattr(param, "per_part", False) else getattr(param, "input_dim", None)
         return REPLICATED if dim is None else split_spec(dim, self.input_size, self.tp_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, act: nn.Module | None = None) -> torch.Tensor:
+        """x @ W^T + b, summed across ranks. `act`, a gated activation, is applied to x first
+        (x is then [T, 2 * in]): explicit model files written by aphro's template of 2026-12-01
+        call `down_proj(gate_up, act=self.act_fn)`, and still run."""
+        if act is not None:
+            x = act(x)
         if self.tp_size == 1:
             return self.linear_method.apply(self, x, self.bias)
         y = self.linear_method.apply(self, x)
