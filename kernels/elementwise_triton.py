@@ -289,21 +289,6 @@ def rotary_and_cache_triton(
 
 
 @triton.jit
-def gated_act(g, u, ACT: tl.constexpr):
-    """act(g) * u in g's dtype (0 silu, 1 gelu (erf), 2 gelu (tanh)), rounded where the
-    reference rounds: the activation to the dtype before the multiply, then the product."""
-    gf = g.to(tl.float32)
-    if ACT == 0:
-        a = gf / (1.0 + tl.exp(-gf))
-    elif ACT == 1:
-        a = 0.5 * gf * (1.0 + tl.erf(gf * 0.7071067811865476))
-    else:
-        a = 0.5 * gf * (1.0 + tanh(0.7978845608028654 * (gf + 0.044715 * gf * gf * gf)))
-    a = a.to(g.dtype).to(tl.float32)
-    return (a * u.to(tl.float32)).to(g.dtype)
-
-
-@triton.jit
 def _act_and_mul_kernel(
     x_ptr, out_ptr, d, stride_x, stride_o,
     BLOCK: tl.constexpr, ACT: tl.constexpr,  # 0 silu, 1 gelu (erf), 2 gelu (tanh)
@@ -311,9 +296,17 @@ def _act_and_mul_kernel(
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < d
-    g = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
-    u = tl.load(x_ptr + row * stride_x + d + offs, mask=mask, other=0.0)
-    tl.store(out_ptr + row * stride_o + offs, gated_act(g, u, ACT), mask=mask)
+    g = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(x_ptr + row * stride_x + d + offs, mask=mask, other=0.0).to(tl.float32)
+    if ACT == 0:
+        a = g / (1.0 + tl.exp(-g))
+    elif ACT == 1:
+        a = 0.5 * g * (1.0 + tl.erf(g * 0.7071067811865476))
+    else:
+        a = 0.5 * g * (1.0 + tanh(0.7978845608028654 * (g + 0.044715 * g * g * g)))
+    # the reference rounds the activation to the input dtype before the multiply
+    a = a.to(out_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(out_ptr + row * stride_o + offs, (a * u).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _act_and_mul(x: torch.Tensor, act: int, out: torch.Tensor | None) -> torch.Tensor:

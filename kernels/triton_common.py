@@ -36,6 +36,11 @@ def runtime_args(*names: str) -> dict:
             if k in params}
 
 
+def cuda_index(device: torch.device) -> int:
+    """A CUDA device's index ("cuda" alone: the current device)."""
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 _persistent: dict[tuple[str, torch.device], torch.Tensor] = {}
 _retired: list[torch.Tensor] = []  # outgrown buffers: a graph captured earlier may still use them
 
@@ -49,7 +54,7 @@ def persistent_buffer(name: str, device: torch.device, numel: int, dtype: torch.
     graph captured before keeps using it. A megabyte or two in all, not counted in the KV-cache
     budget, kept for the process's life."""
     if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:0": one buffer
-        device = torch.device("cuda", torch.cuda.current_device())
+        device = torch.device("cuda", cuda_index(device))
     buf = _persistent.get((name, device))
     if buf is None or buf.numel() < numel:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
@@ -76,7 +81,7 @@ def num_sms(device: torch.device) -> int:
     """Multiprocessors of a CUDA device; a stand-in of 132 (one H200) elsewhere."""
     if device.type != "cuda":
         return 132
-    return sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return sm_count(cuda_index(device))
 
 
 @triton.jit
@@ -144,8 +149,7 @@ def shared_memory_bytes(device: torch.device) -> int:
     """Shared memory one program may use on `device` (an H100 / H200 SM's 227 KB off CUDA)."""
     if device.type != "cuda":
         return 232448
-    return _shared_memory(device.index if device.index is not None
-                          else torch.cuda.current_device())
+    return _shared_memory(cuda_index(device))
 
 
 @functools.cache

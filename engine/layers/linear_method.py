@@ -67,16 +67,11 @@ class UnquantizedLinearMethod(LinearMethod):
         return F.linear(x, layer.weight, bias)
 
 
-def decode_sized(x: torch.Tensor) -> bool:
-    """x is [T, in] with contiguous rows and few enough of them for the small-M kernel."""
-    return x.dim() == 2 and x.shape[0] <= GEMV_MAX_TOKENS and x.stride(-1) == 1
-
-
 def _takes_gemv(w: torch.Tensor, x: torch.Tensor) -> bool:
     """Whether the unquantized linear gives x to the small-M kernel rather than cuBLAS: on a
     Hopper GPU (where the kernel was measured against cuBLAS), a decode-sized batch, a 16-bit
     weight of fewer than CUBLAS_MIN_ROWS_16BIT rows, both with contiguous rows."""
-    return (x.is_cuda and decode_sized(x)
+    return (x.is_cuda and x.dim() == 2 and x.shape[0] <= GEMV_MAX_TOKENS and x.stride(1) == 1
             and w.dtype in (torch.bfloat16, torch.float16) and x.dtype == w.dtype
             and w.shape[0] < CUBLAS_MIN_ROWS_16BIT and w.dim() == 2 and w.stride(1) == 1
             and _hopper(x.device))

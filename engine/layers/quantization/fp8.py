@@ -124,7 +124,7 @@ class Fp8LinearMethod(LinearMethod):
         x2 = x.reshape(-1, x.shape[-1])  # [T, in]
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
-        static = self._static_scale(layer)
+        static = layer.input_scale if self.activation_scheme == "static" else None
         if x2.shape[0] <= GEMV_MAX_TOKENS:  # decode: quantize and multiply in one kernel
             y = gemv(x2, layer.weight, layer.weight_scale, bias, quantize_input=True,
                      input_scale=static)  # [T, out]
@@ -135,10 +135,6 @@ class Fp8LinearMethod(LinearMethod):
         if bias is not None:
             y = y + bias
         return y.view(*x.shape[:-1], y.shape[-1])
-
-    def _static_scale(self, layer) -> torch.Tensor | None:
-        """The checkpoint's input scale under a static activation scheme, else None."""
-        return layer.input_scale if self.activation_scheme == "static" else None
 
 
 def check_fp8_device(device: torch.device) -> None:
