@@ -13,7 +13,8 @@ import torch
 
 from kernels.quant_ref import per_token_quant_fp8_ref
 
-GEMV_MAX_TOKENS = 16  # the small-M path serves up to this many rows (decode batch sizes)
+GEMV_MAX_TOKENS = 16  # the engine's linears take the small-M path up to this many rows
+GEMV_KERNEL_ROWS = 64  # what the kernel itself serves (x padded to 16, 32 or 64 dot rows)
 # on a Hopper GPU the unquantized linear gives decode-sized batches to the small-M kernel when the
 # 16-bit weight has fewer rows than this, cuBLAS otherwise: at M = 1 in the run-9b sweep (one
 # H200) the kernel beat cuBLAS on Llama-3-8B's qkv, o_proj and down (15.4 / 11.4 / 30.1 against

@@ -1,10 +1,10 @@
-"""Triton version of gemv_ref.py: the small-M linear (decode batches of 1 to 16 rows) that
+"""Triton version of gemv_ref.py: the small-M linear (decode batches of 1 to 64 rows) that
 streams the weight once.
 
 Each program owns BLOCK_N rows of the weight [N, K] (K contiguous) and walks the whole of K in
 BLOCK_K steps: one pass over the weight with wide coalesced loads, pipelined num_stages deep, no
-split-K and no second kernel. The few rows of x (padded to 16 for tl.dot, the padding masked)
-are re-read from L2 by every program. INT8 weights are widened in registers (exact: int8 values
+split-K and no second kernel. The few rows of x (padded to 16, 32 or 64 for tl.dot, the
+padding masked) are re-read from L2 by every program. INT8 weights are widened in registers (exact: int8 values
 are fp16 / bf16 values) and multiplied on the tensor cores into float32.
 
 With `quantize_input` (the FP8 scheme) a first pass over x finds each row's max |x| (or the
@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.gemv_ref import GEMV_MAX_TOKENS
+from kernels.gemv_ref import GEMV_KERNEL_ROWS
 from kernels.quant_ref import FP8_DTYPE, FP8_MAX, MIN_SCALE
 from kernels.triton_common import (
     count_in,
@@ -51,7 +51,12 @@ from kernels.triton_common import (
     shared_memory_bytes,
 )
 
-DOT_ROWS = 16  # tl.dot's smallest M: x is padded to this many rows (masked)
+DOT_ROWS = 16  # tl.dot's smallest M: x is padded to at least this many rows (masked)
+
+
+def dot_rows(m: int) -> int:
+    """The rows x is padded to: 16, or the power of two at or above m."""
+    return max(DOT_ROWS, next_pow2(m))
 
 
 @dataclass(frozen=True)
@@ -115,10 +120,10 @@ SMEM_MARGIN = 27 * 1024
 
 
 def gemv_config(n: int, k: int, weight_dtype: torch.dtype, x_bytes: int = 2,
-                shared_memory: int | None = None) -> GemvConfig:
-    """The table's launch for a weight [n, k] of `weight_dtype` and activations of
-    `x_bytes`-byte elements, on a device whose programs may use `shared_memory` bytes (default:
-    an H200's)."""
+                shared_memory: int | None = None, rows: int = DOT_ROWS) -> GemvConfig:
+    """The table's launch for a weight [n, k] of `weight_dtype` and `rows` (dot_rows) of
+    activations of `x_bytes`-byte elements, on a device whose programs may use `shared_memory`
+    bytes (default: an H200's)."""
     weight_bytes = weight_dtype.itemsize
     budget = SMEM_BUDGET if shared_memory is None else min(SMEM_BUDGET,
                                                            shared_memory - SMEM_MARGIN)
@@ -127,7 +132,7 @@ def gemv_config(n: int, k: int, weight_dtype: torch.dtype, x_bytes: int = 2,
         if n >= min_n and k >= min_k:
             block_k = min(row_bytes // weight_bytes, max(16, next_pow2(k)))
             while block_k > 16 and stages * block_k * (
-                    block_n * weight_bytes + DOT_ROWS * x_bytes) > budget:
+                    block_n * weight_bytes + rows * x_bytes) > budget:
                 block_k //= 2
             return GemvConfig(block_n, block_k, warps, stages,
                               max(1, min(split, triton.cdiv(k, block_k))))
@@ -249,7 +254,7 @@ def _gemv_kernel(
 
 
 def gemv_triton(
-    x: torch.Tensor,  # [M, K] bf16 / fp16 / fp32, M <= GEMV_MAX_TOKENS
+    x: torch.Tensor,  # [M, K] bf16 / fp16 / fp32, M <= GEMV_KERNEL_ROWS
     weight: torch.Tensor,  # [N, K] x's dtype, float8_e4m3fn or int8 (any with fp32 x)
     weight_scale: torch.Tensor | None = None,  # [N] float32
     bias: torch.Tensor | None = None,  # [N]
@@ -264,7 +269,7 @@ def gemv_triton(
         "weight: [N, K], rows contiguous", tuple(weight.shape), tuple(x.shape))
     m, k = x.shape[0], weight.shape[1]
     n = weight.shape[0]
-    assert m <= GEMV_MAX_TOKENS, f"gemv serves up to {GEMV_MAX_TOKENS} rows, got {m}"
+    assert m <= GEMV_KERNEL_ROWS, f"gemv serves up to {GEMV_KERNEL_ROWS} rows, got {m}"
     if quantize_input:
         assert weight.dtype == FP8_DTYPE, "quantize_input multiplies e4m3 by e4m3"
     else:
@@ -280,17 +285,18 @@ def gemv_triton(
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return y
+    rows = dot_rows(m)
     cfg = config or gemv_config(n, k, weight.dtype, x.element_size(),
-                                shared_memory_bytes(x.device))
-    amax_k = min(next_pow2(k), 8192 if m == 1 else 512)
+                                shared_memory_bytes(x.device), rows)
+    amax_k = min(next_pow2(k), 8192 if m == 1 else 8192 // rows)  # [rows, amax_k] floats
     slices = triton.cdiv(n, cfg.block_n)
     # K per program: a whole number of BLOCK_K steps, so only the last program's last step
     # is masked; fewer programs than asked when K is too short for them all
     k_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
     split = triton.cdiv(k, k_split)
-    # sized for GEMV_MAX_TOKENS rows whatever m is: the warm-up of the first captured batch
+    # sized for GEMV_KERNEL_ROWS rows whatever m is: the warm-up of the first captured batch
     # size then makes it big enough for every later one
-    part, count = (split_buffers(x.device, split * GEMV_MAX_TOKENS * n, slices) if split > 1
+    part, count = (split_buffers(x.device, split * GEMV_KERNEL_ROWS * n, slices) if split > 1
                    else (y, y))
     _gemv_kernel[(slices, split)](
         x, weight, weight_scale if weight_scale is not None else y,
@@ -300,7 +306,7 @@ def gemv_triton(
         ONE_ROW=m == 1,
         HAS_SCALE=weight_scale is not None, HAS_BIAS=bias is not None, QUANT=quantize_input,
         STATIC=input_scale is not None, UPCAST=interpreting() or x.dtype == torch.float32,
-        ROUND=interpreting(), FP8_MAX=FP8_MAX, MIN_SCALE=MIN_SCALE, DOT_ROWS=DOT_ROWS,
+        ROUND=interpreting(), FP8_MAX=FP8_MAX, MIN_SCALE=MIN_SCALE, DOT_ROWS=rows,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return y

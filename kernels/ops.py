@@ -133,7 +133,7 @@ def int8_weight_matmul(x: torch.Tensor, weight: torch.Tensor,
 def gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None = None,
          bias: torch.Tensor | None = None, quantize_input: bool = False,
          input_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """The small-M linear (M <= kernels.gemv_ref.GEMV_MAX_TOKENS rows): [M, K] @ (weight [N, K]
+    """The small-M linear (M <= kernels.gemv_ref.GEMV_KERNEL_ROWS rows): [M, K] @ (weight [N, K]
     * weight_scale [N])^T + bias -> [M, N] in x's dtype. `quantize_input`: x to e4m3 per token
     (or with the static `input_scale`) first, for an e4m3 weight (the FP8 scheme)."""
     tri = _use_triton(x)

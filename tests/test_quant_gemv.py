@@ -8,13 +8,15 @@ the `cuda`-marked tests add the Llama-3-8B decode shapes on a GPU.
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
 from engine.layers.quantization.fp8 import fp8_matmul, quantize_fp8_per_channel
-from kernels.gemv_ref import GEMV_MAX_TOKENS, gemv_ref
+from kernels.gemv_ref import GEMV_KERNEL_ROWS, GEMV_MAX_TOKENS, gemv_ref
 from kernels.gemv_triton import GemvConfig, gemv_config, gemv_triton
 from kernels.quant_ref import FP8_DTYPE, per_token_quant_fp8_ref
 from kernels.triton_common import interpreting
@@ -56,7 +58,7 @@ def activations(m: int, k: int, dtype: torch.dtype) -> torch.Tensor:
     return x.to(dtype)
 
 
-@pytest.mark.parametrize("m", [1, 3, 16])
+@pytest.mark.parametrize("m", [1, 3, 16, 64])
 @pytest.mark.parametrize("n,k", [(37, 71), (50, 130)])
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("w_kind", ["same", "int8", "fp8"])
@@ -72,7 +74,7 @@ def test_gemv_triton_equals_reference(m, n, k, x_dtype, w_kind):
             assert_close_ulp(got, gemv_ref(x, w, **kwargs))
 
 
-@pytest.mark.parametrize("m", [1, 3, 16])
+@pytest.mark.parametrize("m", [1, 3, 16, 40])
 @pytest.mark.parametrize("n,k", [(37, 71), (17, 600)])
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("static", [False, True])
@@ -110,11 +112,12 @@ def test_the_launches_fit_the_shared_memory_of_each_gpu(arch, shared_memory):
             if w_dtype == torch.bfloat16 and x_dtype == torch.float32:
                 continue
             launches = []
-            for n, k in ((600, 4096), (4096, 4096)):
-                c = gemv_config(n, k, w_dtype, x_dtype.itemsize, shared_memory)
+            for (n, k), rows in itertools.product(((600, 4096), (4096, 4096)), (16, 64)):
+                c = gemv_config(n, k, w_dtype, x_dtype.itemsize, shared_memory, rows)
                 launches.append({"constexprs": {
-                    **base, "BLOCK_N": c.block_n, "BLOCK_K": c.block_k,
-                    "QUANT": w_dtype == FP8_DTYPE, "UPCAST": x_dtype == torch.float32},
+                    **base, "BLOCK_N": c.block_n, "BLOCK_K": c.block_k, "DOT_ROWS": rows,
+                    "AMAX_K": 8192 // rows, "QUANT": w_dtype == FP8_DTYPE,
+                    "UPCAST": x_dtype == torch.float32},
                     "num_warps": c.num_warps, "num_stages": c.num_stages})
             sig = {"x_ptr": x_ty, "w_ptr": w_ty, "ws_ptr": "*fp32", "b_ptr": x_ty,
                    "xs_ptr": "*fp32", "y_ptr": x_ty, "part_ptr": "*fp32", "count_ptr": "*i32",
@@ -171,7 +174,7 @@ def test_gemv_strided_rows_and_empty():
     assert_close_ulp(gemv_triton(x, w, s), gemv_ref(x, w, s))
     assert gemv_triton(x[:0], w, s).shape == (0, 40)
     with pytest.raises(AssertionError):
-        gemv_triton(torch.randn(GEMV_MAX_TOKENS + 1, 64, device=DEV), w, s)
+        gemv_triton(torch.randn(GEMV_KERNEL_ROWS + 1, 64, device=DEV), w, s)
 
 
 def test_gemv_config_table():

@@ -1,0 +1,168 @@
+"""Launch sweeps of the decode-attention and small-M linear kernels on a CUDA device, printed as
+markdown tables (what docs/PERF.md quotes; nothing here is a test).
+
+    python3 scripts/kernel_sweep.py decode   # split counts (and tiles) per batch x context
+    python3 scripts/kernel_sweep.py gemv     # the small-M kernel at 16-64 rows against cuBLAS
+
+Every figure is µs per call from CUDA-graph replays of many calls whose inputs rotate past L2
+(KV caches / weights of several "layers"), Llama-3-8B's shapes, bf16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import itertools
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+ROTATE_BYTES = 512 * 2**20  # inputs of all the calls in one graph, together past L2
+
+
+def graph_us(calls, replays: int = 20) -> float:
+    """µs per call of the list `calls` (zero-argument callables) captured in one graph."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for c in calls[:2]:
+            c()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for c in calls:
+            c()
+    g.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        g.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / replays / len(calls)
+
+
+def copy_bandwidth() -> float:
+    a = torch.empty(2**29, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    us = graph_us([lambda: b.copy_(a)] * 8)
+    return 2 * a.numel() / us / 1e6  # TB/s
+
+
+def sweep_decode(args) -> None:
+    from kernels.decode_attention import choose_num_splits
+    from kernels.triton_common import num_sms
+
+    heads, kv_heads, d, page = 32, 8, 128, 16
+    sms = num_sms(torch.device("cuda"))
+    bw = copy_bandwidth()
+    print(f"\n## decode attention, 32 / 8 heads, d 128, bf16, pages of {page}; copy {bw:.2f} TB/s")
+    splits = [1, 2, 4, 8, 16, 32, 64]
+    print("| batch | context | KV MB a call | " + " | ".join(f"{s} split" for s in splits)
+          + " | best (of copy BW) | the rule's |")
+    print("|---:|---:|---:|" + "---:|" * len(splits) + "---:|---:|")
+    cases = [(1, 256), (1, 512), (1, 1024), (1, 4096), (4, 1024), (16, 256), (16, 1024),
+             (16, 8192), (64, 256), (64, 1024), (128, 256), (256, 384), (512, 256), (512, 384)]
+    for bs, ctx in cases:
+        per_call = bs * ctx * kv_heads * d * 2 * 2
+        calls = decode_calls(bs, ctx, heads, kv_heads, d, page)
+        row = [None if s > 1 and s > ctx // 64 else graph_us(calls(num_splits=s))
+               for s in splits]
+        rule = choose_num_splits(bs, kv_heads, ctx, sms)
+        best = min(x for x in row if x is not None)
+        cells = " | ".join("-" if x is None else f"{x:.2f}" for x in row)
+        print(f"| {bs} | {ctx} | {per_call / 1e6:.1f} | {cells} | {best:.2f} "
+              f"({per_call / best / 1e6 / bw:.2f}) | {rule} |")
+
+    print("\n| batch x context | block_n / warps / stages: µs (1 split) |")
+    print("|---|---|")
+    for bs, ctx in [(64, 256), (512, 384)]:
+        per_call = bs * ctx * kv_heads * d * 2 * 2
+        calls = decode_calls(bs, ctx, heads, kv_heads, d, page)
+        cells = []
+        for bn, w, st in itertools.product([32, 64, 128], [4, 8], [2, 3, 4]):
+            cfg = {"block_n": bn, "num_warps": w, "num_stages": st}
+            try:
+                cells.append(f"{bn}/{w}/{st}: {graph_us(calls(num_splits=1, config=cfg)):.1f}")
+            except Exception as e:  # noqa: BLE001 (out of resources: reported, not fatal)
+                cells.append(f"{bn}/{w}/{st}: {type(e).__name__}")
+        print(f"| {bs} x {ctx} ({per_call / 1e6:.0f} MB) | {', '.join(cells)} |")
+
+
+def decode_calls(bs: int, ctx: int, heads: int, kv_heads: int, d: int, page: int):
+    """calls(**kwargs): one decode call per rotated cache (scattered pages, every sequence at
+    `ctx`), with paged_decode_attention_triton's keyword arguments."""
+    from kernels.decode_attention import paged_decode_attention_triton
+
+    per_call = bs * ctx * kv_heads * d * 2 * 2
+    copies = max(2, min(256, math.ceil(ROTATE_BYTES / per_call)))
+    blocks = bs * ctx // page
+    k = torch.randn(copies * blocks, page, kv_heads, d, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    tables = torch.randperm(copies * blocks, device="cuda", dtype=torch.int32).view(
+        copies, bs, blocks // bs)
+    lens = torch.full((bs,), ctx, dtype=torch.int32, device="cuda")
+    q = torch.randn(bs, heads, d, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty_like(q)
+    return lambda **kw: [functools.partial(paged_decode_attention_triton, q, k, v, t, lens,
+                                           d ** -0.5, out=out, **kw) for t in tables]
+
+
+def sweep_gemv(args) -> None:
+    import torch.nn.functional as F
+
+    from kernels.gemv_triton import GemvConfig, dot_rows, gemv_config, gemv_triton
+
+    bw = copy_bandwidth()
+    print(f"\n## small-M linear against cuBLAS, bf16 weights; copy {bw:.2f} TB/s")
+    shapes = {"qkv": (6144, 4096), "o_proj": (4096, 4096), "down": (4096, 14336),
+              "gate_up": (28672, 4096)}
+    grid = [GemvConfig(bn, rb // 2, 4, st, sp) for bn, rb, st, sp in itertools.product(
+        [32, 64, 128], [256, 512], [3, 4], [1, 2])]
+    print("| shape | M | cuBLAS µs (TB/s) | table: config µs | best of the grid: config µs "
+          "(TB/s) |")
+    print("|---|---:|---:|---:|---:|")
+    for name, (n, k) in shapes.items():
+        nbytes = n * k * 2
+        copies = max(2, math.ceil(ROTATE_BYTES / nbytes))
+        ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+              for _ in range(copies)]
+        for m in args.rows:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            cub = graph_us([functools.partial(F.linear, x, w) for w in ws])
+            table = gemv_config(n, k, torch.bfloat16, 2, None, dot_rows(m))
+
+            def ours(c, x=x, ws=ws):
+                try:
+                    return graph_us([functools.partial(gemv_triton, x, w, config=c)
+                                     for w in ws])
+                except Exception:  # noqa: BLE001 (a launch past the shared memory)
+                    return math.inf
+            t_table = ours(table)
+            results = [(ours(c), c) for c in grid]
+            best_us, best = min(results, key=lambda r: r[0])
+
+            def fmt(c):
+                return f"{c.block_n}/{c.block_k * 2}B/{c.num_stages}st/split{c.split_k}"
+            print(f"| {name} {n}x{k} | {m} | {cub:.2f} ({nbytes / cub / 1e6:.2f}) | "
+                  f"{fmt(table)}: {t_table:.2f} | {fmt(best)}: {best_us:.2f} "
+                  f"({nbytes / best_us / 1e6:.2f}) |")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("what", choices=["decode", "gemv"])
+    ap.add_argument("--rows", type=int, nargs="+", default=[16, 32, 64])
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    {"decode": sweep_decode, "gemv": sweep_gemv}[args.what](args)
+
+
+if __name__ == "__main__":
+    main()
