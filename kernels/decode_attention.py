@@ -5,7 +5,8 @@ rows of one tile, so each KV head's keys and values are read once per group. Wit
 split (flash-decoding), each split writes a partial output and its log-sum-exp and counts itself
 in on a per-(sequence, KV head) counter; the split that arrives last combines the others' partials
 with its own, writes the output and resets the counter (one kernel: no second launch for the
-reduction, as in kernels/gemv_triton.py's split-K). Split ranges are computed in the kernel from
+reduction, as in kernels/gemv_triton.py's split-K). It reads each head's partials of all splits
+in one load, so the combine costs the same few round trips to L2 at 2 or 64 splits. Split ranges are computed in the kernel from
 each sequence's own context length, so any context is covered whatever the split count (safe
 under CUDA-graph replay).
 """
@@ -34,16 +35,16 @@ MIN_SPLIT_TOKENS = 256  # below this a split costs more in the reduce than it sa
 
 
 @triton.jit(**runtime_args("block_tables_ptr", "context_lens_ptr", "part_out_ptr", "part_lse_ptr",
-                          "count_ptr", "stride_bt", "num_splits"))
+                          "count_ptr", "stride_bt", "num_splits", "min_tiles"))
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, alibi_ptr,
     out_ptr, part_out_ptr, part_lse_ptr, count_ptr,
     qk_scale, cap_in, cap_out, window,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_bt,
-    num_heads, num_splits,
+    num_heads, num_splits, min_tiles,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
-    BLOCK_N: tl.constexpr, PAGE: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCK_N: tl.constexpr, PAGE: tl.constexpr, SPLIT: tl.constexpr, BLOCK_S: tl.constexpr,
     USE_ALIBI: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,
     UPCAST: tl.constexpr, KV_FP8: tl.constexpr,
 ):
@@ -55,7 +56,15 @@ def _decode_kernel(
     lo = 0
     if USE_WINDOW:
         lo = tl.maximum(ctx - window, 0)
-    tiles_per_split = tl.cdiv(tl.cdiv(ctx - lo, BLOCK_N), num_splits)
+    # this sequence's own split count: at most num_splits (the grid's), each split at least
+    # min_tiles tiles, so a short context in a graph captured for long ones uses few splits;
+    # the grid's other programs return at once
+    tiles = tl.cdiv(ctx - lo, BLOCK_N)
+    tiles_per_split = tl.cdiv(tiles, tl.maximum(tl.minimum(num_splits,
+                                                           tl.cdiv(tiles, min_tiles)), 1))
+    active = tl.maximum(tl.cdiv(tiles, tl.maximum(tiles_per_split, 1)), 1)
+    if split >= active:
+        return
     start = lo + split * tiles_per_split * BLOCK_N
     end = tl.minimum(start + tiles_per_split * BLOCK_N, ctx)
 
@@ -118,29 +127,41 @@ def _decode_kernel(
         tl.store(part_lse_ptr + row0 + split, lse, mask=h_mask)
         counter = count_ptr + seq * tl.num_programs(1) + kvh
         arrived = count_in(counter)
-        # last: [BLOCK_H], true in the split that arrived last (a comparison of full tiles:
-        # the interpreter mishandles a scalar mask); the others only store their partial
-        last = h_mask & ((tl.zeros([BLOCK_H], tl.int32) + arrived) == num_splits - 1)
-        m = lse
-        for i in range(num_splits - 1):  # the largest log-sum-exp of every split's
-            other = i + (i >= split).to(tl.int32)
-            m = tl.maximum(m, tl.load(part_lse_ptr + row0 + other, mask=last,
-                                      other=float("-inf"), cache_modifier=".cg"))
-        m = tl.where(m == float("-inf"), 0.0, m)  # a head no split saw a key for
-        w = tl.exp2(lse - m)  # [BLOCK_H]; 0 for an empty split
-        den = w
-        res = o * w[:, None]
-        for i in range(num_splits - 1):
-            other = i + (i >= split).to(tl.int32)
-            w = tl.exp2(tl.load(part_lse_ptr + row0 + other, mask=last, other=float("-inf"),
-                                cache_modifier=".cg") - m)
-            den += w
-            res += w[:, None] * tl.load(
-                part_out_ptr + (row0 + other)[:, None] * HEAD_DIM + offs_d[None, :],
-                mask=last[:, None] & d_mask[None, :], other=0.0, cache_modifier=".cg")
-        res = res / tl.where(den > 0.0, den, 1.0)[:, None]
-        tl.store(out_ptrs, res.to(out_ptr.dtype.element_ty), mask=last[:, None] & d_mask[None, :])
-        reset_if_last(counter, arrived, num_splits)
+        # the split that arrived last combines every split's partial (its own read back too),
+        # one head of the group at a time: all splits' log-sum-exps and outputs of a head in
+        # one load each, so a combine is GROUP round trips to L2 whatever the split count.
+        # last_s: true in that split only (a full-tile comparison: the interpreter mishandles
+        # a scalar mask)
+        offs_s = tl.arange(0, BLOCK_S)
+        last_s = (offs_s < active) & (
+            (tl.zeros([BLOCK_S], tl.int32) + arrived) == active - 1)
+        for h in tl.static_range(GROUP):
+            _combine_head(part_out_ptr, part_lse_ptr, out_ptr + seq * stride_ot
+                          + (kvh * GROUP + h) * stride_oh,
+                          ((seq * num_heads + kvh * GROUP + h) * num_splits + offs_s),
+                          last_s, offs_d, d_mask, HEAD_DIM)
+        reset_if_last(counter, arrived, active)
+
+
+@triton.jit
+def _combine_head(part_out_ptr, part_lse_ptr, out_row_ptr, rows, last_s, offs_d, d_mask,
+                  HEAD_DIM: tl.constexpr):
+    """One head's output from its splits' partials (rows: [BLOCK_S] partial rows, masked
+    past the split count and outside the last split): weights 2^(lse - max), 0 for an
+    empty split; a head no split saw a key for gets 0."""
+    lse = tl.load(part_lse_ptr + rows, mask=last_s, other=float("-inf"),
+                  cache_modifier=".cg")  # [BLOCK_S]
+    part = tl.load(part_out_ptr + rows[:, None] * HEAD_DIM + offs_d[None, :],
+                   mask=last_s[:, None] & d_mask[None, :], other=0.0,
+                   cache_modifier=".cg")  # [BLOCK_S, BLOCK_D]
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2(lse - m)
+    den = tl.sum(w, 0)
+    res = tl.sum(part * w[:, None], 0) / tl.where(den > 0.0, den, 1.0)  # [BLOCK_D]
+    any_last = tl.max(last_s.to(tl.int32), 0) + tl.zeros_like(offs_d)  # [BLOCK_D]
+    tl.store(out_row_ptr + offs_d, res.to(out_row_ptr.dtype.element_ty),
+             mask=d_mask & (any_last > 0))
 
 
 def split_counters(device: torch.device, n: int) -> torch.Tensor:
@@ -183,6 +204,9 @@ def paged_decode_attention_triton(
     max_context_len: int | None = None,
     num_splits: int | None = None,
     out: torch.Tensor | None = None,  # [num_seqs, num_heads, head_dim]
+    # a sequence's splits each take at least this many keys (default: MIN_SPLIT_TOKENS when
+    # the split count is chosen here, one tile when num_splits is given)
+    min_split_tokens: int | None = None,
     config: dict | None = None,  # block_n / num_warps / num_stages overrides (tuning)
 ) -> torch.Tensor:
     num_seqs, num_heads, head_dim = query.shape
@@ -202,6 +226,8 @@ def paged_decode_attention_triton(
     block_h = max(16, next_pow2(group))
     cfg = default_decode_config(head_dim, block_h)
     cfg.update(config or {})
+    if min_split_tokens is None:
+        min_split_tokens = MIN_SPLIT_TOKENS if num_splits is None else 1
     if num_splits is None:
         if max_context_len is None:
             max_context_len = int(context_lens.max().item())
@@ -229,8 +255,10 @@ def paged_decode_attention_triton(
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
         block_tables.stride(0), num_heads, num_splits,
+        max(1, min_split_tokens // cfg["block_n"]),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=next_pow2(head_dim), BLOCK_H=block_h,
         BLOCK_N=cfg["block_n"], PAGE=page, SPLIT=num_splits > 1,
+        BLOCK_S=max(2, next_pow2(num_splits)),
         USE_ALIBI=use_alibi, USE_WINDOW=bool(sliding_window), USE_SOFTCAP=use_softcap,
         UPCAST=upcast_dots(query.dtype),
         KV_FP8=key_cache.dtype == torch.float8_e4m3fn and query.element_size() == 2,

@@ -20,6 +20,11 @@ GEMV_KERNEL_ROWS = 64  # what the kernel itself serves (x padded to 16, 32 or 64
 # H200) the kernel beat cuBLAS on Llama-3-8B's qkv, o_proj and down (15.4 / 11.4 / 30.1 against
 # 16.4 / 12.7 / 31.0 us) and lost on gate_up (57.7 against 57.0 us)
 CUBLAS_MIN_ROWS_16BIT = 16384
+# ... and batches of 33 to 64 rows when the weight is at least this many times longer (K) than
+# wide (N): at 64 rows (run 11b, one H200) the kernel beat cuBLAS on Llama-3-8B's down projection
+# (33.3 against 36.1 us: cuBLAS splits K and adds a reduction kernel) and lost or tied on qkv,
+# o_proj and gate_up; at 32 rows it lost on all four
+GEMV_LONG_K_RATIO = 3
 
 
 def gemv_ref(

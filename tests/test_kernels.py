@@ -116,6 +116,7 @@ DECODE_CASES = [
     (8, 2, 128, 32, torch.bfloat16, True, 70, None, 4),  # split-K + window + ALiBi
     (4, 4, 80, 16, torch.float16, False, None, 30.0, 7),  # more splits than some ctx has tiles
     (32, 1, 64, 32, torch.float16, True, None, None, 2),  # group of 32 heads in one tile
+    (4, 2, 64, 16, torch.float16, False, None, None, 64),  # the most splits: most are idle
 ]
 
 
@@ -148,6 +149,24 @@ def test_split_decode_calls_in_a_row_leave_the_counters_at_zero():
             paged_decode_attention_triton(d["query"], d["k_tri"], d["v_tri"], d["bt_tri"],
                                           d["ctx"], 64 ** -0.5, num_splits=splits, out=out)
             assert rel_err(out, ref) < TOL[torch.float16]
+    assert int(split_counters(torch.device(DEV), 1).abs().sum()) == 0
+
+
+def test_a_sequence_splits_only_as_far_as_its_context_fills_splits():
+    """With a minimum split length a sequence uses fewer splits than the grid has (a short
+    context in a graph captured for long ones): 1000 keys over 8 of the 16 splits, 300 over
+    3, 100 and 1 over one. The grid's other programs return at once; if one counted itself in
+    or left a partial the output (poisoned) or the counters would show it."""
+    ctx_lens = [1000, 100, 1, 300]
+    q_lens = [1] * len(ctx_lens)
+    d = paged_inputs(ctx_lens, q_lens, 8, 2, 64, 16, torch.float16, False)
+    ref = attention_ref(d, q_lens, ctx_lens, None, None)
+    for _ in range(2):
+        out = nan_like(d["query"])
+        paged_decode_attention_triton(d["query"], d["k_tri"], d["v_tri"], d["bt_tri"],
+                                      d["ctx"], 64 ** -0.5, num_splits=16, out=out,
+                                      min_split_tokens=128)
+        assert rel_err(out, ref) < TOL[torch.float16]
     assert int(split_counters(torch.device(DEV), 1).abs().sum()) == 0
 
 
@@ -556,3 +575,26 @@ def test_attention_calls_a_rotary_of_its_own_forward():
                 rq, rk = rotary(positions, q, k)
                 outs.append(attn(rq, rk, v, kv, meta))
         torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+
+
+def test_split_decode_compiles_for_hopper():
+    """The decode kernel with its early return for idle splits and the one-load-per-head
+    combine compiles to sm_90 cubins (tests/hopper_compile.py: no GPU needed), unsplit and
+    split, for Llama's group of 4 heads and a group of 32 (MQA), at 2 and 64 splits."""
+    from hopper_compile import compile_for_hopper
+
+    sig = dict.fromkeys(["q_ptr", "k_cache_ptr", "v_cache_ptr", "out_ptr"], "*bf16")
+    sig |= {"block_tables_ptr": "*i32", "context_lens_ptr": "*i32", "alibi_ptr": "*fp32",
+            "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "count_ptr": "*i32",
+            "qk_scale": "fp32", "cap_in": "fp32", "cap_out": "fp32"}
+    sig |= dict.fromkeys(["window", "stride_qt", "stride_qh", "stride_ot", "stride_oh",
+                          "stride_kb", "stride_kt", "stride_kh", "stride_vb", "stride_vt",
+                          "stride_vh", "stride_bt", "num_heads", "num_splits", "min_tiles"],
+                         "i32")
+    base = {"HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_H": 16, "BLOCK_N": 64, "PAGE": 16,
+            "USE_ALIBI": False, "USE_WINDOW": False, "USE_SOFTCAP": False, "UPCAST": False,
+            "KV_FP8": False}
+    variants = [{**base, "GROUP": group, "BLOCK_H": max(16, group), "SPLIT": splits > 1,
+                 "BLOCK_S": max(2, splits)}
+                for group, splits in ((4, 1), (4, 2), (4, 64), (32, 2))]
+    compile_for_hopper("kernels.decode_attention", "_decode_kernel", sig, variants)

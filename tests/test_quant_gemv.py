@@ -294,13 +294,14 @@ def test_split_k_inside_a_cuda_graph():
 
 @pytest.mark.cuda
 @cuda
-@pytest.mark.parametrize("m", [1, 7, 16, 17])
+@pytest.mark.parametrize("m", [1, 7, 16, 17, 32, 33, 64])
 def test_unquantized_linear_on_cuda_equals_f_linear(m, monkeypatch):
     """The unquantized method gives decode-sized bf16 batches of a narrow weight to the small-M
-    kernel, and the rest to cuBLAS (counted: the kernel is called exactly when m <=
-    GEMV_MAX_TOKENS and the weight has fewer than CUBLAS_MIN_ROWS_16BIT rows, on a Hopper
-    GPU): x @ W^T + b as F.linear computes it in float32, within the bf16 rounding of a row's
-    largest output, on both sides of both limits."""
+    kernel, and the rest to cuBLAS (counted: the kernel is called exactly when the weight has
+    fewer than CUBLAS_MIN_ROWS_16BIT rows, on a Hopper GPU, and m <= GEMV_MAX_TOKENS, or m is
+    33 to 64 and the weight's K at least 3 times its N): x @ W^T + b as F.linear computes it in
+    float32, within the bf16 rounding of a row's largest output, on both sides of each
+    limit."""
     from types import SimpleNamespace
 
     import engine.layers.linear_method as lm
@@ -316,7 +317,8 @@ def test_unquantized_linear_on_cuda_equals_f_linear(m, monkeypatch):
         bias = torch.randn(n, device=DEV, dtype=torch.bfloat16)
         calls.clear()
         got = lm.UnquantizedLinearMethod().apply(layer, x, bias)
-        assert len(calls) == int(hopper and m <= GEMV_MAX_TOKENS and n < CUBLAS_MIN_ROWS_16BIT)
+        sized = m <= GEMV_MAX_TOKENS or (32 < m <= 64 and k >= 3 * n)
+        assert len(calls) == int(hopper and sized and n < CUBLAS_MIN_ROWS_16BIT)
         ref = torch.nn.functional.linear(x.float(), layer.weight.float(), bias.float())
         assert_close_rows(got, ref.to(torch.bfloat16), 2.0 ** -7)
 

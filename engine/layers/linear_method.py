@@ -14,7 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.gemv_ref import CUBLAS_MIN_ROWS_16BIT, GEMV_MAX_TOKENS
+from kernels.gemv_ref import (
+    CUBLAS_MIN_ROWS_16BIT,
+    GEMV_KERNEL_ROWS,
+    GEMV_LONG_K_RATIO,
+    GEMV_MAX_TOKENS,
+)
 from kernels.ops import gemv
 
 
@@ -69,9 +74,13 @@ class UnquantizedLinearMethod(LinearMethod):
 
 def _takes_gemv(w: torch.Tensor, x: torch.Tensor) -> bool:
     """Whether the unquantized linear gives x to the small-M kernel rather than cuBLAS: on a
-    Hopper GPU (where the kernel was measured against cuBLAS), a decode-sized batch, a 16-bit
-    weight of fewer than CUBLAS_MIN_ROWS_16BIT rows, both with contiguous rows."""
-    return (x.is_cuda and x.dim() == 2 and x.shape[0] <= GEMV_MAX_TOKENS and x.stride(1) == 1
+    Hopper GPU (where the kernel was measured against cuBLAS), a 16-bit weight of fewer than
+    CUBLAS_MIN_ROWS_16BIT rows and a decode-sized batch (up to GEMV_MAX_TOKENS rows, or 33 to
+    GEMV_KERNEL_ROWS for a weight GEMV_LONG_K_RATIO times longer than wide), contiguous rows."""
+    m = x.shape[0] if x.dim() == 2 else 0
+    sized = m <= GEMV_MAX_TOKENS or (32 < m <= GEMV_KERNEL_ROWS
+                                     and w.shape[-1] >= GEMV_LONG_K_RATIO * w.shape[0])
+    return (x.is_cuda and x.dim() == 2 and sized and x.stride(1) == 1
             and w.dtype in (torch.bfloat16, torch.float16) and x.dtype == w.dtype
             and w.shape[0] < CUBLAS_MIN_ROWS_16BIT and w.dim() == 2 and w.stride(1) == 1
             and _hopper(x.device))

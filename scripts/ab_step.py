@@ -1,0 +1,135 @@
+"""Same-process A/B of decode-path variants on a CUDA device: one engine, the decode graphs
+recaptured for each variant, the variants timed in turn for several rounds (so drift of the
+machine falls on all of them alike). Prints TPOT p50 per variant, as `aphro bench latency`
+measures it (greedy, EOS ignored; TPOT = (T(output_len) - T(1)) / (output_len - 1)).
+
+    python3 scripts/ab_step.py --batch-size 1 [--quantization fp8] \\
+        --variants old-decode,split-min=256,split-min=64,gemv-rows=16 [--old-tree ab/old]
+
+Variants (comma-separated; "base" is the tree as it is):
+  split-min=N   decode attention's MIN_SPLIT_TOKENS set to N
+  old-decode    decode attention from another tree's kernels/decode_attention.py (--old-tree)
+  gemv-rows=R   the unquantized linear gives the small-M kernel at most R rows (16: cuBLAS
+                above 16 rows, as before the long-K rule)
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def apply_variant(name: str, old_tree: str) -> dict:
+    """Patch the modules for `name`; returns {(module, attribute): original} to undo it."""
+    import engine.layers.linear_method as lm
+    import kernels.attention_triton as at
+    import kernels.decode_attention as da
+
+    undo = {}
+
+    def patch(mod, attr, value):
+        undo.setdefault((mod, attr), getattr(mod, attr))
+        setattr(mod, attr, value)
+
+    for part in name.split("+"):
+        if part == "base":
+            continue
+        if part.startswith("split-min="):
+            patch(da, "MIN_SPLIT_TOKENS", int(part.split("=")[1]))
+        elif part == "old-decode":
+            spec = importlib.util.spec_from_file_location(
+                "old_decode_attention", Path(old_tree) / "kernels" / "decode_attention.py")
+            old = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(old)
+            patch(at, "paged_decode_attention_triton", old.paged_decode_attention_triton)
+        elif part.startswith("gemv-rows="):
+            patch(lm, "GEMV_KERNEL_ROWS", int(part.split("=")[1]))
+        else:
+            raise SystemExit(f"unknown variant {part!r}")
+    return undo
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="llama-8b")
+    ap.add_argument("--batch-size", type=int, default=1)
+    ap.add_argument("--input-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=256)
+    ap.add_argument("--quantization", default=None)
+    ap.add_argument("--variants", default="base")
+    ap.add_argument("--old-tree", default="ab/old")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--iters", type=int, default=3)
+    a = ap.parse_args(argv)
+
+    from engine.bench.engine_bench import preset_config_dir, random_prompts
+    from engine.config import EngineConfig
+    from engine.core.llm_engine import LLMEngine
+    from engine.core.sampling_params import SamplingParams
+    from engine.runner.cuda_graphs import CUDAGraphs
+
+    bs, block = a.batch_size, 16
+    max_len = a.input_len + a.output_len + block
+    config = EngineConfig.create(
+        str(preset_config_dir(a.preset, Path(tempfile.mkdtemp()) / "config")),
+        dtype="bfloat16", max_model_len=max_len, max_num_seqs=bs,
+        max_num_batched_tokens=max(2048, min(bs * a.input_len, 16384)), load_format="dummy",
+        block_size=block, num_kv_blocks=bs * -(-max_len // block) + 2,
+        enable_prefix_caching=False, quantization=a.quantization)
+    engine = LLMEngine(config, stream_outputs=False)
+    runner = engine.executor
+    prompts = random_prompts(bs, a.input_len, engine.vocab_size, 0)
+
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+
+    def run(n: int) -> float:
+        params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+        sync()
+        t0 = time.perf_counter()
+        for p in prompts:
+            engine.add_request(prompt_token_ids=p, sampling_params=params)
+        while engine.has_unfinished_requests():
+            engine.step()
+        sync()
+        return time.perf_counter() - t0
+
+    variants = a.variants.split(",")
+    tpot: dict[str, list[float]] = {v: [] for v in variants}
+    for _ in range(a.rounds):
+        for v in variants:
+            undo = apply_variant(v, a.old_tree)
+            try:
+                if runner.graphs is not None:  # (a dry run on the CPU has none)
+                    runner.graphs.reset()
+                    runner.graphs = CUDAGraphs(runner, bs)
+                run(1)
+                run(a.output_len)  # warm: kernels of this variant compiled
+                for _ in range(a.iters):
+                    first, whole = run(1), run(a.output_len)
+                    tpot[v].append((whole - first) / (a.output_len - 1) * 1e3)
+            finally:
+                for (mod, attr), value in undo.items():
+                    setattr(mod, attr, value)
+    engine.close()
+    label = f"{a.preset} b{bs} {a.quantization or 'bf16'}, {a.input_len} in / {a.output_len} out"
+    print(f"\n## TPOT p50 ms, {label} ({a.rounds} rounds x {a.iters} runs)")
+    print("| variant | TPOT p50 | min | max | vs first |")
+    print("|---|---:|---:|---:|---:|")
+    first = statistics.median(tpot[variants[0]])
+    for v in variants:
+        med = statistics.median(tpot[v])
+        print(f"| {v} | {med:.3f} | {min(tpot[v]):.3f} | {max(tpot[v]):.3f} | "
+              f"{med - first:+.3f} |")
+
+
+if __name__ == "__main__":
+    main()
