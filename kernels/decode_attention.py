@@ -30,8 +30,9 @@ from kernels.triton_common import (
     upcast_dots,
 )
 
-MAX_SPLITS = 64
-MIN_SPLIT_TOKENS = 256  # below this a split costs more in the reduce than it saves
+MAX_SPLITS = 64  # what the kernel serves (a caller's num_splits)
+SPLIT_CAP = 32  # what choose_num_splits picks at most
+TILE_TOKENS = 64  # keys a split must have at the least (the default tile)
 
 
 @triton.jit(**runtime_args("block_tables_ptr", "context_lens_ptr", "part_out_ptr", "part_lse_ptr",
@@ -57,7 +58,7 @@ def _decode_kernel(
     if USE_WINDOW:
         lo = tl.maximum(ctx - window, 0)
     # this sequence's own split count: at most num_splits (the grid's), each split at least
-    # min_tiles tiles, so a short context in a graph captured for long ones uses few splits;
+    # min_tiles tiles, so a short context in a graph captured for long ones splits little;
     # the grid's other programs return at once
     tiles = tl.cdiv(ctx - lo, BLOCK_N)
     tiles_per_split = tl.cdiv(tiles, tl.maximum(tl.minimum(num_splits,
@@ -174,16 +175,28 @@ def split_counters(device: torch.device, n: int) -> torch.Tensor:
 
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_context_len: int,
                       sms: int) -> int:
-    """Split the context only when (sequence, KV head) programs are too few to keep HBM busy
-    (< 3 per SM), aiming at ~8 programs per SM, each split still streaming >= MIN_SPLIT_TOKENS
-    keys. Measured on an H200 (docs/KERNELS-NOTES.md): 512 programs run best unsplit; 32-256
-    programs want 500-1000 programs after splitting."""
+    """The grid's split count. None when the (sequence, KV head) programs already keep HBM
+    busy (>= 3 per SM); else enough splits for ~2 programs per SM, and for a split per 1024
+    keys of the longest context, at most a split per tile of 64 keys and SPLIT_CAP in all.
+    From the run-11c sweep on an H200 (docs/PERF.md; 8 KV heads): the best split counts were
+    4 / 8 / 8 / 32 at batch 1 and contexts 256 / 512 / 1024 / 4096, 8 at batch 4 and context
+    1024, 2 and 8 at batch 16 and contexts 1024 and 8192, and 1 from 512 programs up; more
+    splits than that cost more in the combine than they gained (64 splits at batch 1 x 4096:
+    34 against 15 us)."""
     programs = max(num_seqs * num_kv_heads, 1)
     if programs >= 3 * sms:
         return 1
-    by_occupancy = triton.cdiv(8 * sms, programs)
-    by_length = max(max_context_len // MIN_SPLIT_TOKENS, 1)
-    return max(1, min(by_occupancy, by_length, MAX_SPLITS))
+    wanted = max(triton.cdiv(2 * sms, programs), max_context_len // 1024)
+    return max(1, min(wanted, max_context_len // TILE_TOKENS, SPLIT_CAP))
+
+
+def split_min_tokens(num_seqs: int, num_kv_heads: int) -> int:
+    """The fewest keys a split of one sequence takes (fewer splits where its context is
+    short): one 64-key tile per 16 programs of the batch, so 1 tile at batch 1 and 8 at batch
+    16 with 8 KV heads, where the sweep found batch 16 at context 256 best unsplit (12.0 us
+    against 16.5 with 4 splits) and batch 1 at 256 best with 4 (7.4 against 10.0). Computed per
+    captured batch size, so a graph captured for long contexts splits short ones little."""
+    return TILE_TOKENS * max(1, num_seqs * num_kv_heads // 16)
 
 
 def default_decode_config(head_dim: int, block_h: int) -> dict:
@@ -204,7 +217,7 @@ def paged_decode_attention_triton(
     max_context_len: int | None = None,
     num_splits: int | None = None,
     out: torch.Tensor | None = None,  # [num_seqs, num_heads, head_dim]
-    # a sequence's splits each take at least this many keys (default: MIN_SPLIT_TOKENS when
+    # a sequence's splits each take at least this many keys (default: split_min_tokens when
     # the split count is chosen here, one tile when num_splits is given)
     min_split_tokens: int | None = None,
     config: dict | None = None,  # block_n / num_warps / num_stages overrides (tuning)
@@ -227,7 +240,8 @@ def paged_decode_attention_triton(
     cfg = default_decode_config(head_dim, block_h)
     cfg.update(config or {})
     if min_split_tokens is None:
-        min_split_tokens = MIN_SPLIT_TOKENS if num_splits is None else 1
+        min_split_tokens = (split_min_tokens(num_seqs, num_kv_heads) if num_splits is None
+                            else 1)
     if num_splits is None:
         if max_context_len is None:
             max_context_len = int(context_lens.max().item())

@@ -7,7 +7,7 @@ measures it (greedy, EOS ignored; TPOT = (T(output_len) - T(1)) / (output_len - 
         --variants old-decode,split-min=256,split-min=64,gemv-rows=16 [--old-tree ab/old]
 
 Variants (comma-separated; "base" is the tree as it is):
-  split-min=N   decode attention's MIN_SPLIT_TOKENS set to N
+  split-min=N   decode attention's per-sequence minimum split length set to N keys
   old-decode    decode attention from another tree's kernels/decode_attention.py (--old-tree)
   gemv-rows=R   the unquantized linear gives the small-M kernel at most R rows (16: cuBLAS
                 above 16 rows, as before the long-K rule)
@@ -44,7 +44,8 @@ def apply_variant(name: str, old_tree: str) -> dict:
         if part == "base":
             continue
         if part.startswith("split-min="):
-            patch(da, "MIN_SPLIT_TOKENS", int(part.split("=")[1]))
+            n = int(part.split("=")[1])
+            patch(da, "split_min_tokens", lambda *_, n=n: n)
         elif part == "old-decode":
             spec = importlib.util.spec_from_file_location(
                 "old_decode_attention", Path(old_tree) / "kernels" / "decode_attention.py")

@@ -25,6 +25,7 @@ from kernels.decode_attention import (
     choose_num_splits,
     paged_decode_attention_triton,
     split_counters,
+    split_min_tokens,
 )
 from kernels.elementwise_ref import (
     gelu_and_mul_ref,
@@ -197,11 +198,18 @@ def test_split_decode_inside_a_cuda_graph():
 
 
 def test_choose_num_splits():
+    """The split counts that were best in the run-11c sweep (docs/PERF.md, one H200, 8 KV
+    heads), or within 10 % of the best."""
     assert choose_num_splits(64, 8, 4096, 132) == 1  # 512 programs fill 132 SMs
-    assert choose_num_splits(16, 8, 8192, 132) > 1  # 128 programs do not
-    assert choose_num_splits(4, 8, 32768, 132) > 1  # 32 programs: split the long context
-    assert choose_num_splits(4, 8, 200, 132) == 1  # too short to be worth a split
-    assert choose_num_splits(1, 1, 10**6, 132) <= 64
+    assert choose_num_splits(1, 8, 256, 132) == 4  # one tile of 64 keys each
+    assert choose_num_splits(1, 8, 4096, 132) == 32
+    assert choose_num_splits(4, 8, 1024, 132) == 9  # best 8: 13.2 us
+    assert choose_num_splits(16, 8, 8192, 132) == 8  # a split per 1024 keys
+    assert choose_num_splits(1, 8, 40, 132) == 1  # less than a tile
+    assert choose_num_splits(1, 1, 10**6, 132) == 32
+    # a sequence's splits take >= 1 tile at batch 1, 8 at batch 16 (256 keys: unsplit)
+    assert split_min_tokens(1, 8) == 64
+    assert split_min_tokens(16, 8) == 512
 
 
 # ---------------------------------------------------------------------------------------------
