@@ -69,8 +69,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--prefill", action="store_true",
                     help="profile one prefill step of --batch-size prompts of --input-len")
+    ap.add_argument("--launch-cost", action="store_true",
+                    help="host time per call of each linear path at --input-len rows, alone")
     ap.add_argument("--label", default="")
     a = ap.parse_args(argv)
+    if a.launch_cost:
+        return _launch_cost(a.input_len)
 
     from engine.bench.engine_bench import preset_config_dir, random_prompts
     from engine.config import EngineConfig
@@ -178,6 +182,50 @@ def _prefill(engine, a) -> None:
     print(f"| {wall_ms:.2f} | {_busy_us(gpu) / 1e3:.2f} | "
           f"{flops / wall_ms / 1e9:.0f} TFLOP/s |")
     _table(per_name, 1, a.top)
+
+
+def _launch_cost(rows: int, n: int = 4096, k: int = 4096, calls: int = 300) -> None:
+    """Host µs per call (queued, no wait) and µs per call with the GPU's time (synchronised
+    at the end) of each piece of a linear layer at `rows` rows: F.linear, the per-token FP8
+    quantization, torch._scaled_mm, Fp8LinearMethod.apply as a whole."""
+    from types import SimpleNamespace
+
+    import torch.nn.functional as F
+
+    from engine.layers.quantization.fp8 import Fp8LinearMethod, quantize_fp8_per_channel
+    from kernels.ops import per_token_quant_fp8
+
+    dev = "cuda"
+    x = torch.randn(rows, k, device=dev, dtype=torch.bfloat16)
+    w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02
+    wq, ws = quantize_fp8_per_channel(w)
+    xq, xs = per_token_quant_fp8(x)
+    layer = SimpleNamespace(weight=wq, weight_scale=ws, fp8_scaled_mm=True)
+    method = Fp8LinearMethod()
+    cases = {
+        "F.linear (bf16)": lambda: F.linear(x, w),
+        "per_token_quant_fp8 (Triton)": lambda: per_token_quant_fp8(x),
+        "torch._scaled_mm, row-wise scales": lambda: torch._scaled_mm(
+            xq, wq.t(), scale_a=xs, scale_b=ws.view(1, -1), out_dtype=torch.bfloat16),
+        "Fp8LinearMethod.apply": lambda: method.apply(layer, x),
+    }
+    print(f"\n## one linear's pieces at {rows} rows ({n} x {k}), µs per call")
+    print("| call | host (queued) | with the GPU (synchronised) |")
+    print("|---|---:|---:|")
+    for name, fn in cases.items():
+        for _ in range(20):
+            fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        host = (time.perf_counter() - t0) * 1e6 / calls
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+        print(f"| {name} | {host:.1f} | {(time.perf_counter() - t0) * 1e6 / calls:.1f} |")
 
 
 def _table(per_name: dict[str, list[float]], steps: int, top: int) -> None:
