@@ -5,10 +5,10 @@ rows of one tile, so each KV head's keys and values are read once per group. Wit
 split (flash-decoding), each split writes a partial output and its log-sum-exp and counts itself
 in on a per-(sequence, KV head) counter; the split that arrives last combines the others' partials
 with its own, writes the output and resets the counter (one kernel: no second launch for the
-reduction, as in kernels/gemv_triton.py's split-K). It reads each head's partials of all splits
-in one load, so the combine costs the same few round trips to L2 at 2 or 64 splits. Split ranges are computed in the kernel from
-each sequence's own context length, so any context is covered whatever the split count (safe
-under CUDA-graph replay).
+reduction, as in kernels/gemv_triton.py's split-K); it reads each head's partials of all
+splits in one load. Split ranges are computed in the kernel from each sequence's own context
+length, so any context is covered whatever the split count (safe under CUDA-graph replay), and
+a sequence whose context fills fewer splits than the grid has leaves the rest idle.
 """
 
 from __future__ import annotations
@@ -129,10 +129,9 @@ def _decode_kernel(
         counter = count_ptr + seq * tl.num_programs(1) + kvh
         arrived = count_in(counter)
         # the split that arrived last combines every split's partial (its own read back too),
-        # one head of the group at a time: all splits' log-sum-exps and outputs of a head in
-        # one load each, so a combine is GROUP round trips to L2 whatever the split count.
-        # last_s: true in that split only (a full-tile comparison: the interpreter mishandles
-        # a scalar mask)
+        # head by head (unrolled): all splits' log-sum-exps and outputs of a head in one load
+        # each. last_s: true in that split only (a full-tile comparison: the interpreter
+        # mishandles a scalar mask)
         offs_s = tl.arange(0, BLOCK_S)
         last_s = (offs_s < active) & (
             (tl.zeros([BLOCK_S], tl.int32) + arrived) == active - 1)
@@ -175,8 +174,8 @@ def split_counters(device: torch.device, n: int) -> torch.Tensor:
 
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_context_len: int,
                       sms: int) -> int:
-    """The grid's split count. None when the (sequence, KV head) programs already keep HBM
-    busy (>= 3 per SM); else enough splits for ~2 programs per SM, and for a split per 1024
+    """The grid's split count: 1 when the (sequence, KV head) programs already keep HBM busy
+    (>= 3 per SM); else enough splits for ~2 programs per SM, and for a split per 1024
     keys of the longest context, at most a split per tile of 64 keys and SPLIT_CAP in all.
     From the run-11c sweep on an H200 (docs/PERF.md; 8 KV heads): the best split counts were
     4 / 8 / 8 / 32 at batch 1 and contexts 256 / 512 / 1024 / 4096, 8 at batch 4 and context

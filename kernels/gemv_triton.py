@@ -4,8 +4,8 @@ streams the weight once.
 Each program owns BLOCK_N rows of the weight [N, K] (K contiguous) and walks the whole of K in
 BLOCK_K steps: one pass over the weight with wide coalesced loads, pipelined num_stages deep, no
 split-K and no second kernel. The few rows of x (padded to 16, 32 or 64 for tl.dot, the
-padding masked) are re-read from L2 by every program. INT8 weights are widened in registers (exact: int8 values
-are fp16 / bf16 values) and multiplied on the tensor cores into float32.
+padding masked) are re-read from L2 by every program. INT8 weights are widened in registers
+(exact: int8 values are fp16 / bf16 values) and multiplied on the tensor cores into float32.
 
 With `quantize_input` (the FP8 scheme) a first pass over x finds each row's max |x| (or the
 static scale is read), then every x tile is quantized to e4m3 in registers just before its dot,

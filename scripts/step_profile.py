@@ -229,16 +229,15 @@ def _launch_cost(rows: int, n: int = 4096, k: int = 4096, calls: int = 300) -> N
 
 
 def _table(per_name: dict[str, list[float]], steps: int, top: int) -> None:
-    a_steps = steps
     print(f"\n| GPU op (top {top}) | µs / step | calls / step | µs each (median) |")
     print("|---|---:|---:|---:|")
     rows = sorted(per_name.items(), key=lambda kv: -sum(kv[1]))[:top]
     for name, durs in rows:
-        print(f"| {name[:90]} | {sum(durs) / a_steps:.1f} | {len(durs) / a_steps:.2f} | "
+        print(f"| {name[:90]} | {sum(durs) / steps:.1f} | {len(durs) / steps:.2f} | "
               f"{statistics.median(durs):.2f} |")
-    total = sum(sum(d) for d in per_name.values()) / a_steps
+    total = sum(sum(d) for d in per_name.values()) / steps
     print(f"| (all ops, summed) | {total:.1f} | "
-          f"{sum(len(d) for d in per_name.values()) / a_steps:.1f} | |")
+          f"{sum(len(d) for d in per_name.values()) / steps:.1f} | |")
 
 
 if __name__ == "__main__":
