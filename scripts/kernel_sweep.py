@@ -24,35 +24,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 ROTATE_BYTES = 512 * 2**20  # inputs of all the calls in one graph, together past L2
 
 
-def graph_us(calls, replays: int = 20) -> float:
-    """µs per call of the list `calls` (zero-argument callables) captured in one graph."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for c in calls[:2]:
-            c()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for c in calls:
-            c()
-    g.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        g.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / replays / len(calls)
+def graph_us(calls) -> float:
+    """µs per call of the list `calls` (zero-argument callables), all of them in one graph."""
+    from engine.bench.gemv_bench import graph_us as timed
+
+    return timed(calls, max(len(calls), 64))
 
 
 def copy_bandwidth() -> float:
-    a = torch.empty(2**29, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    us = graph_us([lambda: b.copy_(a)] * 8)
-    return 2 * a.numel() / us / 1e6  # TB/s
+    """TB/s of a lone 1 GiB device-to-device copy, the figure every bench prints."""
+    from engine.bench.hardware import copy_bandwidth_gbs
+
+    return copy_bandwidth_gbs(torch.device("cuda")) / 1e3
 
 
 def sweep_decode(args) -> None:

@@ -28,15 +28,15 @@ CALLS_PER_GRAPH = 64
 REPLAYS = 10
 
 
-def _graph_us(fns: list[Callable[[], object]]) -> float:
-    """Microseconds per call of a CUDA graph calling fns[i % len(fns)] CALLS_PER_GRAPH
-    times, the median over REPLAYS replays."""
+def graph_us(fns: list[Callable[[], object]], calls: int = CALLS_PER_GRAPH) -> float:
+    """Microseconds per call of a CUDA graph calling fns[i % len(fns)] `calls` times, the
+    median over REPLAYS replays."""
     for fn in fns:  # compile and warm outside the capture
         fn()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for i in range(CALLS_PER_GRAPH):
+        for i in range(calls):
             fns[i % len(fns)]()
     graph.replay()
     times = []
@@ -46,7 +46,7 @@ def _graph_us(fns: list[Callable[[], object]]) -> float:
         graph.replay()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / CALLS_PER_GRAPH)
+        times.append(start.elapsed_time(end) * 1e3 / calls)
     del graph
     return sorted(times)[len(times) // 2]
 
@@ -110,7 +110,7 @@ def run_gemv_bench(device: str = "cuda", tokens: tuple[int, ...] = (1, 16),
     if not on_gpu:  # before the first import of the Triton modules: they run interpreted
         os.environ.setdefault("TRITON_INTERPRET", "1")
     shapes = shapes or (LLAMA_8B_SHAPES if on_gpu else TINY_SHAPES)
-    timer = _graph_us if on_gpu else _cpu_us
+    timer = graph_us if on_gpu else _cpu_us
     copy_bw = copy_bandwidth(dev)
     rows = [{"shape": "copy (d2d)", "m": 0, "variant": "read + write", "us": None,
              "tb_s": copy_bw / 1e12, "of_copy": 1.0, "of_cublas": None}]
