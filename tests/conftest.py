@@ -67,6 +67,12 @@ def family_checkpoint(tmp_path_factory):
 
 
 def pytest_collection_modifyitems(config, items):
+    slow = pytest.mark.slow
+    for item in items:  # a module's TP=4 repeats outside its TP4_IN_DEFAULT_RUN (test_tp.py)
+        keep = getattr(getattr(item, "module", None), "TP4_IN_DEFAULT_RUN", None)
+        if (keep is not None and "[tp4" in item.name and item.name not in keep
+                and "cuda" not in item.keywords):
+            item.add_marker(slow)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
