@@ -73,19 +73,15 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
 
     from engine.bench.engine_bench import preset_config_dir, random_prompts
-    from engine.config import EngineConfig
+    from engine.bench.latency import latency_config
     from engine.core.llm_engine import LLMEngine
     from engine.core.sampling_params import SamplingParams
     from engine.runner.cuda_graphs import CUDAGraphs
 
-    bs, block = a.batch_size, 16
-    max_len = a.input_len + a.output_len + block
-    config = EngineConfig.create(
-        str(preset_config_dir(a.preset, Path(tempfile.mkdtemp()) / "config")),
-        dtype="bfloat16", max_model_len=max_len, max_num_seqs=bs,
-        max_num_batched_tokens=max(2048, min(bs * a.input_len, 16384)), load_format="dummy",
-        block_size=block, num_kv_blocks=bs * -(-max_len // block) + 2,
-        enable_prefix_caching=False, quantization=a.quantization)
+    bs = a.batch_size
+    config = latency_config(
+        preset_config_dir(a.preset, Path(tempfile.mkdtemp()) / "config"), bs, a.input_len,
+        a.output_len, dtype="bfloat16", load_format="dummy", quantization=a.quantization)
     engine = LLMEngine(config, stream_outputs=False)
     runner = engine.executor
     prompts = random_prompts(bs, a.input_len, engine.vocab_size, 0)

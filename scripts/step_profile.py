@@ -77,20 +77,16 @@ def main(argv: list[str] | None = None) -> None:
         return _launch_cost(a.input_len)
 
     from engine.bench.engine_bench import preset_config_dir, random_prompts
-    from engine.config import EngineConfig
+    from engine.bench.latency import latency_config
     from engine.core.llm_engine import LLMEngine
     from engine.core.sampling_params import SamplingParams
 
-    bs, block = a.batch_size, 16
-    max_len = a.input_len + 4 * a.steps + 64
-    tmp = tempfile.mkdtemp()
-    chunk = bs * a.input_len if a.prefill else max(2048, min(bs * a.input_len, 16384))
-    config = EngineConfig.create(
-        str(preset_config_dir(a.preset, Path(tmp) / "config")), dtype="bfloat16",
-        max_model_len=max_len, max_num_seqs=bs, max_num_batched_tokens=chunk,
-        load_format="dummy",
-        block_size=block, num_kv_blocks=bs * -(-max_len // block) + 2,
-        enable_prefix_caching=False, quantization=a.quantization)
+    bs = a.batch_size
+    chunk = {"max_num_batched_tokens": bs * a.input_len} if a.prefill else {}
+    config = latency_config(
+        preset_config_dir(a.preset, Path(tempfile.mkdtemp()) / "config"), bs, a.input_len,
+        4 * a.steps + 48, dtype="bfloat16", load_format="dummy", quantization=a.quantization,
+        **chunk)
     engine = LLMEngine(config, stream_outputs=False)
     runner = engine.executor
     if a.prefill:
@@ -98,7 +94,8 @@ def main(argv: list[str] | None = None) -> None:
     params = SamplingParams(temperature=0, max_tokens=4 * a.steps, ignore_eos=True)
     for p in random_prompts(bs, a.input_len, engine.vocab_size, 0):
         engine.add_request(prompt_token_ids=p, sampling_params=params)
-    for _ in range(-(-bs * a.input_len // chunk) + 8):  # prefill, the first decodes
+    tokens_a_step = config.scheduler.max_num_batched_tokens
+    for _ in range(-(-bs * a.input_len // tokens_a_step) + 8):  # prefill, first decodes
         engine.step()
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     sync()

@@ -22,6 +22,23 @@ from engine.bench.results import summary_ms
 from engine.core.sampling_params import SamplingParams
 
 
+def latency_config(model_dir: str | Path, batch_size: int, input_len: int, output_len: int,
+                   **options):
+    """The engine configuration `bench latency` measures (also scripts/step_profile.py's and
+    ab_step.py's): room for `batch_size` sequences of input_len + output_len tokens in blocks
+    of 16 and no more, prefix caching off; `options` are EngineConfig.create's and override
+    these."""
+    from engine.config import EngineConfig
+
+    block = 16
+    max_len = input_len + output_len + block
+    settings = {"max_model_len": max_len, "max_num_seqs": batch_size,
+                "max_num_batched_tokens": max(2048, min(batch_size * input_len, 16384)),
+                "block_size": block, "num_kv_blocks": batch_size * -(-max_len // block) + 2,
+                "enable_prefix_caching": False}
+    return EngineConfig.create(str(model_dir), **{**settings, **options})
+
+
 def decode_latency(model_dir: str | Path, tp: int = 1, input_len: int = 128,
                    output_len: int = 128, dtype: str = "bfloat16", device: str = "auto",
                    load_format: str = "dummy", enforce_eager: bool = False,
@@ -31,17 +48,12 @@ def decode_latency(model_dir: str | Path, tp: int = 1, input_len: int = 128,
                    progress: Callable[[int, int], None] | None = None) -> dict:
     """{"results": {"ttft", "tpot", "e2e" (summary_ms of each), "decode_tok_s", ...},
     "facts": engine_facts, "hf_config"}; see the module docstring for the method."""
-    from engine.config import EngineConfig
     from engine.core.llm_engine import LLMEngine
 
-    block = 16
-    max_len = input_len + output_len + block
-    config = EngineConfig.create(
-        model_dir, dtype=dtype, device=device, max_model_len=max_len, max_num_seqs=batch_size,
-        max_num_batched_tokens=max(2048, min(batch_size * input_len, 16384)),
+    config = latency_config(
+        model_dir, batch_size, input_len, output_len, dtype=dtype, device=device,
         tensor_parallel_size=tp, enforce_eager=enforce_eager, load_format=load_format,
-        seed=seed, block_size=block, num_kv_blocks=batch_size * -(-max_len // block) + 2,
-        enable_prefix_caching=False, quantization=quantization, kv_cache_dtype=kv_cache_dtype)
+        seed=seed, quantization=quantization, kv_cache_dtype=kv_cache_dtype)
     engine = LLMEngine(config, stream_outputs=False)
     try:
         facts = engine_facts(engine)
