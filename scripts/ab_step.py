@@ -20,10 +20,7 @@ import importlib.util
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
-
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -73,9 +70,8 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
 
     from engine.bench.engine_bench import preset_config_dir, random_prompts
-    from engine.bench.latency import latency_config
+    from engine.bench.latency import latency_config, timed_run
     from engine.core.llm_engine import LLMEngine
-    from engine.core.sampling_params import SamplingParams
     from engine.runner.cuda_graphs import CUDAGraphs
 
     bs = a.batch_size
@@ -86,18 +82,10 @@ def main(argv: list[str] | None = None) -> None:
     runner = engine.executor
     prompts = random_prompts(bs, a.input_len, engine.vocab_size, 0)
 
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    device = str(config.device)
 
     def run(n: int) -> float:
-        params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
-        sync()
-        t0 = time.perf_counter()
-        for p in prompts:
-            engine.add_request(prompt_token_ids=p, sampling_params=params)
-        while engine.has_unfinished_requests():
-            engine.step()
-        sync()
-        return time.perf_counter() - t0
+        return timed_run(engine, prompts, n, device)
 
     variants = a.variants.split(",")
     tpot: dict[str, list[float]] = {v: [] for v in variants}

@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.launch_cost:
         return _launch_cost(a.input_len)
 
-    from engine.bench.engine_bench import preset_config_dir, random_prompts
+    from engine.bench.engine_bench import preset_config_dir, random_prompts, sync
     from engine.bench.latency import latency_config
     from engine.core.llm_engine import LLMEngine
     from engine.core.sampling_params import SamplingParams
@@ -97,24 +97,21 @@ def main(argv: list[str] | None = None) -> None:
     tokens_a_step = config.scheduler.max_num_batched_tokens
     for _ in range(-(-bs * a.input_len // tokens_a_step) + 8):  # prefill, first decodes
         engine.step()
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    sync()
+    device = str(config.device)
+    sync(device)
     t0 = time.perf_counter()
     for _ in range(a.steps):
         engine.step()
-    sync()
+    sync(device)
     wall_ms = (time.perf_counter() - t0) * 1e3 / a.steps
 
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(a.steps):
             engine.step()
-        sync()
-    gpu = [e for e in prof.events() if e.device_type.name == "CUDA"]
+        sync(device)
+    gpu, per_name = _gpu_ops(prof)
     busy_ms = _busy_us(gpu) / 1e3 / a.steps
-    per_name: dict[str, list[float]] = {}
-    for e in gpu:
-        per_name.setdefault(e.name, []).append(e.time_range.end - e.time_range.start)
 
     graphs = runner.graphs
     if graphs is not None:
@@ -141,33 +138,17 @@ def _prefill(engine, a) -> None:
     """One step that prefills every prompt (max_num_batched_tokens holds them all): wall, GPU
     busy and the op table, with the linear layers' achieved TFLOP/s."""
     from engine.bench.engine_bench import random_prompts
+    from engine.bench.latency import timed_run
     from engine.bench.roofline import parameter_counts, shape_of
-    from engine.core.sampling_params import SamplingParams
 
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    device = str(engine.config.device)
     prompts = random_prompts(a.batch_size, a.input_len, engine.vocab_size, 0)
-    params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
-
-    def one() -> None:
-        for p in prompts:
-            engine.add_request(prompt_token_ids=p, sampling_params=params)
-        while engine.has_unfinished_requests():
-            engine.step()
-
-    one()
-    sync()
-    t0 = time.perf_counter()
-    one()
-    sync()
-    wall_ms = (time.perf_counter() - t0) * 1e3
+    timed_run(engine, prompts, 1, device)  # compiles
+    wall_ms = timed_run(engine, prompts, 1, device) * 1e3
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        one()
-        sync()
-    gpu = [e for e in prof.events() if e.device_type.name == "CUDA"]
-    per_name: dict[str, list[float]] = {}
-    for e in gpu:
-        per_name.setdefault(e.name, []).append(e.time_range.end - e.time_range.start)
+        timed_run(engine, prompts, 1, device)
+    gpu, per_name = _gpu_ops(prof)
     tokens = a.batch_size * a.input_len
     shape = shape_of(engine.config.hf_config)
     head = shape["vocab_size"] * shape["hidden_size"]  # the LM head: last tokens only
@@ -223,6 +204,15 @@ def _launch_cost(rows: int, n: int = 4096, k: int = 4096, calls: int = 300) -> N
             fn()
         torch.cuda.synchronize()
         print(f"| {name} | {host:.1f} | {(time.perf_counter() - t0) * 1e6 / calls:.1f} |")
+
+
+def _gpu_ops(prof) -> tuple[list, dict[str, list[float]]]:
+    """A profile's GPU events (kernels, copies) and their durations (µs) by name."""
+    gpu = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    per_name: dict[str, list[float]] = {}
+    for e in gpu:
+        per_name.setdefault(e.name, []).append(e.time_range.end - e.time_range.start)
+    return gpu, per_name
 
 
 def _table(per_name: dict[str, list[float]], steps: int, top: int) -> None:

@@ -142,15 +142,21 @@ def test_split_decode_calls_in_a_row_leave_the_counters_at_zero():
     last one resets: calls in a row at other batch sizes and split counts (each leaving the
     counters to the next) all equal the reference, and the counters end at zero."""
     for ctx_lens, splits in (([150, 3, 70], 3), ([40, 200], 5), ([1, 100, 33, 64], 2)):
-        q_lens = [1] * len(ctx_lens)
-        d = paged_inputs(ctx_lens, q_lens, 8, 2, 64, 16, torch.float16, False)
-        ref = attention_ref(d, q_lens, ctx_lens, None, None)
-        for _ in range(2):
-            out = nan_like(d["query"])
-            paged_decode_attention_triton(d["query"], d["k_tri"], d["v_tri"], d["bt_tri"],
-                                          d["ctx"], 64 ** -0.5, num_splits=splits, out=out)
-            assert rel_err(out, ref) < TOL[torch.float16]
+        assert_split_decode_twice_equals_the_reference(ctx_lens, num_splits=splits)
     assert int(split_counters(torch.device(DEV), 1).abs().sum()) == 0
+
+
+def assert_split_decode_twice_equals_the_reference(ctx_lens: list[int], **kwargs) -> None:
+    """Two split decode calls in a row (each leaving the counters to the next) into a poisoned
+    output, each within float16 tolerance of the reference; kwargs: the split arguments."""
+    q_lens = [1] * len(ctx_lens)
+    d = paged_inputs(ctx_lens, q_lens, 8, 2, 64, 16, torch.float16, False)
+    ref = attention_ref(d, q_lens, ctx_lens, None, None)
+    for _ in range(2):
+        out = nan_like(d["query"])
+        paged_decode_attention_triton(d["query"], d["k_tri"], d["v_tri"], d["bt_tri"],
+                                      d["ctx"], 64 ** -0.5, out=out, **kwargs)
+        assert rel_err(out, ref) < TOL[torch.float16]
 
 
 def test_a_sequence_splits_only_as_far_as_its_context_fills_splits():
@@ -158,16 +164,8 @@ def test_a_sequence_splits_only_as_far_as_its_context_fills_splits():
     context in a graph captured for long ones): 1000 keys over 8 of the 16 splits, 300 over
     3, 100 and 1 over one. The grid's other programs return at once; if one counted itself in
     or left a partial the output (poisoned) or the counters would show it."""
-    ctx_lens = [1000, 100, 1, 300]
-    q_lens = [1] * len(ctx_lens)
-    d = paged_inputs(ctx_lens, q_lens, 8, 2, 64, 16, torch.float16, False)
-    ref = attention_ref(d, q_lens, ctx_lens, None, None)
-    for _ in range(2):
-        out = nan_like(d["query"])
-        paged_decode_attention_triton(d["query"], d["k_tri"], d["v_tri"], d["bt_tri"],
-                                      d["ctx"], 64 ** -0.5, num_splits=16, out=out,
-                                      min_split_tokens=128)
-        assert rel_err(out, ref) < TOL[torch.float16]
+    assert_split_decode_twice_equals_the_reference([1000, 100, 1, 300], num_splits=16,
+                                                   min_split_tokens=128)
     assert int(split_counters(torch.device(DEV), 1).abs().sum()) == 0
 
 

@@ -39,6 +39,20 @@ def latency_config(model_dir: str | Path, batch_size: int, input_len: int, outpu
     return EngineConfig.create(str(model_dir), **{**settings, **options})
 
 
+def timed_run(engine, prompts: list[list[int]], max_tokens: int, device: str) -> float:
+    """Seconds to add `prompts` (greedy, EOS ignored, `max_tokens` each) and step the engine
+    until every one finished, the device synchronised only before and after."""
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    sync(device)
+    t0 = time.perf_counter()
+    for p in prompts:
+        engine.add_request(prompt_token_ids=p, sampling_params=params)
+    while engine.has_unfinished_requests():
+        engine.step()
+    sync(device)
+    return time.perf_counter() - t0
+
+
 def decode_latency(model_dir: str | Path, tp: int = 1, input_len: int = 128,
                    output_len: int = 128, dtype: str = "bfloat16", device: str = "auto",
                    load_format: str = "dummy", enforce_eager: bool = False,
@@ -61,15 +75,7 @@ def decode_latency(model_dir: str | Path, tp: int = 1, input_len: int = 128,
         prompts = random_prompts(batch_size, input_len, engine.vocab_size, seed)
 
         def run(n: int) -> float:
-            params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
-            sync(dev)
-            t0 = time.perf_counter()
-            for p in prompts:
-                engine.add_request(prompt_token_ids=p, sampling_params=params)
-            while engine.has_unfinished_requests():
-                engine.step()
-            sync(dev)
-            return time.perf_counter() - t0
+            return timed_run(engine, prompts, n, dev)
 
         total = num_iters_warmup + num_iters
         for i in range(num_iters_warmup):  # kernels compiled, graphs captured and replayed
