@@ -11,6 +11,10 @@ Variants (comma-separated; "base" is the tree as it is):
   old-decode    decode attention from another tree's kernels/decode_attention.py (--old-tree)
   gemv-rows=R   the unquantized linear gives the small-M kernel at most R rows (16: cuBLAS
                 above 16 rows, as before the long-K rule)
+  no-prefetch   no L2 prefetch of the out projection during decode attention
+  prefetch-programs=P / prefetch-evict-last / prefetch-seqs=S
+                the prefetch with P programs / evict_last lines / up to S sequences
+  argmax-torch  greedy's argmax as one torch.argmax at every batch size (no two stages)
 """
 
 from __future__ import annotations
@@ -30,6 +34,9 @@ def apply_variant(name: str, old_tree: str) -> dict:
     import engine.layers.linear_method as lm
     import kernels.attention_triton as at
     import kernels.decode_attention as da
+    import kernels.l2_prefetch as l2
+    from engine.layers import attention
+    from engine.runner import sampler
 
     undo = {}
 
@@ -51,6 +58,16 @@ def apply_variant(name: str, old_tree: str) -> dict:
             patch(at, "paged_decode_attention_triton", old.paged_decode_attention_triton)
         elif part.startswith("gemv-rows="):
             patch(lm, "GEMV_KERNEL_ROWS", int(part.split("=")[1]))
+        elif part == "no-prefetch":
+            patch(attention, "L2_PREFETCH_FRACTION", 0.0)
+        elif part.startswith("prefetch-programs="):
+            patch(l2, "PREFETCH_PROGRAMS", int(part.split("=")[1]))
+        elif part == "prefetch-evict-last":
+            patch(l2, "EVICT_LAST", True)
+        elif part == "argmax-torch":
+            patch(sampler, "ARGMAX_TWO_STAGE_ROWS", 0)
+        elif part.startswith("prefetch-seqs="):
+            patch(attention, "L2_PREFETCH_MAX_SEQS", int(part.split("=")[1]))
         else:
             raise SystemExit(f"unknown variant {part!r}")
     return undo
@@ -72,7 +89,9 @@ def main(argv: list[str] | None = None) -> None:
     from engine.bench.engine_bench import preset_config_dir, random_prompts
     from engine.bench.latency import latency_config, timed_run
     from engine.core.llm_engine import LLMEngine
+    from engine.layers.attention import plan_l2_prefetch
     from engine.runner.cuda_graphs import CUDAGraphs
+    from engine.runner.model_runner import l2_cache_bytes
 
     bs = a.batch_size
     config = latency_config(
@@ -94,6 +113,7 @@ def main(argv: list[str] | None = None) -> None:
             undo = apply_variant(v, a.old_tree)
             try:
                 if runner.graphs is not None:  # (a dry run on the CPU has none)
+                    plan_l2_prefetch(runner.model, l2_cache_bytes(runner.device))
                     runner.graphs.reset()
                     runner.graphs = CUDAGraphs(runner, bs)
                 run(1)
