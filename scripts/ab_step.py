@@ -15,6 +15,12 @@ Variants (comma-separated; "base" is the tree as it is):
   prefetch-programs=P / prefetch-evict-last / prefetch-seqs=S
                 the prefetch with P programs / evict_last lines / up to S sequences
   argmax-torch  greedy's argmax as one torch.argmax at every batch size (no two stages)
+  two-stream-min=N
+                decode graphs of N sequences and more run as two halves on two streams
+                (0: never)
+
+With --offline N: N prompts through the engine's default configuration (as `aphro bench
+throughput` runs it), output tok/s per variant instead of TPOT.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def apply_variant(name: str, old_tree: str) -> dict:
     """Patch the modules for `name`; returns {(module, attribute): original} to undo it."""
     import engine.layers.linear_method as lm
+    import engine.runner.cuda_graphs as cg
     import kernels.attention_triton as at
     import kernels.decode_attention as da
     import kernels.l2_prefetch as l2
@@ -66,6 +73,8 @@ def apply_variant(name: str, old_tree: str) -> dict:
             patch(l2, "EVICT_LAST", True)
         elif part == "argmax-torch":
             patch(sampler, "ARGMAX_TWO_STAGE_ROWS", 0)
+        elif part.startswith("two-stream-min="):
+            patch(cg, "TWO_STREAM_MIN_SEQS", int(part.split("=")[1]))
         elif part.startswith("prefetch-seqs="):
             patch(attention, "L2_PREFETCH_MAX_SEQS", int(part.split("=")[1]))
         else:
@@ -84,6 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--old-tree", default="ab/old")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--offline", type=int, default=0, metavar="N")
     a = ap.parse_args(argv)
 
     from engine.bench.engine_bench import preset_config_dir, random_prompts
@@ -94,12 +104,18 @@ def main(argv: list[str] | None = None) -> None:
     from engine.runner.model_runner import l2_cache_bytes
 
     bs = a.batch_size
-    config = latency_config(
-        preset_config_dir(a.preset, Path(tempfile.mkdtemp()) / "config"), bs, a.input_len,
-        a.output_len, dtype="bfloat16", load_format="dummy", quantization=a.quantization)
+    model_dir = preset_config_dir(a.preset, Path(tempfile.mkdtemp()) / "config")
+    options = {"dtype": "bfloat16", "load_format": "dummy", "quantization": a.quantization}
+    if a.offline:
+        from engine.config import EngineConfig
+
+        config = EngineConfig.create(str(model_dir), max_model_len=a.input_len + a.output_len
+                                     + 1, enable_prefix_caching=False, **options)
+    else:
+        config = latency_config(model_dir, bs, a.input_len, a.output_len, **options)
     engine = LLMEngine(config, stream_outputs=False)
     runner = engine.executor
-    prompts = random_prompts(bs, a.input_len, engine.vocab_size, 0)
+    prompts = random_prompts(a.offline or bs, a.input_len, engine.vocab_size, 0)
 
     device = str(config.device)
 
@@ -107,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
         return timed_run(engine, prompts, n, device)
 
     variants = a.variants.split(",")
-    tpot: dict[str, list[float]] = {v: [] for v in variants}
+    figures: dict[str, list[float]] = {v: [] for v in variants}
     for _ in range(a.rounds):
         for v in variants:
             undo = apply_variant(v, a.old_tree)
@@ -115,24 +131,31 @@ def main(argv: list[str] | None = None) -> None:
                 if runner.graphs is not None:  # (a dry run on the CPU has none)
                     plan_l2_prefetch(runner.model, l2_cache_bytes(runner.device))
                     runner.graphs.reset()
-                    runner.graphs = CUDAGraphs(runner, bs)
+                    runner.graphs = CUDAGraphs(runner, config.scheduler.max_num_seqs)
+                if a.offline:  # output tok/s of the whole run
+                    timed_run(engine, prompts[:256], 2, device)  # warm
+                    for _ in range(a.iters):
+                        figures[v].append(len(prompts) * a.output_len / run(a.output_len))
+                    continue
                 run(1)
                 run(a.output_len)  # warm: kernels of this variant compiled
                 for _ in range(a.iters):
                     first, whole = run(1), run(a.output_len)
-                    tpot[v].append((whole - first) / (a.output_len - 1) * 1e3)
+                    figures[v].append((whole - first) / (a.output_len - 1) * 1e3)
             finally:
                 for (mod, attr), value in undo.items():
                     setattr(mod, attr, value)
     engine.close()
-    label = f"{a.preset} b{bs} {a.quantization or 'bf16'}, {a.input_len} in / {a.output_len} out"
-    print(f"\n## TPOT p50 ms, {label} ({a.rounds} rounds x {a.iters} runs)")
-    print("| variant | TPOT p50 | min | max | vs first |")
+    what = "output tok/s" if a.offline else "TPOT p50 ms"
+    label = (f"{a.preset} {a.offline} prompts" if a.offline else f"{a.preset} b{bs}")
+    label += f" {a.quantization or 'bf16'}, {a.input_len} in / {a.output_len} out"
+    print(f"\n## {what}, {label} ({a.rounds} rounds x {a.iters} runs)")
+    print("| variant | median | min | max | vs first |")
     print("|---|---:|---:|---:|---:|")
-    first = statistics.median(tpot[variants[0]])
+    first = statistics.median(figures[variants[0]])
     for v in variants:
-        med = statistics.median(tpot[v])
-        print(f"| {v} | {med:.3f} | {min(tpot[v]):.3f} | {max(tpot[v]):.3f} | "
+        med = statistics.median(figures[v])
+        print(f"| {v} | {med:.3f} | {min(figures[v]):.3f} | {max(figures[v]):.3f} | "
               f"{med - first:+.3f} |")
 
 
