@@ -12,8 +12,9 @@ Variants (comma-separated; "base" is the tree as it is):
   gemv-rows=R   the unquantized linear gives the small-M kernel at most R rows (16: cuBLAS
                 above 16 rows, as before the long-K rule)
   no-prefetch   no L2 prefetch of the out projection during decode attention
-  prefetch-programs=P / prefetch-evict-last / prefetch-seqs=S
-                the prefetch with P programs / evict_last lines / up to S sequences
+  prefetch-frac=F / prefetch-programs=P / prefetch-evict-last / prefetch-seqs=S
+                the prefetch of up to F of L2 / with P programs / evict_last lines / up
+                to S sequences
   argmax-torch  greedy's argmax as one torch.argmax at every batch size (no two stages)
   two-stream-min=N
                 decode graphs of N sequences and more run as two halves on two streams
@@ -67,6 +68,8 @@ def apply_variant(name: str, old_tree: str) -> dict:
             patch(lm, "GEMV_KERNEL_ROWS", int(part.split("=")[1]))
         elif part == "no-prefetch":
             patch(attention, "L2_PREFETCH_FRACTION", 0.0)
+        elif part.startswith("prefetch-frac="):
+            patch(attention, "L2_PREFETCH_FRACTION", float(part.split("=")[1]))
         elif part.startswith("prefetch-programs="):
             patch(l2, "PREFETCH_PROGRAMS", int(part.split("=")[1]))
         elif part == "prefetch-evict-last":

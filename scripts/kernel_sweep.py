@@ -152,7 +152,7 @@ def sweep_prefetch(args) -> None:
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     print(f"\n## decode attention (b1, ctx 384) then o_proj 4096 x 4096, µs per pair; "
           f"copy {bw:.2f} TB/s, L2 {l2 / 2**20:.0f} MiB")
-    attn_calls = decode_calls(1, 384, 32, 8, 128, 16)(num_splits=None)
+    attn_calls = decode_calls(1, 384, 32, 8, 128, 16)(max_context_len=384)
     side = l2_prefetch.side_stream(torch.device("cuda"))
     x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
     print("| weight | attention alone | o_proj alone, cold | o_proj hot | pair | "

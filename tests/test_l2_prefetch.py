@@ -32,7 +32,7 @@ def test_each_layer_prefetches_its_own_out_projection(tiny_llama_dir):
     model = tiny_model(tiny_llama_dir)
     blocks = attention_blocks(model)
     assert len(blocks) == model.num_layers >= 2
-    assert plan_l2_prefetch(model, l2_bytes=2**30) == model.num_layers
+    assert plan_l2_prefetch(model, l2_bytes=2**30, fraction=0.7) == model.num_layers
     for attn, o_proj in blocks:
         assert len(attn.l2_prefetch) == 1 and attn.l2_prefetch[0] is o_proj.weight
 
@@ -54,7 +54,7 @@ def test_a_budget_below_the_weight_takes_a_prefix_of_whole_rows(tiny_llama_dir):
 def test_fp8_weights_and_their_scales_largest_first(tiny_llama_dir):
     model = tiny_model(tiny_llama_dir, quantization="fp8")
     attn, o_proj = attention_blocks(model)[0]
-    plan_l2_prefetch(model, l2_bytes=2**30)
+    plan_l2_prefetch(model, l2_bytes=2**30, fraction=0.7)
     assert attn.l2_prefetch[0] is o_proj.weight
     assert o_proj.weight.dtype == torch.float8_e4m3fn
     assert any(t is o_proj.weight_scale for t in attn.l2_prefetch)
@@ -69,7 +69,7 @@ def test_a_block_with_two_row_parallel_layers_is_left_without():
             self.b = RowParallelLinear(16, 16, bias=False)
 
     block = TwoOut()
-    assert plan_l2_prefetch(block, l2_bytes=2**30) == 0 and block.attn.l2_prefetch == []
+    assert plan_l2_prefetch(block, l2_bytes=2**30, fraction=1.0) == 0 and block.attn.l2_prefetch == []
 
 
 def test_prefetch_kernel_compiles_to_l2_prefetches_for_hopper():
@@ -104,11 +104,11 @@ def test_greedy_tokens_with_and_without_the_prefetch_cuda(tiny_llama_dir):
     cpu = tokens(LLM(str(tiny_llama_dir), device="cpu", num_kv_blocks=32))
     llm = LLM(str(tiny_llama_dir), device="cuda", dtype="float32", num_kv_blocks=32)
     runner = llm.engine.executor
-    layers = runner.model.num_layers
-    assert all(len(a.l2_prefetch) == 1 for a, _ in attention_blocks(runner.model))
-    with_prefetch = tokens(llm)
-    assert plan_l2_prefetch(runner.model, l2_cache_bytes(runner.device), 0.0) == 0
-    runner.graphs.reset()
-    runner.graphs = CUDAGraphs(runner, runner.config.scheduler.max_num_seqs)
-    assert with_prefetch == tokens(llm) == cpu
-    assert plan_l2_prefetch(runner.model, l2_cache_bytes(runner.device)) == layers
+    found = []
+    for fraction in (0.7, 0.0):
+        planned = plan_l2_prefetch(runner.model, l2_cache_bytes(runner.device), fraction)
+        assert planned == (runner.model.num_layers if fraction else 0)
+        runner.graphs.reset()
+        runner.graphs = CUDAGraphs(runner, runner.config.scheduler.max_num_seqs)
+        found.append(tokens(llm))
+    assert found[0] == found[1] == cpu

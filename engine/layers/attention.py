@@ -28,7 +28,7 @@ def alibi_slopes(total_num_heads: int) -> torch.Tensor:
 # many sequences (above, the attention's own cache reads fill the memory bandwidth and L2), and
 # at most this fraction of the L2 cache
 L2_PREFETCH_MAX_SEQS = 8
-L2_PREFETCH_FRACTION = 0.7
+L2_PREFETCH_FRACTION = 0.0  # off: run 12a measured it slower at batch 1 (docs/PERF.md)
 
 
 class PagedAttention(nn.Module):
