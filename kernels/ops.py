@@ -140,22 +140,3 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | Non
     if tri is not None:
         return tri.gemv(x, weight, weight_scale, bias, quantize_input, input_scale)
     return gemv_ref(x, weight, weight_scale, bias, quantize_input, input_scale)
-
-
-def prefetch_l2(tensors: list[torch.Tensor]):
-    """Start L2 prefetches of CUDA `tensors` on the device's side stream, after the work
-    queued so far (kernels/l2_prefetch.py); returns the stream for join_prefetch, or None
-    where nothing was started (no tensors, not CUDA, no Triton)."""
-    if not tensors or not tensors[0].is_cuda or _triton() is None:
-        return None
-    from kernels import l2_prefetch
-
-    stream = l2_prefetch.side_stream(tensors[0].device)
-    l2_prefetch.prefetch_l2(tensors, stream)
-    return stream
-
-
-def join_prefetch(stream) -> None:
-    """The current stream waits for prefetch_l2's stream (None: nothing to wait for)."""
-    if stream is not None:
-        torch.cuda.current_stream().wait_stream(stream)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 import os
@@ -42,20 +41,8 @@ def cuda_index(device: torch.device) -> int:
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
-_persistent: dict[tuple[str, torch.device, int], torch.Tensor] = {}
+_persistent: dict[tuple[str, torch.device], torch.Tensor] = {}
 _retired: list[torch.Tensor] = []  # outgrown buffers: a graph captured earlier may still use them
-_lane = [0]  # which set of buffers: a forward that runs beside another takes its own
-
-
-@contextlib.contextmanager
-def buffer_lane(lane: int):
-    """Within it, persistent_buffer hands out lane `lane`'s buffers: two forwards that run at
-    once on two streams (the decode graphs' two halves) must not share counters or partials."""
-    old, _lane[0] = _lane[0], lane
-    try:
-        yield
-    finally:
-        _lane[0] = old
 
 
 def persistent_buffer(name: str, device: torch.device, numel: int, dtype: torch.dtype,
@@ -65,11 +52,10 @@ def persistent_buffer(name: str, device: torch.device, numel: int, dtype: torch.
     kernels leave at zero). Grown only outside graph capture (the engine's warm-up runs every
     shape first), and an outgrown buffer is kept alive, never handed back to the allocator: a
     graph captured before keeps using it. A megabyte or two in all, not counted in the KV-cache
-    budget, kept for the process's life. One set per buffer_lane."""
+    budget, kept for the process's life."""
     if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:0": one buffer
         device = torch.device("cuda", cuda_index(device))
-    key = (name, device, _lane[0])
-    buf = _persistent.get(key)
+    buf = _persistent.get((name, device))
     if buf is None or buf.numel() < numel:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise RuntimeError(f"the kernels' {name} buffer must be made before CUDA graph "
@@ -78,7 +64,7 @@ def persistent_buffer(name: str, device: torch.device, numel: int, dtype: torch.
             _retired.append(buf)
         size = max(numel, buf.numel() if buf is not None else 0)
         buf = (torch.zeros if zeroed else torch.empty)(size, dtype=dtype, device=device)
-        _persistent[key] = buf
+        _persistent[(name, device)] = buf
     return buf
 
 

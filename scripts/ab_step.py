@@ -11,14 +11,6 @@ Variants (comma-separated; "base" is the tree as it is):
   old-decode    decode attention from another tree's kernels/decode_attention.py (--old-tree)
   gemv-rows=R   the unquantized linear gives the small-M kernel at most R rows (16: cuBLAS
                 above 16 rows, as before the long-K rule)
-  no-prefetch   no L2 prefetch of the out projection during decode attention
-  prefetch-frac=F / prefetch-programs=P / prefetch-evict-last / prefetch-seqs=S
-                the prefetch of up to F of L2 / with P programs / evict_last lines / up
-                to S sequences
-  argmax-torch  greedy's argmax as one torch.argmax at every batch size (no two stages)
-  two-stream-min=N
-                decode graphs of N sequences and more run as two halves on two streams
-                (0: never)
 
 With --offline N: N prompts through the engine's default configuration (as `aphro bench
 throughput` runs it), output tok/s per variant instead of TPOT.
@@ -39,12 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def apply_variant(name: str, old_tree: str) -> dict:
     """Patch the modules for `name`; returns {(module, attribute): original} to undo it."""
     import engine.layers.linear_method as lm
-    import engine.runner.cuda_graphs as cg
     import kernels.attention_triton as at
     import kernels.decode_attention as da
-    import kernels.l2_prefetch as l2
-    from engine.layers import attention
-    from engine.runner import sampler
 
     undo = {}
 
@@ -66,20 +54,6 @@ def apply_variant(name: str, old_tree: str) -> dict:
             patch(at, "paged_decode_attention_triton", old.paged_decode_attention_triton)
         elif part.startswith("gemv-rows="):
             patch(lm, "GEMV_KERNEL_ROWS", int(part.split("=")[1]))
-        elif part == "no-prefetch":
-            patch(attention, "L2_PREFETCH_FRACTION", 0.0)
-        elif part.startswith("prefetch-frac="):
-            patch(attention, "L2_PREFETCH_FRACTION", float(part.split("=")[1]))
-        elif part.startswith("prefetch-programs="):
-            patch(l2, "PREFETCH_PROGRAMS", int(part.split("=")[1]))
-        elif part == "prefetch-evict-last":
-            patch(l2, "EVICT_LAST", True)
-        elif part == "argmax-torch":
-            patch(sampler, "ARGMAX_TWO_STAGE_ROWS", 0)
-        elif part.startswith("two-stream-min="):
-            patch(cg, "TWO_STREAM_MIN_SEQS", int(part.split("=")[1]))
-        elif part.startswith("prefetch-seqs="):
-            patch(attention, "L2_PREFETCH_MAX_SEQS", int(part.split("=")[1]))
         else:
             raise SystemExit(f"unknown variant {part!r}")
     return undo
@@ -102,9 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     from engine.bench.engine_bench import preset_config_dir, random_prompts
     from engine.bench.latency import latency_config, timed_run
     from engine.core.llm_engine import LLMEngine
-    from engine.layers.attention import plan_l2_prefetch
     from engine.runner.cuda_graphs import CUDAGraphs
-    from engine.runner.model_runner import l2_cache_bytes
 
     bs = a.batch_size
     model_dir = preset_config_dir(a.preset, Path(tempfile.mkdtemp()) / "config")
@@ -132,7 +104,6 @@ def main(argv: list[str] | None = None) -> None:
             undo = apply_variant(v, a.old_tree)
             try:
                 if runner.graphs is not None:  # (a dry run on the CPU has none)
-                    plan_l2_prefetch(runner.model, l2_cache_bytes(runner.device))
                     runner.graphs.reset()
                     runner.graphs = CUDAGraphs(runner, config.scheduler.max_num_seqs)
                 if a.offline:  # output tok/s of the whole run

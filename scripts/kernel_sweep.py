@@ -3,8 +3,6 @@ markdown tables (what docs/PERF.md quotes; nothing here is a test).
 
     python3 scripts/kernel_sweep.py decode   # split counts (and tiles) per batch x context
     python3 scripts/kernel_sweep.py gemv     # the small-M kernel at 16-64 rows against cuBLAS
-    python3 scripts/kernel_sweep.py prefetch # decode attention then o_proj, with and without
-                                             # the o_proj weight prefetched into L2 meanwhile
 
 Every figure is µs per call from CUDA-graph replays of many calls whose inputs rotate past L2
 (KV caches / weights of several "layers"), Llama-3-8B's shapes, bf16.
@@ -140,62 +138,13 @@ def sweep_gemv(args) -> None:
                   f"({nbytes / best_us / 1e6:.2f}) |")
 
 
-def sweep_prefetch(args) -> None:
-    """One decoder layer's attention + o_proj pair at batch 1 (context 384), its o_proj weight
-    cold (rotated past L2), prefetched into L2 on a side stream while the attention runs, and
-    hot (the same weight every call: the ceiling)."""
-    from kernels import l2_prefetch
-    from kernels.gemv_triton import gemv_triton
-    from kernels.quant_ref import FP8_DTYPE
-
-    bw = copy_bandwidth()
-    l2 = torch.cuda.get_device_properties(0).L2_cache_size
-    print(f"\n## decode attention (b1, ctx 384) then o_proj 4096 x 4096, µs per pair; "
-          f"copy {bw:.2f} TB/s, L2 {l2 / 2**20:.0f} MiB")
-    attn_calls = decode_calls(1, 384, 32, 8, 128, 16)(max_context_len=384)
-    side = l2_prefetch.side_stream(torch.device("cuda"))
-    x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
-    print("| weight | attention alone | o_proj alone, cold | o_proj hot | pair | "
-          "pair, prefetched: 16 / 32 / 64 / 132 programs | evict_last, 32 |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for kind in ("bf16", "fp8"):
-        copies = max(2, math.ceil(ROTATE_BYTES / (4096 * 4096 * (2 if kind == "bf16" else 1))))
-        ws = [torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16) * 0.02
-              for _ in range(copies)]
-        if kind == "fp8":
-            ws = [w.to(FP8_DTYPE) for w in ws]
-        kw = {"quantize_input": True} if kind == "fp8" else {}
-
-        def lin(w, kw=kw):
-            return gemv_triton(x, w, **kw)
-
-        def pair(i, programs=None, evict_last=False, prefetch=True, ws=ws, lin=lin):
-            if prefetch:
-                l2_prefetch.prefetch_l2([ws[i]], side, programs, evict_last)
-            attn_calls[i % len(attn_calls)]()
-            if prefetch:
-                torch.cuda.current_stream().wait_stream(side)
-            lin(ws[i])
-
-        n = len(ws)
-        t_attn = graph_us(attn_calls)
-        cold = graph_us([functools.partial(lin, w) for w in ws])
-        hot = graph_us([functools.partial(lin, ws[0])])
-        plain = graph_us([functools.partial(pair, i, prefetch=False) for i in range(n)])
-        pre = [graph_us([functools.partial(pair, i, g) for i in range(n)])
-               for g in (16, 32, 64, 132)]
-        last = graph_us([functools.partial(pair, i, 32, True) for i in range(n)])
-        print(f"| {kind} | {t_attn:.2f} | {cold:.2f} | {hot:.2f} | {plain:.2f} | "
-              f"{' / '.join(f'{p:.2f}' for p in pre)} | {last:.2f} |")
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["decode", "gemv", "prefetch"])
+    ap.add_argument("what", choices=["decode", "gemv"])
     ap.add_argument("--rows", type=int, nargs="+", default=[16, 32, 64])
     args = ap.parse_args(argv)
     torch.manual_seed(0)
-    {"decode": sweep_decode, "gemv": sweep_gemv, "prefetch": sweep_prefetch}[args.what](args)
+    {"decode": sweep_decode, "gemv": sweep_gemv}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -40,25 +40,6 @@ def test_cuda_float32_matches_cpu_and_graphs_match_eager(which, request):
     assert _tokens(in_sync) == cpu
 
 
-def test_two_stream_decode_graphs_match_cpu(tiny_llama_dir, monkeypatch):
-    """Decode graphs that run a batch as two halves on two streams (TWO_STREAM_MIN_SEQS,
-    lowered here to 2 so that the tiny batches take it) give the CPU's greedy tokens, with
-    asynchronous scheduling on and off; each half's split attention and split-K linears use
-    their own counters and partials (triton_common.buffer_lane)."""
-    import engine.runner.cuda_graphs as cg
-
-    ckpt = str(tiny_llama_dir)
-    cpu = _tokens(LLM(ckpt, device="cpu", num_kv_blocks=32))
-    monkeypatch.setattr(cg, "TWO_STREAM_MIN_SEQS", 2)
-    for async_scheduling in (True, False):
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")  # a capture that falls back to eager fails here
-            llm = LLM(ckpt, device="cuda", dtype="float32", num_kv_blocks=32,
-                      async_scheduling=async_scheduling)
-        assert llm.engine.executor.graphs.two_streams
-        assert _tokens(llm) == cpu
-
-
 def test_cuda_bf16_close_to_hf(tiny_llama_dir):
     from transformers import AutoModelForCausalLM
 

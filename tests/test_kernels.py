@@ -604,20 +604,3 @@ def test_split_decode_compiles_for_hopper():
                  "BLOCK_S": max(2, splits)}
                 for group, splits in ((4, 64), (32, 2))]
     compile_for_hopper("kernels.decode_attention", "_decode_kernel", sig, variants)
-
-
-def test_each_buffer_lane_has_its_own_persistent_buffers():
-    """persistent_buffer: the same buffer for the same name within a lane, grown in place of
-    a smaller one, and another buffer in another lane (two forwards at once on two streams)."""
-    from kernels.triton_common import buffer_lane, persistent_buffer
-
-    cpu = torch.device("cpu")
-    a = persistent_buffer("lane test", cpu, 8, torch.int32, zeroed=True)
-    assert persistent_buffer("lane test", cpu, 4, torch.int32) is a
-    with buffer_lane(1):
-        b = persistent_buffer("lane test", cpu, 8, torch.int32, zeroed=True)
-        assert b is not a and b.data_ptr() != a.data_ptr()
-        assert persistent_buffer("lane test", cpu, 8, torch.int32) is b
-    assert persistent_buffer("lane test", cpu, 8, torch.int32) is a
-    bigger = persistent_buffer("lane test", cpu, 16, torch.int32)
-    assert bigger.numel() == 16 and bigger is not a

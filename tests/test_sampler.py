@@ -14,7 +14,6 @@ from engine.runner.sampler import (
     SamplingMetadata,
     apply_penalties,
     apply_top_k_top_p_min_p,
-    chunked_argmax,
 )
 
 VOCAB = 32
@@ -92,40 +91,6 @@ def test_greedy_is_argmax():
     out = Sampler()(logits, meta)
     assert out.token_ids == [ref_argmax(r) for r in logits.tolist()]
     assert out.logprobs is None
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_chunked_argmax_is_the_first_maximum(dtype):
-    """The two-stage argmax (the CUDA path for a few wide rows) against a hand-written first
-    index of the maximum: ties inside a chunk and across chunks, the maximum in the padded last
-    chunk, a row of -inf, rows that are all one value."""
-    vocab, chunk = 1000, 64  # 16 chunks, the last one 40 wide
-    rows = randn(7, vocab, seed=3).to(dtype)
-    rows[0, [130, 700]] = 50.0  # across chunks: the earlier one
-    rows[1, [129, 131]] = 50.0  # inside one chunk
-    rows[2, 999] = 50.0  # the last entry of the padded chunk
-    rows[3, 960] = 50.0  # the first entry of the padded chunk
-    rows[4] = float("-inf")
-    rows[5] = 1.0
-    rows[6, [5, 64, 128]] = 50.0
-    got = chunked_argmax(rows, chunk)
-    assert got.tolist() == [ref_argmax(r) for r in rows.float().tolist()]
-    assert got.tolist() == [130, 129, 999, 960, 0, 0, 5]
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("rows", [1, 3, 8, 9])
-def test_argmax_rows_on_cuda_equals_torch_argmax(rows):
-    """argmax_rows on CUDA (two stages up to 8 rows of a 128,256-wide vocabulary) equals torch's
-    argmax, with a tie planted across chunks."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
-    from engine.runner.sampler import argmax_rows
-
-    logits = randn(rows, 128256, seed=rows).cuda().to(torch.bfloat16)
-    logits[0, [70000, 3000]] = 100.0
-    assert argmax_rows(logits).tolist() == logits.float().argmax(dim=-1).tolist()
-    assert argmax_rows(logits)[0].item() == 3000
 
 
 def test_greedy_takes_model_dtype_logits_as_they_are():

@@ -24,13 +24,6 @@ def alibi_slopes(total_num_heads: int) -> torch.Tensor:
     return torch.tensor(slopes, dtype=torch.float32)
 
 
-# L2 prefetch of the out projection during decode attention (plan_l2_prefetch): at most this
-# many sequences (above, the attention's own cache reads fill the memory bandwidth and L2), and
-# at most this fraction of the L2 cache
-L2_PREFETCH_MAX_SEQS = 8
-L2_PREFETCH_FRACTION = 0.0  # off: run 12a measured it slower at batch 1 (docs/PERF.md)
-
-
 class PagedAttention(nn.Module):
     """q [T, H * D], k/v [T, KVH * D] -> [T, H * D]. H and KVH are this rank's heads."""
 
@@ -49,9 +42,6 @@ class PagedAttention(nn.Module):
             self.register_buffer("alibi_slopes", alibi_slopes.float(), persistent=False)
         else:
             self.alibi_slopes = None
-        # what plan_l2_prefetch gives this layer to load into L2 while it attends at small
-        # decode batches (its out projection's weight); plain references, not registered
-        self.l2_prefetch: list[torch.Tensor] = []
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: torch.Tensor, attn_metadata: AttentionMetadata,
@@ -66,10 +56,6 @@ class PagedAttention(nn.Module):
         v3 = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         key_cache, value_cache = kv_cache[0], kv_cache[1]  # [num_blocks, block, KVH, D]
         m = attn_metadata
-        prefetch = None
-        if self.l2_prefetch and m.num_prefill_tokens == 0 and (
-                m.num_decode_tokens <= L2_PREFETCH_MAX_SEQS):
-            prefetch = ops.prefetch_l2(self.l2_prefetch)
         if rotary is not None and type(rotary).forward is RotaryEmbedding.forward:
             assert positions is not None, "the rotary goes with the step's positions"
             q = rotary.rotate_and_cache(positions, q, k, v, key_cache, value_cache,
@@ -84,42 +70,4 @@ class PagedAttention(nn.Module):
                                   m.query_start_loc, m.max_query_len, m.max_context_len,
                                   m.num_prefills, m.num_prefill_tokens, self.scale,
                                   self.alibi_slopes, self.sliding_window, self.logits_soft_cap)
-        ops.join_prefetch(prefetch)
         return out.view(num_tokens, self.num_heads * self.head_dim)
-
-
-def plan_l2_prefetch(model: nn.Module, l2_bytes: int,
-                     fraction: float | None = None) -> int:
-    """Give each PagedAttention whose parent module holds exactly one RowParallelLinear (the
-    out projection, in every block layout the engine builds) that layer's tensors to prefetch
-    into L2 while it attends (the largest first, the one that overflows `fraction` of
-    `l2_bytes` cut to a prefix of whole rows, the rest left out). Returns the layers planned.
-    Model code needs no change; a layout that does not match is left without."""
-    from engine.layers.linear import RowParallelLinear
-
-    budget = int(l2_bytes * (L2_PREFETCH_FRACTION if fraction is None else fraction))
-    planned = 0
-    for parent in model.modules():
-        children = list(parent.children())
-        attns = [c for c in children if isinstance(c, PagedAttention)]
-        outs = [c for c in children if isinstance(c, RowParallelLinear)]
-        for attn in attns:
-            attn.l2_prefetch = []
-        if len(attns) != 1 or len(outs) != 1 or budget <= 0:
-            continue
-        tensors = sorted((t for t in [*outs[0].parameters(), *outs[0].buffers()]
-                          if t.is_contiguous() and t.numel()),
-                         key=lambda t: -t.numel() * t.element_size())
-        left = budget
-        for t in tensors:
-            size = t.numel() * t.element_size()
-            if size > left:
-                row = size // t.shape[0] if t.dim() > 1 else t.element_size()
-                rows = left // row
-                if rows:
-                    attns[0].l2_prefetch.append(t[:rows])
-                break
-            attns[0].l2_prefetch.append(t)
-            left -= size
-        planned += bool(attns[0].l2_prefetch)
-    return planned

@@ -6,12 +6,6 @@ import torch
 
 from engine.layers.attention_metadata import AttentionMetadata
 
-# a captured batch of at least this many sequences runs as two halves on two streams, so that
-# one half's attention (bound by reading the KV cache) overlaps the other's linear layers
-# (bound by the tensor cores); at TP=1 only (two halves' all-reduces on one communicator at once
-# could deadlock). 0: never.
-TWO_STREAM_MIN_SEQS = 256
-
 
 def _graph_batch_sizes(max_batch_size: int) -> list[int]:
     """1, 2, 4, 8, then every 8 to 256, then every 32: a batch pads to the next size."""
@@ -39,52 +33,28 @@ class CUDAGraphs:
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
-        self.side = torch.cuda.Stream(dev)
-        self.two_streams = TWO_STREAM_MIN_SEQS > 0 and runner.config.tp_size == 1
         pool = None
         with torch.inference_mode():
             for bs in reversed(self.sizes):
+                meta = self._metadata(bs)
+                args = (self.input_ids[:bs], self.positions[:bs], runner.kv_caches, meta)
                 for _ in range(2):  # warm up: Triton compiles, allocator settles
-                    self._forward(bs)
+                    runner.model(*args)
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
-                    self.outputs[bs] = self._forward(bs)
+                    self.outputs[bs] = runner.model(*args)
                 pool = graph.pool()
                 self.graphs[bs] = graph
         torch.cuda.synchronize()
 
-    def _metadata(self, start: int, end: int) -> AttentionMetadata:
-        """Decode rows start..end-1 of the static inputs."""
-        n = end - start
+    def _metadata(self, bs: int) -> AttentionMetadata:
         return AttentionMetadata(
-            slot_mapping=self.slot_mapping[start:end], block_tables=self.block_tables[start:end],
-            context_lens=self.context_lens[start:end],
-            query_start_loc=self.query_start_loc[:n + 1],  # (0, 1, ..., n)
-            seq_start_loc=self.query_start_loc[:n + 1],  # unused by decode kernels
+            slot_mapping=self.slot_mapping[:bs], block_tables=self.block_tables[:bs],
+            context_lens=self.context_lens[:bs], query_start_loc=self.query_start_loc[:bs + 1],
+            seq_start_loc=self.query_start_loc[:bs + 1],  # unused by decode kernels
             max_query_len=1, max_context_len=self.runner.max_model_len, num_prefills=0,
-            num_prefill_tokens=0, num_decode_tokens=n)
-
-    def _rows(self, start: int, end: int) -> torch.Tensor:
-        r = self.runner
-        return r.model(self.input_ids[start:end], self.positions[start:end], r.kv_caches,
-                       self._metadata(start, end))
-
-    def _forward(self, bs: int) -> torch.Tensor:
-        """The model on the first bs static rows: in one stream, or from TWO_STREAM_MIN_SEQS
-        up as two halves, the second on the side stream with buffers of its own."""
-        if not self.two_streams or bs < TWO_STREAM_MIN_SEQS:
-            return self._rows(0, bs)
-        from kernels.triton_common import buffer_lane
-
-        half = bs // 2
-        main = torch.cuda.current_stream()
-        self.side.wait_stream(main)
-        first = self._rows(0, half)
-        with torch.cuda.stream(self.side), buffer_lane(1):
-            second = self._rows(half, bs)
-        main.wait_stream(self.side)
-        return torch.cat([first, second])
+            num_prefill_tokens=0, num_decode_tokens=bs)
 
     def fits(self, num_seqs: int) -> bool:
         return num_seqs <= self.sizes[-1]

@@ -22,7 +22,6 @@ from engine.config import CPU_KV_BYTES, EngineConfig
 from engine.core.batch import RunnerOutput, StepBatch
 from engine.distributed.parallel_state import tp_broadcast
 from engine.errors import ConfigError
-from engine.layers.attention import plan_l2_prefetch
 from engine.layers.attention_metadata import AttentionMetadata
 from engine.runner.cuda_graphs import CUDAGraphs
 from engine.runner.observer import (
@@ -105,14 +104,7 @@ def build_model(config: EngineConfig, device: torch.device):
         tracker = model.load_weights(quant.checkpoint_weights(iterate_weights(config.model)))
         report = check_load_result(model, tracker).report()
     process_weights_after_loading(model)  # e.g. quantize what was loaded in the model dtype
-    if device.type == "cuda":  # out projections into L2 while small batches attend
-        plan_l2_prefetch(model, l2_cache_bytes(device))
     return model.eval(), report
-
-
-def l2_cache_bytes(device: torch.device) -> int:
-    """The CUDA device's L2 cache size (0 where torch does not say)."""
-    return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0))
 
 
 class ModelRunner:

@@ -189,32 +189,6 @@ def apply_top_k_top_p_min_p(logits: torch.Tensor, meta: SamplingMetadata) -> tor
     return logits
 
 
-ARGMAX_CHUNK = 1024  # argmax_rows: a row's chunks, reduced in parallel
-ARGMAX_TWO_STAGE_ROWS = 8  # and at most this many rows (more rows fill the GPU one each)
-
-
-def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
-    """logits.argmax(dim=-1), the first index of each row's maximum. On CUDA one row is one
-    thread block's reduction (27.5 µs for a 128,256-wide float32 row on an H200, docs/PERF.md
-    run 11a), so a few wide rows go through chunked_argmax."""
-    rows, vocab = logits.shape
-    if not logits.is_cuda or rows > ARGMAX_TWO_STAGE_ROWS or vocab < 8 * ARGMAX_CHUNK:
-        return logits.argmax(dim=-1)
-    return chunked_argmax(logits)
-
-
-def chunked_argmax(logits: torch.Tensor, chunk: int = ARGMAX_CHUNK) -> torch.Tensor:
-    """logits.argmax(dim=-1) in two stages: every chunk's maximum and its first index at once,
-    then the first chunk that holds the row's maximum (the row padded with -inf to whole
-    chunks)."""
-    rows, vocab = logits.shape
-    chunks = -(-vocab // chunk)
-    padded = torch.nn.functional.pad(logits, (0, chunks * chunk - vocab), value=float("-inf"))
-    values, within = padded.view(rows, chunks, chunk).max(dim=-1)  # [rows, chunks]
-    first = values.argmax(dim=-1, keepdim=True)  # [rows, 1]
-    return (first * chunk + within.gather(1, first)).squeeze(1)
-
-
 class Sampler(torch.nn.Module):
     """Samples one token per row; owns the generators of seeded sequences (see module doc)."""
 
@@ -250,7 +224,7 @@ class Sampler(torch.nn.Module):
                 ok = tokens < logits.shape[1]
                 rows, tokens = rows[ok], tokens[ok]
             logits[rows, tokens] = float("-inf")
-        token_ids = argmax_rows(logits)  # [num_seqs]
+        token_ids = logits.argmax(dim=-1)  # [num_seqs]
         if not meta.all_greedy:
             greedy = meta.temperatures == 0
             temps = torch.where(greedy, 1.0, meta.temperatures).unsqueeze(1)
