@@ -73,7 +73,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--offline", type=int, default=0, metavar="N")
     a = ap.parse_args(argv)
 
-    from engine.bench.engine_bench import preset_config_dir, random_prompts
+    from engine.bench.engine_bench import (
+        preset_config,
+        preset_config_dir,
+        random_prompts,
+        throughput_config,
+    )
     from engine.bench.latency import latency_config, timed_run
     from engine.core.llm_engine import LLMEngine
     from engine.runner.cuda_graphs import CUDAGraphs
@@ -81,16 +86,14 @@ def main(argv: list[str] | None = None) -> None:
     bs = a.batch_size
     model_dir = preset_config_dir(a.preset, Path(tempfile.mkdtemp()) / "config")
     options = {"dtype": "bfloat16", "load_format": "dummy", "quantization": a.quantization}
+    prompts = random_prompts(a.offline or bs, a.input_len, preset_config(a.preset).vocab_size,
+                             0)
     if a.offline:
-        from engine.config import EngineConfig
-
-        config = EngineConfig.create(str(model_dir), max_model_len=a.input_len + a.output_len
-                                     + 1, enable_prefix_caching=False, **options)
+        config = throughput_config(model_dir, prompts, a.output_len, **options)
     else:
         config = latency_config(model_dir, bs, a.input_len, a.output_len, **options)
     engine = LLMEngine(config, stream_outputs=False)
     runner = engine.executor
-    prompts = random_prompts(a.offline or bs, a.input_len, engine.vocab_size, 0)
 
     device = str(config.device)
 

@@ -94,8 +94,8 @@ def test_greedy_is_argmax():
 
 
 def test_greedy_takes_model_dtype_logits_as_they_are():
-    """All-greedy rows sample from bf16 logits without a float32 copy: the tokens are the
-    argmax of the logits' float32 values."""
+    """All-greedy rows take bf16 logits as they are (LogitsProcessor no longer casts them):
+    the tokens are the argmax of the logits' float32 values."""
     logits = randn(4, VOCAB, seed=2).to(torch.bfloat16)
     out = Sampler()(logits, build([make_seq(temperature=0.0) for _ in range(4)]))
     assert out.token_ids == [ref_argmax(r) for r in logits.float().tolist()]

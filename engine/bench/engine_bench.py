@@ -114,20 +114,30 @@ def model_record(name: str, hf_config, facts: dict, random_weights: bool) -> dic
             "random_weights": random_weights}
 
 
+def throughput_config(model: str | Path, prompts: list[list[int]], output_len: int,
+                      **options):
+    """The engine configuration `bench throughput` measures (also scripts/ab_step.py
+    --offline's): EngineConfig.create's `options` (None: its default), max_model_len the
+    longest prompt + output_len + 1 unless given, prefix caching off unless given."""
+    from engine.config import EngineConfig
+
+    options.setdefault("enable_prefix_caching", False)
+    if options.get("max_model_len") is None:
+        options["max_model_len"] = max(len(p) for p in prompts) + output_len + 1
+    return EngineConfig.create(str(model), **{k: v for k, v in options.items()
+                                              if v is not None})
+
+
 def run_throughput(model: str | Path, prompts: list[list[int]], output_len: int, *,
                    progress: Callable[[int, int], None] | None = None, **options) -> dict:
     """Generate `output_len` tokens (greedy, EOS ignored) for every prompt through the engine
     (options: EngineConfig.create's; max_model_len defaults to the longest prompt + output_len
     + 1, prefix caching off). Returns {"row": the engine's figures, "facts": engine_facts,
     "hf_config"}."""
-    from engine.config import EngineConfig
     from engine.core.llm_engine import LLMEngine
 
-    options.setdefault("enable_prefix_caching", False)
-    if options.get("max_model_len") is None:
-        options["max_model_len"] = max(len(p) for p in prompts) + output_len + 1
-    options = {k: v for k, v in options.items() if v is not None}
-    engine = LLMEngine(EngineConfig.create(str(model), **options), stream_outputs=False)
+    engine = LLMEngine(throughput_config(model, prompts, output_len, **options),
+                       stream_outputs=False)
     try:
         facts = engine_facts(engine)
         dev = facts["device"]
