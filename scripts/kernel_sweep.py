@@ -3,9 +3,11 @@ markdown tables (what docs/PERF.md quotes; nothing here is a test).
 
     python3 scripts/kernel_sweep.py decode   # split counts (and tiles) per batch x context
     python3 scripts/kernel_sweep.py gemv     # the small-M kernel at 16-64 rows against cuBLAS
+    python3 scripts/kernel_sweep.py prefill  # prefill attention tiles, pages, beside torch SDPA
 
 Every figure is µs per call from CUDA-graph replays of many calls whose inputs rotate past L2
-(KV caches / weights of several "layers"), Llama-3-8B's shapes, bf16.
+(KV caches / weights of several "layers"), Llama-3-8B's shapes, bf16; prefill calls (ms each)
+are timed with CUDA events around a few calls instead.
 """
 
 from __future__ import annotations
@@ -138,13 +140,108 @@ def sweep_gemv(args) -> None:
                   f"({nbytes / best_us / 1e6:.2f}) |")
 
 
+def events_ms(fn, reps: int = 5) -> float:
+    """Median ms of fn() between CUDA events (calls long enough not to need a graph)."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def sweep_prefill(args) -> None:
+    """Causal prefill, 32 / 8 heads, d 128: our kernel per tile config and page size (keys
+    and values read from a paged cache, pages in random order), against torch's SDPA backends
+    on the same q / k / v laid out densely ([B, H, S, D]). TFLOP/s counts the causal half:
+    2 * S^2 * D * heads per sequence."""
+    print("\n## prefill attention, causal, 32 / 8 heads, d 128, bf16 (TFLOP/s; ms per call)")
+    print("| seqs x len | page | default [tile]: TFLOP/s (ms) | best tile: config, TFLOP/s | "
+          "SDPA flash | SDPA cuDNN | SDPA efficient |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for bs, s in args.prefill_shapes:
+        prefill_rows(bs, s, args.pages)
+
+
+def prefill_rows(bs: int, s: int, pages: list[int]) -> None:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    from kernels.prefill_attention import default_prefill_config, paged_prefill_attention_triton
+
+    heads, kv_heads, d = 32, 8, 128
+    configs = [{"block_m": bm, "block_n": bn, "num_warps": w, "num_stages": st}
+               for bm, bn, w, st in itertools.product([64, 128], [64, 128], [4, 8], [2, 3])]
+    flop = 2 * s * s * d * heads * bs
+    tokens = bs * s
+    q = torch.randn(tokens, heads, d, device="cuda", dtype=torch.bfloat16)
+    kd = torch.randn(tokens, kv_heads, d, device="cuda", dtype=torch.bfloat16)
+    vd = torch.randn_like(kd)
+    starts = torch.arange(0, tokens + 1, s, dtype=torch.int32, device="cuda")
+    lens = torch.full((bs,), s, dtype=torch.int32, device="cuda")
+    dense = [t.view(bs, s, -1, d).transpose(1, 2) for t in (q, kd, vd)]
+
+    def sdpa_tflops(backend) -> str:
+        try:
+            with sdpa_kernel(backend):
+                ms = events_ms(lambda: sdpa(*dense, is_causal=True, enable_gqa=True))
+            return f"{flop / ms / 1e9:.0f} ({ms:.2f})"
+        except Exception as e:  # noqa: BLE001 (a backend this build or shape lacks)
+            return f"n/a ({type(e).__name__})"
+
+    sdpa_row = [sdpa_tflops(b) for b in (SDPBackend.FLASH_ATTENTION,
+                                         SDPBackend.CUDNN_ATTENTION,
+                                         SDPBackend.EFFICIENT_ATTENTION)]
+    out = torch.empty_like(q)
+    for page in pages:
+        blocks = tokens // page
+        perm = torch.randperm(blocks, device="cuda")
+        kc = torch.empty(blocks, page, kv_heads, d, device="cuda", dtype=torch.bfloat16)
+        vc = torch.empty_like(kc)
+        kc[perm] = kd.view(blocks, page, kv_heads, d)
+        vc[perm] = vd.view(blocks, page, kv_heads, d)
+        tables = perm.to(torch.int32).view(bs, -1)  # logical page j is at perm[j]
+
+        def call(cfg=None, kc=kc, vc=vc, tables=tables):
+            return paged_prefill_attention_triton(q, kc, vc, tables, lens, starts, s,
+                                                  d ** -0.5, out=out, config=cfg)
+        if page == pages[0]:  # the layout is right: our output equals SDPA's
+            call()
+            ref = sdpa(*dense, is_causal=True, enable_gqa=True)
+            err = (out.view(bs, s, heads, d).transpose(1, 2) - ref).abs().max().item()
+            assert err < 2e-2, f"prefill kernel against SDPA: max abs error {err}"
+
+        def ours(cfg=None, call=call) -> tuple[float, float]:
+            try:
+                ms = events_ms(lambda: call(cfg))
+            except Exception:  # noqa: BLE001 (a tile past the shared memory)
+                return 0.0, math.inf
+            return flop / ms / 1e9, ms
+        base_tf, base_ms = ours()
+        best_tf, best = max(((ours(c)[0], c) for c in configs), key=lambda r: r[0])
+        name = "/".join(str(best[k]) for k in ("block_m", "block_n", "num_warps",
+                                               "num_stages"))
+        dc = default_prefill_config(d, s)
+        print(f"| {bs} x {s} | {page} | [{dc['block_m']}/{dc['block_n']}/{dc['num_warps']}/"
+              f"{dc['num_stages']}] {base_tf:.0f} ({base_ms:.2f}) | {name}: {best_tf:.0f} | "
+              + " | ".join(sdpa_row) + " |")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["decode", "gemv"])
+    ap.add_argument("what", choices=["decode", "gemv", "prefill"])
     ap.add_argument("--rows", type=int, nargs="+", default=[16, 32, 64])
+    ap.add_argument("--pages", type=int, nargs="+", default=[16, 128])
+    ap.add_argument("--prefill-shapes", type=lambda t: tuple(map(int, t.split("x"))),
+                    nargs="+", default=[(8, 4096), (32, 256), (1, 16384)], metavar="BxS")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
-    {"decode": sweep_decode, "gemv": sweep_gemv}[args.what](args)
+    {"decode": sweep_decode, "gemv": sweep_gemv, "prefill": sweep_prefill}[args.what](args)
 
 
 if __name__ == "__main__":
