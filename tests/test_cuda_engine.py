@@ -71,3 +71,66 @@ def test_cuda_fp8_kv_cache_matches_cpu(tiny_llama_dir):
     assert gpu.engine.executor.graphs is not None
     assert {c.dtype for c in gpu.engine.executor.kv_caches} == {torch.float8_e4m3fn}
     assert _tokens(gpu) == cpu
+
+
+def _causal_reference(q, k, v, lens, scale):
+    """float32 causal softmax attention per sequence, the GQA groups expanded by hand."""
+    out, start, group = [], 0, q.shape[1] // k.shape[1]
+    for n in lens:
+        qs, ks, vs = (t[start:start + n].float().transpose(0, 1) for t in (q, k, v))
+        ks, vs = ks.repeat_interleave(group, 0), vs.repeat_interleave(group, 0)
+        s = (qs @ ks.transpose(1, 2)) * scale  # [H, n, n]
+        s = s.masked_fill(torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1),
+                          float("-inf"))
+        out.append((torch.softmax(s, -1) @ vs).transpose(0, 1))
+        start += n
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("lens", [(300, 128, 517), (256,) * 12], ids=["unequal", "equal"])
+def test_dense_prefill_attention_matches_a_float32_reference(lens):
+    from kernels.dense_prefill import dense_prefill_attention, dense_prefill_usable
+
+    torch.manual_seed(0)
+    t = sum(lens)
+    q = torch.randn(t, 32, 128, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(t, 8, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    assert dense_prefill_usable(q, 8, lens), "cuDNN attention does not run on this GPU"
+    got = dense_prefill_attention(q, k, v, lens, 128 ** -0.5)
+    ref = _causal_reference(q, k, v, lens, 128 ** -0.5)
+    assert got.shape == q.shape
+    assert (got.float() - ref).abs().max().item() < 2e-2
+
+
+def test_cuda_dense_prefill_close_to_hf_and_to_the_paged_path(tiny_llama_dir, monkeypatch):
+    # prompts of 200 tokens from position 0 take cuDNN's attention; the same engine with the
+    # path off (the paged kernel) gives the same greedy tokens, and both are close to HF
+    from transformers import AutoModelForCausalLM
+
+    import kernels.dense_prefill as dp
+    from engine.layers import attention
+
+    calls = []
+
+    def spy(*args):
+        calls.append(args[3])
+        return dp.dense_prefill_attention(*args)
+    prompts = [[5 + (11 * i + 7 * j) % 500 for j in range(200)] for i in range(3)]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=5)
+    llm = LLM(str(tiny_llama_dir), device="cuda", dtype="bfloat16", num_kv_blocks=128)
+    monkeypatch.setattr(attention, "dense_prefill_attention", spy)  # (after the start-up)
+    dense = llm.generate(prompt_token_ids=prompts, sampling_params=params)
+    assert calls == [(200, 200, 200)] * 2  # two layers, one step
+    monkeypatch.setattr(dp, "DEVICES", ())
+    paged = llm.generate(prompt_token_ids=prompts, sampling_params=params)
+    assert len(calls) == 2
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).cuda()
+    for a, b in zip(dense, paged):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        ids = torch.tensor([a.prompt_token_ids + a.outputs[0].token_ids], device="cuda")
+        with torch.no_grad():
+            ref = torch.log_softmax(hf(ids).logits[0].float(), -1)
+        for step, tok in enumerate(a.outputs[0].token_ids):
+            row = ref[len(a.prompt_token_ids) - 1 + step]
+            assert tok in row.topk(5).indices.tolist()
+            assert abs(a.outputs[0].logprobs[step][tok] - row[tok].item()) < 0.1

@@ -375,3 +375,51 @@ def test_warm_up_leaves_nothing_behind_and_changes_no_output(tiny_llama_dir, pre
             engine.close()
 
     assert run(warm=True) == run(warm=False)
+
+
+@pytest.fixture
+def dense_prefill_on_cpu(monkeypatch):
+    """The dense prefill path (kernels/dense_prefill.py, cuDNN on CUDA) taken on the CPU too,
+    for prompts of any length, through SDPA's math backend; returns the list of the lengths each
+    call served (so a test sees that the path ran)."""
+    import kernels.dense_prefill as dp
+    from engine.layers import attention
+
+    calls = []
+
+    def spy(query, key, value, lens, scale):
+        calls.append(lens)
+        return dp.dense_prefill_attention(query, key, value, lens, scale)
+
+    monkeypatch.setattr(dp, "DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(dp, "DENSE_MIN_LEN", 1)
+    monkeypatch.setattr(attention, "dense_prefill_attention", spy)
+    return calls
+
+
+@pytest.mark.parametrize("chunk", [None, 8], ids=["whole", "chunked"])
+def test_dense_prefill_matches_hf(tiny_llama_dir, hf_reference, dense_prefill_on_cpu, chunk):
+    # whole: the 8 prompts of unequal lengths in one step, one dense call each; chunked: first
+    # chunks dense beside decodes in the same step, later chunks from the paged cache
+    llm = LLM(str(tiny_llama_dir), device="cpu", num_kv_blocks=128, max_logprobs=VOCAB,
+              max_num_batched_tokens=chunk, max_model_len=128)
+    outputs = llm.generate(PROMPTS, greedy(logprobs=VOCAB))
+    assert dense_prefill_on_cpu, "the dense path never ran"
+    if chunk is None:
+        assert dense_prefill_on_cpu[0] == tuple(len(o.prompt_token_ids) for o in outputs)
+    assert_matches_hf(outputs, hf_reference)
+    check_no_leak(llm)
+
+
+def test_dense_prefill_of_equal_prompts_in_one_call(tiny_llama_dir, hf_model,
+                                                     dense_prefill_on_cpu):
+    # (ids from 5 up: HF's generate masks a pad id it meets in the prompt)
+    prompts = [[5 + (7 * i + 3 * j) % (VOCAB - 5) for j in range(20)] for i in range(12)]
+    llm = LLM(str(tiny_llama_dir), device="cpu", num_kv_blocks=128)
+    outputs = llm.generate(prompt_token_ids=prompts, sampling_params=greedy())
+    assert dense_prefill_on_cpu[0] == (20,) * 12  # 12 > DENSE_MAX_CALLS: one batched call
+    with torch.no_grad():
+        gen = hf_model.generate(torch.tensor(prompts), max_new_tokens=NEW_TOKENS,
+                                min_new_tokens=NEW_TOKENS, do_sample=False)
+    assert [o.outputs[0].token_ids for o in outputs] == gen[:, 20:].tolist()
+    check_no_leak(llm)

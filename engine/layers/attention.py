@@ -10,6 +10,7 @@ from torch import nn
 from engine.layers.attention_metadata import AttentionMetadata
 from engine.layers.rotary import RotaryEmbedding
 from kernels import ops
+from kernels.dense_prefill import dense_prefill_attention, dense_prefill_usable
 
 
 def alibi_slopes(total_num_heads: int) -> torch.Tensor:
@@ -56,6 +57,9 @@ class PagedAttention(nn.Module):
         v3 = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         key_cache, value_cache = kv_cache[0], kv_cache[1]  # [num_blocks, block, KVH, D]
         m = attn_metadata
+        if self._dense_prefill(q3, key_cache, m):
+            return self._forward_dense_prefill(q, k, v, key_cache, value_cache, m, rotary,
+                                               positions)
         if rotary is not None and type(rotary).forward is RotaryEmbedding.forward:
             assert positions is not None, "the rotary goes with the step's positions"
             q = rotary.rotate_and_cache(positions, q, k, v, key_cache, value_cache,
@@ -71,3 +75,39 @@ class PagedAttention(nn.Module):
                                   m.num_prefills, m.num_prefill_tokens, self.scale,
                                   self.alibi_slopes, self.sliding_window, self.logits_soft_cap)
         return out.view(num_tokens, self.num_heads * self.head_dim)
+
+    def _dense_prefill(self, q3: torch.Tensor, key_cache: torch.Tensor,
+                       m: AttentionMetadata) -> bool:
+        """Whether this step's prefills take dense attention from the step's own keys
+        (kernels/dense_prefill.py): prompts from position 0, no ALiBi / soft cap / window
+        shorter than a prompt, a KV cache in the model's dtype (so both paths see the same
+        keys)."""
+        lens = m.fresh_prefill_lens
+        if lens is None or self.alibi_slopes is not None or self.logits_soft_cap:
+            return False
+        if self.sliding_window is not None and self.sliding_window < max(lens):
+            return False
+        return (key_cache.dtype == q3.dtype
+                and dense_prefill_usable(q3, self.num_kv_heads, lens))
+
+    def _forward_dense_prefill(self, q, k, v, key_cache, value_cache, m, rotary, positions):
+        num_tokens, p = q.shape[0], m.num_prefill_tokens
+        if rotary is not None:
+            q, k = rotary(positions, q, k, m.long_rope)
+        q3 = q.view(num_tokens, self.num_heads, self.head_dim)
+        k3 = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v3 = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        ops.reshape_and_cache(k3, v3, key_cache, value_cache, m.slot_mapping)
+        prefill = dense_prefill_attention(q3[:p], k3[:p], v3[:p], m.fresh_prefill_lens,
+                                          self.scale)
+        if m.num_decode_tokens == 0:
+            return prefill.view(num_tokens, self.num_heads * self.head_dim)
+        out = torch.empty_like(q3)
+        out[:p] = prefill
+        n = m.num_prefills  # the decodes: one token each, from the cache
+        out[p:] = ops.paged_attention(
+            q3[p:], key_cache, value_cache, m.block_tables[n:], m.context_lens[n:],
+            m.query_start_loc[n:] - p, 1, m.max_context_len, 0, 0, self.scale, None,
+            self.sliding_window, None)
+        return out.view(num_tokens, self.num_heads * self.head_dim)
+

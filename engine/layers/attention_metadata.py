@@ -32,6 +32,10 @@ class AttentionMetadata:
     # [num_tokens] bool, or None (most steps): the token belongs to a prompt longer than a
     # LongRoPE model's original length, so its rotary uses the long factors at any position
     long_rope: torch.Tensor | None = None
+    # the prefill sequences' query lengths (host ints) when every one of them starts at
+    # position 0, so their keys are exactly this step's keys (dense causal attention can serve
+    # them: engine.layers.attention); None when any has cached tokens before its chunk
+    fresh_prefill_lens: tuple[int, ...] | None = None
 
     @property
     def num_seqs(self) -> int:

@@ -69,6 +69,18 @@ class PendingOutput:
         return RunnerOutput(out.token_ids, out.logprobs, prompt)
 
 
+def fresh_prefill_lens(b: StepBatch) -> tuple[int, ...] | None:
+    """AttentionMetadata.fresh_prefill_lens of a step: its prefill query lengths when no
+    prefill sequence has tokens cached before this step's chunk."""
+    n = b.num_prefills
+    if n == 0:
+        return None
+    q_lens = np.diff(b.query_start_loc[:n + 1])
+    if not np.array_equal(q_lens, b.context_lens[:n]):
+        return None
+    return tuple(q_lens.tolist())
+
+
 @dataclass
 class DeviceBatch:
     input_ids: torch.Tensor  # [num_tokens]
@@ -179,7 +191,8 @@ class ModelRunner:
             block_tables=torch.zeros((1, -(-n // bs)), **i32),  # every entry block 0
             context_lens=torch.tensor([n], **i32), query_start_loc=torch.tensor([0, n], **i32),
             seq_start_loc=torch.tensor([0, n], **i32), max_query_len=n, max_context_len=n,
-            num_prefills=1, num_prefill_tokens=n, num_decode_tokens=0)
+            num_prefills=1, num_prefill_tokens=n, num_decode_tokens=0,
+            fresh_prefill_lens=(n,))  # (the path a prompt from position 0 takes)
         with torch.inference_mode():
             ids = torch.zeros(n, dtype=torch.int64, device=self.device)
             hidden = m(ids, torch.arange(n, device=self.device), [cache] * m.num_layers, meta)
@@ -204,7 +217,8 @@ class ModelRunner:
             seq_start_loc=t(b.seq_start_loc), max_query_len=b.max_query_len,
             max_context_len=b.max_context_len, num_prefills=b.num_prefills,
             num_prefill_tokens=b.num_prefill_tokens, num_decode_tokens=b.num_decode_tokens,
-            long_rope=None if b.long_rope is None else t(b.long_rope))
+            long_rope=None if b.long_rope is None else t(b.long_rope),
+            fresh_prefill_lens=fresh_prefill_lens(b))
         return DeviceBatch(t(b.input_ids), t(b.positions), meta, t(b.sample_rows))
 
     def execute(self, batch: StepBatch) -> RunnerOutput | None:
