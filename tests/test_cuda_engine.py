@@ -87,7 +87,8 @@ def _causal_reference(q, k, v, lens, scale):
     return torch.cat(out)
 
 
-@pytest.mark.parametrize("lens", [(300, 128, 517), (256,) * 12], ids=["unequal", "equal"])
+@pytest.mark.parametrize("lens", [(300, 128, 517), (256,) * 4, (4097,)],
+                         ids=["unequal-padded", "equal", "one-padded"])
 def test_dense_prefill_attention_matches_a_float32_reference(lens):
     from kernels.dense_prefill import dense_prefill_attention, dense_prefill_usable
 
@@ -120,7 +121,7 @@ def test_cuda_dense_prefill_close_to_hf_and_to_the_paged_path(tiny_llama_dir, mo
     llm = LLM(str(tiny_llama_dir), device="cuda", dtype="bfloat16", num_kv_blocks=128)
     monkeypatch.setattr(attention, "dense_prefill_attention", spy)  # (after the start-up)
     dense = llm.generate(prompt_token_ids=prompts, sampling_params=params)
-    assert calls == [(200, 200, 200)] * 2  # two layers, one step
+    assert calls == [(200, 200, 200)] * 2  # two layers, one step (each padded to 224)
     monkeypatch.setattr(dp, "DEVICES", ())
     paged = llm.generate(prompt_token_ids=prompts, sampling_params=params)
     assert len(calls) == 2

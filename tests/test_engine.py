@@ -411,15 +411,26 @@ def test_dense_prefill_matches_hf(tiny_llama_dir, hf_reference, dense_prefill_on
     check_no_leak(llm)
 
 
-def test_dense_prefill_of_equal_prompts_in_one_call(tiny_llama_dir, hf_model,
-                                                     dense_prefill_on_cpu):
-    # (ids from 5 up: HF's generate masks a pad id it meets in the prompt)
+def test_dense_prefill_takes_at_most_its_calls_a_step(tiny_llama_dir, hf_model,
+                                                      dense_prefill_on_cpu):
+    # 12 prompts in one step: more than DENSE_MAX_CALLS, so the paged kernel serves them
+    import kernels.dense_prefill as dp
+
     prompts = [[5 + (7 * i + 3 * j) % (VOCAB - 5) for j in range(20)] for i in range(12)]
     llm = LLM(str(tiny_llama_dir), device="cpu", num_kv_blocks=128)
     outputs = llm.generate(prompt_token_ids=prompts, sampling_params=greedy())
-    assert dense_prefill_on_cpu[0] == (20,) * 12  # 12 > DENSE_MAX_CALLS: one batched call
+    assert len(prompts) > dp.DENSE_MAX_CALLS and not dense_prefill_on_cpu
+    # (ids from 5 up: HF's generate masks a pad id it meets in the prompt)
     with torch.no_grad():
         gen = hf_model.generate(torch.tensor(prompts), max_new_tokens=NEW_TOKENS,
                                 min_new_tokens=NEW_TOKENS, do_sample=False)
     assert [o.outputs[0].token_ids for o in outputs] == gen[:, 20:].tolist()
     check_no_leak(llm)
+
+
+@pytest.mark.parametrize(("n", "padded"), [(1, 1), (7, 7), (9, 10), (128, 128), (129, 160),
+                                           (300, 320), (4096, 4096), (4097, 5120)])
+def test_dense_prefill_lengths_pad_by_at_most_a_quarter(n, padded):
+    from kernels.dense_prefill import bucket_len
+
+    assert bucket_len(n) == padded  # the next multiple of 2^(floor(log2 n) - 2)
