@@ -142,17 +142,9 @@ def sweep_gemv(args) -> None:
 
 def events_ms(fn, reps: int = 5) -> float:
     """Median ms of fn() between CUDA events (calls long enough not to need a graph)."""
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+    from engine.bench.hardware import _cuda_ms
+
+    return _cuda_ms(fn, reps)
 
 
 def sweep_prefill(args) -> None:
